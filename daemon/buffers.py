@@ -1,0 +1,91 @@
+"""Bounded per-slice sample buffers: replay (for training children) and held-out (for judging).
+
+Each buffer is a reservoir sample (Vitter's algorithm R) of everything its slice ever sent, so
+memory stays at ``capacity`` rows per slice however long the stream runs, and every row seen has
+the same chance to be kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Reservoir:
+    capacity: int
+    x: torch.Tensor | None = None
+    y: torch.Tensor | None = None
+    seen: int = 0
+
+    def __len__(self) -> int:
+        return 0 if self.y is None else len(self.y)
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> None:
+        if self.capacity == 0 or len(y) == 0:
+            self.seen += len(y)
+            return
+        if self.x is None:
+            self.x = torch.empty((0, *x.shape[1:]), dtype=x.dtype)
+            self.y = torch.empty((0,), dtype=y.dtype)
+        room = self.capacity - len(self)
+        if room > 0:
+            take = min(room, len(y))
+            self.x = torch.cat([self.x, x[:take]])
+            self.y = torch.cat([self.y, y[:take]])
+            self.seen += take
+            x, y = x[take:], y[take:]
+        for i in range(len(y)):
+            self.seen += 1
+            j = int(torch.randint(self.seen, (1,), generator=generator))
+            if j < self.capacity:
+                self.x[j] = x[i]
+                self.y[j] = y[i]
+
+
+@dataclass
+class SliceBuffers:
+    replay_capacity: int
+    heldout_capacity: int
+    replay: dict[str, Reservoir] = field(default_factory=dict)
+    heldout: dict[str, Reservoir] = field(default_factory=dict)
+
+    @property
+    def slices(self) -> list[str]:
+        return sorted(self.heldout)
+
+    def add(self, slice_name: str, x_train: torch.Tensor, y_train: torch.Tensor, x_held: torch.Tensor,
+            y_held: torch.Tensor, generator: torch.Generator) -> None:
+        self.replay.setdefault(slice_name, Reservoir(self.replay_capacity)).add(x_train, y_train, generator)
+        self.heldout.setdefault(slice_name, Reservoir(self.heldout_capacity)).add(x_held, y_held, generator)
+
+    def sample_replay(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``n`` rows drawn uniformly from the replay buffers of every slice."""
+        parts = [r for _, r in sorted(self.replay.items()) if len(r)]
+        if n <= 0 or not parts:
+            return None
+        x = torch.cat([r.x for r in parts])
+        y = torch.cat([r.y for r in parts])
+        idx = torch.randint(len(y), (n,), generator=generator)
+        return x[idx], y[idx]
+
+    def heldout_sets(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {name: (r.x, r.y) for name, r in sorted(self.heldout.items()) if len(r)}
+
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, int]]]:
+        tensors, meta = {}, {}
+        for kind, group in (("replay", self.replay), ("heldout", self.heldout)):
+            for name, r in group.items():
+                meta.setdefault(kind, {})[name] = r.seen
+                if len(r):
+                    tensors[f"buf.{kind}.{name}.x"] = r.x
+                    tensors[f"buf.{kind}.{name}.y"] = r.y
+        return tensors, meta
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, dict[str, int]]) -> None:
+        for kind, group, cap in (("replay", self.replay, self.replay_capacity),
+                                 ("heldout", self.heldout, self.heldout_capacity)):
+            for name, seen in meta.get(kind, {}).items():
+                group[name] = Reservoir(cap, tensors.get(f"buf.{kind}.{name}.x"),
+                                        tensors.get(f"buf.{kind}.{name}.y"), seen)

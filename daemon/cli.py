@@ -1,0 +1,323 @@
+"""The ``filial`` command: run, produce, watch, status, demo, bench.
+
+Every subcommand has ``--help``. Mistakes (a bad flag value, an unreachable server) end with
+one line saying what is wrong and what to do, and exit code 2; no tracebacks for user errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+log = logging.getLogger("filial.cli")
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line, exit code 2."""
+
+
+# --- settings flags ---------------------------------------------------------------------------------
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    from consumers.wire import WireLimits
+    from daemon.settings import Settings
+
+    group = parser.add_argument_group("settings (each also FILIAL_<NAME> in the environment or .env)")
+    for name, field in Settings.model_fields.items():
+        if name == "limits":
+            continue
+        default = "unset" if field.default is None else field.default
+        group.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, metavar="VALUE",
+                           help=f"{field.description or ''} [default: {default}]".strip())
+    limits = parser.add_argument_group("input limits (FILIAL_LIMITS__<NAME>)")
+    for name, field in WireLimits.model_fields.items():
+        if name == "num_classes":  # follows --num-classes
+            continue
+        limits.add_argument(f"--{name.replace('_', '-')}", dest=f"limits.{name}", default=None, metavar="N",
+                            help=f"[default: {field.default}]")
+
+
+def _settings_from(args: argparse.Namespace):
+    from daemon.settings import SettingsError, load_settings
+
+    flags: dict[str, Any] = {}
+    limits: dict[str, Any] = {}
+    for key, value in vars(args).items():
+        if value is None or key in ("command", "func"):
+            continue
+        if key.startswith("limits."):
+            limits[key[7:]] = value
+        elif key in _settings_names():
+            flags[key] = value
+    if limits:
+        flags["limits"] = limits
+    try:
+        return load_settings(**flags)
+    except SettingsError as exc:
+        raise UserError(f"{exc}\n(fix the flag or FILIAL_* variable named above; see 'filial run --help')") from None
+
+
+def _settings_names() -> set[str]:
+    from daemon.settings import Settings
+
+    return set(Settings.model_fields)
+
+
+# --- run ---------------------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    from daemon.embedded import EmbeddedInfrastructure
+    from daemon.logs import setup_logging
+    from daemon.service import Service
+
+    settings = _settings_from(args)
+    setup_logging(settings.log_level, settings.log_format)
+    with EmbeddedInfrastructure(settings) as live:
+        service = Service(live)
+
+        def stop(signum, _frame):
+            log.info("received %s: finishing the batch in hand, then stopping", signal.Signals(signum).name)
+            service.stop()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        service.run()
+    return 0
+
+
+# --- produce -------------------------------------------------------------------------------------------
+def cmd_produce(args: argparse.Namespace) -> int:
+    from consumers.connection import KafkaConnection
+    from consumers.datasets import load_dataset
+    from consumers.produce import produce_phases
+    from consumers.scenarios import parse_phase
+
+    try:
+        phases = [parse_phase(p) for p in (args.phase or ["all=identity"])]
+        data = load_dataset(args.dataset)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+    def progress(phase: str, i: int, total: int) -> None:
+        print(f"{phase}: batch {i}/{total}", file=sys.stderr, flush=True)
+
+    report = produce_phases(KafkaConnection(bootstrap=args.kafka_bootstrap), args.topic, data, phases,
+                            batch_size=args.batch_size, rate=args.rate, samples_per_phase=args.samples_per_phase,
+                            seed=args.seed, on_batch=progress)
+    print(json.dumps({"batches": report.batches, "samples": report.samples, "per_phase": report.per_phase,
+                      "seconds": round(report.seconds, 2)}))
+    return 0
+
+
+# --- watch -----------------------------------------------------------------------------------------------
+def cmd_watch(args: argparse.Namespace) -> int:
+    import threading
+
+    from daemon.families import Architecture
+    from zoo_store.connection import connect
+    from zoo_store.follow import Follower, VerificationError
+
+    key = args.signing_key.encode() if args.signing_key else None
+    follower = Follower(connect(args.redis_url), line=args.line, prefix=args.prefix, signing_key=key,
+                        require_signature=args.require_signature or None)
+    start: Any = args.from_version
+    if start not in ("latest", "next"):
+        try:
+            start = int(start)
+        except ValueError:
+            raise UserError("--from-version takes a version number, 'latest' or 'next'") from None
+    stop = threading.Event()
+    if args.timeout:
+        threading.Timer(args.timeout, stop.set).start()
+    seen = 0
+    try:
+        for event in follower.events(from_version=start, stop=stop):
+            record = event.model_dump()
+            if args.load:
+                try:
+                    manifest, state = follower.load(event.version)
+                except VerificationError as exc:
+                    print(json.dumps({**record, "loaded": False, "refused": str(exc)}), flush=True)
+                    continue
+                model = Architecture.model_validate(manifest.architecture).build()
+                model.load_state_dict(state)
+                record.update(loaded=True, parameters=sum(p.numel() for p in model.parameters()))
+            print(json.dumps(record), flush=True)
+            seen += 1
+            if args.count and seen >= args.count:
+                break
+    finally:
+        stop.set()
+    return 0
+
+
+# --- status ---------------------------------------------------------------------------------------------
+def cmd_status(args: argparse.Namespace) -> int:
+    from zoo_store.connection import connect
+    from zoo_store.keys import Keys
+    from zoo_store.telemetry import Telemetry
+    from zoo_store.versions import VersionStore
+
+    client = connect(args.redis_url)
+    keys = Keys(args.prefix)
+    store, telemetry = VersionStore(client, keys), Telemetry(client, keys)
+    lines = {}
+    for line in store.lines():
+        lines[line] = [{"version": v, **{k: getattr(m, k) for k in ("created_at", "reason", "base_version",
+                                                                    "metrics")}}
+                       for v in store.versions(line) for m in [store.manifest(line, v)]]
+    status = {"tree": telemetry.tree(), "lines": lines, "recent_decisions": telemetry.recent_decisions(args.recent),
+              "recent_merges": telemetry.recent_merges(args.recent)}
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    tree = status["tree"] or {"nodes": []}
+    print("model tree:")
+    for node in tree["nodes"]:
+        indent = "  " if node["parent"] is None else "    └─ "
+        print(f"{indent}{node['node_id']} [{node['status']}] slices={node['slices'] or [node['slice']]} "
+              f"updates={node['updates']} samples={node['samples']}")
+    for line, versions in lines.items():
+        print(f"line {line}:")
+        for v in versions:
+            print(f"  v{v['version']} {v['created_at']} {v['reason']:<9} base=v{v['base_version']} {v['metrics']}")
+    print("recent decisions:")
+    for d in status["recent_decisions"]:
+        print(f"  {d['at']} {d['slice']:<10} {d['action']:<8} kl={d['kl']} acc={d['accuracy']} {d['reason']}")
+    print("recent merges:")
+    for m in status["recent_merges"]:
+        print(f"  {m['at']} {'accepted' if m['accepted'] else 'rejected'} children={m['children']} {m['reason']}")
+    return 0
+
+
+# --- demo and bench ------------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from daemon.demo import run_demo
+    from daemon.logs import setup_logging
+
+    setup_logging("INFO", "text")
+    summary = run_demo(phases=args.phase, samples_per_phase=args.samples_per_phase, batch_size=args.batch_size)
+    print(json.dumps(summary), flush=True)
+    return 0 if "watcher_error" not in summary else 1
+
+
+BENCHES = ("merge", "hkt", "drift")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from daemon.logs import setup_logging
+
+    setup_logging("INFO", "text")
+    summary = args.bench_main(args)
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+def _add_bench(sub) -> None:
+    import importlib
+
+    bench = sub.add_parser("bench", help="benchmarks; each prints one JSON object as its last line",
+                           description="Benchmarks. Each prints progress on stderr and one JSON object as the "
+                                       "last line of stdout; plots go to --out-dir.")
+    kinds = bench.add_subparsers(dest="bench", required=True, metavar="{" + ",".join(BENCHES) + "}")
+    for name in BENCHES:
+        try:
+            module = importlib.import_module(f"daemon.bench.{name}")
+        except ImportError:
+            continue
+        p = kinds.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else name,
+                             description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(func=cmd_bench, bench_main=module.main)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="filial", description="Event-driven continual learning: Kafka batches in, drift-aware children, "
+                                   "scheduled merges, versioned models out to Redis.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the daemon",
+                         description="Consume batches, detect drift, train children, merge on a schedule and "
+                                     "publish versions. With no --kafka-bootstrap / --redis-url, embedded servers "
+                                     "are started (in memory; for trying filial out). SIGTERM/SIGINT stop it "
+                                     "cleanly: the batch in hand finishes and applied offsets are committed.")
+    _add_settings_flags(run)
+    run.set_defaults(func=cmd_run)
+
+    produce = sub.add_parser("produce", help="stream a dataset into a topic as batches",
+                             description="Stream a dataset into the topic in phases, each a named slice with its "
+                                         "own shift. Datasets: mnist5k, digits (bundled), "
+                                         "torchvision:<Class>[:<root>], npz:<path>. Phases: name=transform[,..] "
+                                         "with rotate:<deg>, permute:<seed>, noise:<std>, classes:<a>-<b>, identity.",
+                             formatter_class=argparse.RawDescriptionHelpFormatter,
+                             epilog="example: filial produce --kafka-bootstrap localhost:9092 --dataset mnist5k "
+                                    "--phase upright=identity --phase rot90=rotate:90 --rate 5")
+    produce.add_argument("--kafka-bootstrap", required=True, help="host:port of the broker")
+    produce.add_argument("--topic", default="filial.batches")
+    produce.add_argument("--dataset", default="mnist5k")
+    produce.add_argument("--phase", action="append", help="name=transform[,transform]; repeat for each phase")
+    produce.add_argument("--batch-size", type=int, default=128)
+    produce.add_argument("--samples-per-phase", type=int, default=None, help="default: dataset split evenly")
+    produce.add_argument("--rate", type=float, default=None, help="max batches per second (default: as fast as possible)")
+    produce.add_argument("--seed", type=int, default=0)
+    produce.set_defaults(func=cmd_produce)
+
+    watch = sub.add_parser("watch", help="follow model-update events (and load verified weights)",
+                           description="Print one JSON line per published version. --load downloads the weights, "
+                                       "checks sha256 (and the HMAC signature when --signing-key is given) and "
+                                       "loads them into the architecture the manifest names.")
+    watch.add_argument("--redis-url", required=True, help="e.g. redis://localhost:6379/0")
+    watch.add_argument("--prefix", default="filial", help="key prefix the daemon publishes under")
+    watch.add_argument("--line", default="main", help="model line (main, or a compact line)")
+    watch.add_argument("--from-version", default="1", help="version number, 'latest' or 'next' [default: 1]")
+    watch.add_argument("--load", action="store_true", help="download, verify and load each version")
+    watch.add_argument("--signing-key", default=None, help="HMAC key the manifests are signed with")
+    watch.add_argument("--require-signature", action="store_true", help="refuse unsigned manifests")
+    watch.add_argument("--count", type=int, default=0, help="exit after this many versions")
+    watch.add_argument("--timeout", type=float, default=0, help="exit after this many seconds")
+    watch.set_defaults(func=cmd_watch)
+
+    status = sub.add_parser("status", help="model tree, versions, recent decisions and merges",
+                            description="Read the daemon's state from Redis: the model tree, published versions "
+                                        "with their per-slice metrics, recent drift decisions and merges.")
+    status.add_argument("--redis-url", required=True)
+    status.add_argument("--prefix", default="filial")
+    status.add_argument("--recent", type=int, default=10, help="how many recent decisions/merges to show")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
+
+    demo = sub.add_parser("demo", help="the whole path on embedded servers (what `make demo` runs)",
+                          description="Start an embedded broker and Redis, run the daemon, stream drifting "
+                                      "phases of MNIST-5k, follow the versions, stop cleanly; the last line of "
+                                      "stdout is a JSON summary.")
+    demo.add_argument("--phase", action="append", help="override the phases (name=transform, repeatable)")
+    demo.add_argument("--samples-per-phase", type=int, default=1600)
+    demo.add_argument("--batch-size", type=int, default=100)
+    demo.set_defaults(func=cmd_demo)
+
+    _add_bench(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"filial {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except ConnectionError as exc:
+        print(f"filial {args.command}: cannot connect ({exc}); check the address and that the server runs",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,413 @@
+"""The continual learner: one batch in → measure → decide → train; merges on request.
+
+No I/O here: the service feeds batches, publishes what the engine asks it to, and persists
+:meth:`Engine.checkpoint`. Everything that touches the tree happens under ``self.lock``; the
+expensive part of a merge (combining and evaluating candidates) runs on a snapshot, outside
+the lock, so ingest continues while a merge is computed.
+
+Per batch (after bootstrap):
+1. split off ``heldout_fraction`` of the rows into the slice's held-out buffer;
+2. test-then-train: served accuracy on the whole batch (prequential) and KL(batch || served
+   reference) in the served model's features; for each active child, KL in its own features;
+3. :func:`daemon.policy.decide` → keep | retrain nearest child | spawn a child from the served
+   model; children train on the new rows plus as many replayed rows of every other slice;
+4. the train rows enter the slice's replay buffer.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from consumers.wire import Batch, BatchSource
+from daemon.drift import calibrate_threshold
+from daemon.families import Architecture, infer_architecture
+from daemon.gate import GateVerdict, gate
+from daemon.merge import merge_state
+from daemon.policy import Observation, Thresholds, Verdict, decide
+from daemon.settings import Settings
+from daemon.tree import ROOT, ModelTree, Node
+from daemon.training import accuracy, embed, model_input, train_epochs
+from daemon.buffers import SliceBuffers
+from zoo_store.models import utc_now
+
+log = logging.getLogger("filial.engine")
+
+
+@dataclass
+class Counters:
+    batches: int = 0
+    samples: int = 0
+    duplicates_skipped: int = 0
+    drift_events: int = 0
+    children_spawned: int = 0
+    children_retrained: int = 0
+    merges_accepted: int = 0
+    merges_rejected: int = 0
+    child_updates_since_merge: int = 0
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What the engine did with one batch; the service logs and records it."""
+    slice: str
+    rows: int
+    action: str
+    reason: str
+    kl: float | None
+    accuracy: float | None
+    drift: bool
+    child: str | None = None
+    nearest_kl: float | None = None
+    publish_bootstrap: bool = False
+    merge_due: bool = False
+    seconds: float = 0.0
+
+    def record(self) -> dict[str, Any]:
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class MergeOutcome:
+    accepted: bool
+    reason: str
+    state: dict[str, torch.Tensor] | None
+    children: list[str]
+    base_version: int | None
+    served_version: int | None
+    served_metrics: dict[str, float]
+    candidate_metrics: dict[str, float]
+    plan: dict[str, Any] | None = None
+    verdict: GateVerdict | None = None
+    seconds: float = 0.0
+
+    def record(self) -> dict[str, Any]:
+        return {"accepted": self.accepted, "reason": self.reason, "children": self.children,
+                "base_version": self.base_version, "served_version": self.served_version,
+                "served_metrics": self.served_metrics, "candidate_metrics": self.candidate_metrics,
+                "plan": self.plan, "seconds": round(self.seconds, 3),
+                "regressions": [asdict(r) for r in self.verdict.regressions] if self.verdict else []}
+
+
+class Engine:
+    def __init__(self, settings: Settings, device: torch.device) -> None:
+        self.s = settings
+        self.device = device
+        self.lock = threading.RLock()
+        self.tree = ModelTree()
+        self.buffers = SliceBuffers(settings.replay_per_slice, settings.heldout_per_slice)
+        self.counters = Counters()
+        self.generator = torch.Generator().manual_seed(0)
+        self.thresholds = Thresholds(kl=settings.kl_threshold, accuracy=settings.accuracy_threshold)
+        self.served_version: int | None = None
+        self.base_version: int | None = None
+        self.base_state: dict[str, torch.Tensor] | None = None
+        self.bootstrap_batches_seen = 0
+        self.applied_offsets: dict[str, int] = {}      # "topic:partition" -> next offset to apply
+        self.recent_batch_ids: deque[str] = deque(maxlen=100_000)
+        self._recent_ids_set: set[str] = set()
+        self.prequential: dict[str, list[float]] = {}  # slice -> [correct, seen]
+
+    # --- queries -------------------------------------------------------------------------------
+    @property
+    def root(self) -> Node | None:
+        return self.tree.root
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        root = self.root
+        return {root.data_type: tuple(root.reference_x.shape[1:])} if root is not None else {}
+
+    def prequential_accuracy(self) -> dict[str, float]:
+        return {s: c / n for s, (c, n) in sorted(self.prequential.items()) if n}
+
+    def already_applied(self, batch: Batch) -> bool:
+        src = batch.source
+        if src is not None and src.offset < self.applied_offsets.get(f"{src.topic}:{src.partition}", 0):
+            return True
+        return batch.batch_id is not None and batch.batch_id in self._recent_ids_set
+
+    # --- per batch -----------------------------------------------------------------------------------
+    def process(self, batch: Batch) -> BatchResult:
+        started = time.perf_counter()
+        with self.lock:
+            if self.already_applied(batch):
+                self.counters.duplicates_skipped += 1
+                self._mark_applied(batch)
+                return BatchResult(batch.slice, len(batch), "skip", "already applied (replayed batch)",
+                                   None, None, False)
+            x_train, y_train, x_held, y_held = self._split(batch)
+            if self.served_version is None:
+                result = self._bootstrap(batch, x_train, y_train)
+            else:
+                result = self._decide_and_train(batch, x_train, y_train)
+            self.buffers.add(batch.slice, x_train, y_train, x_held, y_held, self.generator)
+            self.counters.batches += 1
+            self.counters.samples += len(batch)
+            self._mark_applied(batch)
+        return BatchResult(**{**asdict(result), "seconds": time.perf_counter() - started})
+
+    def note_skipped(self, source: BatchSource) -> None:
+        """A message that was dead-lettered: its offset may be committed with the next checkpoint."""
+        with self.lock:
+            self._advance(source)
+
+    def _advance(self, source: BatchSource) -> None:
+        key = f"{source.topic}:{source.partition}"
+        self.applied_offsets[key] = max(self.applied_offsets.get(key, 0), source.offset + 1)
+
+    def _mark_applied(self, batch: Batch) -> None:
+        if batch.source is not None:
+            self._advance(batch.source)
+        if batch.batch_id is not None and batch.batch_id not in self._recent_ids_set:
+            if len(self.recent_batch_ids) == self.recent_batch_ids.maxlen:
+                self._recent_ids_set.discard(self.recent_batch_ids[0])
+            self.recent_batch_ids.append(batch.batch_id)
+            self._recent_ids_set.add(batch.batch_id)
+
+    def _split(self, batch: Batch):
+        n = len(batch)
+        n_held = max(1, int(round(n * self.s.heldout_fraction))) if n > 1 else 0
+        order = torch.randperm(n, generator=self.generator)
+        held, train = order[:n_held], order[n_held:]
+        return batch.x[train], batch.y[train], batch.x[held], batch.y[held]
+
+    def _training_set(self, x: torch.Tensor, y: torch.Tensor):
+        """New rows plus ``replay_ratio`` as many replayed rows of every slice seen (experience replay)."""
+        replay = self.buffers.sample_replay(int(len(y) * self.s.replay_ratio), self.generator)
+        if replay is not None:
+            x, y = torch.cat([x, replay[0]]), torch.cat([y, replay[1]])
+        return x, y
+
+    def _train(self, model, data_type: str, x: torch.Tensor, y: torch.Tensor, epochs: int) -> float:
+        return train_epochs(model, model_input(x, data_type), y, epochs=epochs, lr=self.s.learning_rate,
+                            batch_size=self.s.train_batch_size, device=self.device, generator=self.generator)
+
+    def _observe(self, batch: Batch, x_model: torch.Tensor) -> tuple[float, float]:
+        root = self.root
+        correct = float(accuracy(root.model, x_model, batch.y))
+        c, n = self.prequential.setdefault(batch.slice, [0.0, 0])
+        self.prequential[batch.slice] = [c + correct * len(batch), n + len(batch)]
+        return correct, root.kl_to(x_model)
+
+    def _new_root(self, batch: Batch) -> Node:
+        arch = infer_architecture(batch.data_type, batch.x, self.s.num_classes, self.s.model_width,
+                                  family=self.s.model_family, factory=self.s.model_factory)
+        model = arch.build().to(self.device)
+        empty = batch.x[:0]
+        node = Node(node_id=ROOT, parent=None, slice=batch.slice, data_type=batch.data_type, architecture=arch,
+                    model=model, created_at=utc_now(), reference_x=empty,
+                    fingerprint=None, status="served", slices=[batch.slice])
+        self.tree.add(node)
+        log.info("served model: %s (%d parameters)", arch.model_dump(), sum(p.numel() for p in model.parameters()))
+        return node
+
+    def _grow_reference(self, node: Node, x: torch.Tensor) -> None:
+        ref = torch.cat([node.reference_x, x]) if len(node.reference_x) else x.clone()
+        if len(ref) > self.s.reference_size:
+            keep = torch.randperm(len(ref), generator=self.generator)[: self.s.reference_size]
+            ref = ref[keep]
+        node.reference_x = ref
+
+    def _bootstrap(self, batch: Batch, x_train, y_train) -> BatchResult:
+        root = self.root or self._new_root(batch)
+        if batch.slice not in root.slices:
+            root.slices.append(batch.slice)
+        x_model = model_input(batch.x, batch.data_type)
+        acc = float(accuracy(root.model, x_model, batch.y)) if self.bootstrap_batches_seen else float("nan")
+        x_fit, y_fit = self._training_set(x_train, y_train)
+        self._train(root.model, batch.data_type, x_fit, y_fit, self.s.bootstrap_epochs)
+        root.samples += len(y_train)
+        self._grow_reference(root, x_train)
+        self.bootstrap_batches_seen += 1
+        done = self.bootstrap_batches_seen >= self.s.bootstrap_batches
+        if done:
+            root.refresh_fingerprint()
+        return BatchResult(batch.slice, len(batch), "bootstrap",
+                           f"training the first served model ({self.bootstrap_batches_seen}/{self.s.bootstrap_batches})",
+                           None, acc, False, publish_bootstrap=done)
+
+    def _decide_and_train(self, batch: Batch, x_train, y_train) -> BatchResult:
+        x_model = model_input(batch.x, batch.data_type)
+        acc, kl = self._observe(batch, x_model)
+        nearest, nearest_kl = self.tree.nearest_child(x_model, batch.data_type)
+        verdict: Verdict = decide(Observation(acc, kl, nearest.node_id if nearest else None, nearest_kl),
+                                  self.thresholds)
+        if verdict.drift:
+            self.counters.drift_events += 1
+        child_id = None
+        if verdict.action == "retrain":
+            child = self.tree.nodes[verdict.child]
+            self._update_child(child, batch, x_train, y_train)
+            self.counters.children_retrained += 1
+            child_id = child.node_id
+        elif verdict.action == "spawn":
+            child = self._spawn(batch, x_train, y_train)
+            self.counters.children_spawned += 1
+            child_id = child.node_id
+        merge_due = False
+        if verdict.action in ("retrain", "spawn"):
+            self.counters.child_updates_since_merge += 1
+            merge_due = self.counters.child_updates_since_merge >= self.s.merge_after_child_updates
+        return BatchResult(batch.slice, len(batch), verdict.action, verdict.reason, kl, acc, verdict.drift,
+                           child=child_id, nearest_kl=nearest_kl, merge_due=merge_due)
+
+    def _update_child(self, child: Node, batch: Batch, x_train, y_train) -> None:
+        x_fit, y_fit = self._training_set(x_train, y_train)
+        self._train(child.model, batch.data_type, x_fit, y_fit, self.s.child_epochs)
+        child.updates += 1
+        child.samples += len(y_train)
+        if batch.slice not in child.slices:
+            child.slices.append(batch.slice)
+        self._grow_reference(child, x_train)
+        child.refresh_fingerprint()
+
+    def _spawn(self, batch: Batch, x_train, y_train) -> Node:
+        root = self.root
+        model = copy.deepcopy(root.model)  # inherits the served model's knowledge
+        child = Node(node_id=self.tree.new_child_id(), parent=ROOT, slice=batch.slice, data_type=batch.data_type,
+                     architecture=root.architecture, model=model, created_at=utc_now(),
+                     reference_x=batch.x[:0], fingerprint=root.fingerprint, status="active",
+                     base_version=self.served_version, slices=[])
+        self.tree.add(child)
+        self._update_child(child, batch, x_train, y_train)
+        log.info("spawned child %s for slice %s from served v%s", child.node_id, batch.slice, self.served_version)
+        return child
+
+    # --- publishing hooks (called by the service after a successful publish) ----------------------------
+    def served_state(self) -> dict[str, torch.Tensor]:
+        with self.lock:
+            return {k: v.detach().cpu().clone() for k, v in self.root.model.state_dict().items()}
+
+    def adopt_bootstrap(self, version: int) -> None:
+        with self.lock:
+            self.served_version = version
+            self.base_version = version
+            self.base_state = self.served_state()
+            self.root.base_version = version
+            self._calibrate(self.root)
+
+    def _calibrate(self, node: Node) -> None:
+        if self.s.kl_false_alarm_rate is None:
+            return
+        feats = embed(node.model, model_input(node.reference_x, node.data_type))
+        self.thresholds = Thresholds(kl=calibrate_threshold(feats, self.s.train_batch_size,
+                                                            self.s.kl_false_alarm_rate),
+                                     accuracy=self.thresholds.accuracy)
+        log.info("calibrated kl_threshold %.4f at false-alarm rate %s", self.thresholds.kl, self.s.kl_false_alarm_rate)
+
+    def metrics(self, model=None) -> dict[str, float]:
+        """Held-out accuracy per slice of ``model`` (default: the served model)."""
+        with self.lock:
+            root = self.root
+            model = model or root.model
+            sets = self.buffers.heldout_sets()
+            return {name: round(accuracy(model, model_input(x, root.data_type), y), 4) for name, (x, y) in sets.items()}
+
+    # --- merging -----------------------------------------------------------------------------------------
+    def plan_merge(self) -> MergeOutcome | None:
+        """Merge the active children into a candidate and gate it; None when nothing to merge."""
+        started = time.perf_counter()
+        with self.lock:
+            root = self.root
+            if self.served_version is None or root is None:
+                return None
+            children = [c for c in self.tree.active_children() if c.architecture == root.architecture]
+            if not children:
+                return None
+            snapshot = {
+                "base": {k: v.clone() for k, v in self.base_state.items()},
+                "children": [{k: v.detach().cpu().clone() for k, v in c.model.state_dict().items()} for c in children],
+                "weights": [float(max(c.samples, 1)) for c in children],
+                "ids": [c.node_id for c in children],
+                "served_version": self.served_version,
+                "base_version": self.base_version,
+                "served_metrics": self.metrics(),
+                "heldout": self.buffers.heldout_sets(),
+                "arch": root.architecture,
+                "data_type": root.data_type,
+            }
+            self.counters.child_updates_since_merge = 0
+        state = merge_state(self.s.merge_method, snapshot["base"], snapshot["children"], snapshot["weights"])
+        candidate = snapshot["arch"].build().to(self.device)
+        candidate.load_state_dict(state)
+        cand_metrics = {name: round(accuracy(candidate, model_input(x, snapshot["data_type"]), y), 4)
+                        for name, (x, y) in snapshot["heldout"].items()}
+        verdict = gate(snapshot["served_metrics"], cand_metrics, self.s.merge_tolerance)
+        with self.lock:
+            if verdict.accepted:
+                self.counters.merges_accepted += 1
+            else:
+                self.counters.merges_rejected += 1
+        plan = {"level": "model", "method": self.s.merge_method, "weights": dict(zip(snapshot["ids"], snapshot["weights"]))}
+        return MergeOutcome(verdict.accepted, verdict.reason, state, snapshot["ids"], snapshot["base_version"],
+                            snapshot["served_version"], snapshot["served_metrics"], cand_metrics, plan, verdict,
+                            time.perf_counter() - started)
+
+    def adopt_merge(self, outcome: MergeOutcome, version: int) -> None:
+        """The merge was published as ``version``: serve it, and widen the served reference."""
+        with self.lock:
+            root = self.root
+            root.model.load_state_dict(outcome.state)
+            for cid in outcome.children:
+                child = self.tree.nodes[cid]
+                self._grow_reference(root, child.reference_x)
+                for s in child.slices:
+                    if s not in root.slices:
+                        root.slices.append(s)
+            root.refresh_fingerprint()
+            self.served_version = version
+            root.updates += 1
+            if len(self.tree.active_children()) >= self.s.max_children:
+                self._rebase(version)
+
+    def _rebase(self, version: int) -> None:
+        """Too many children: the served model becomes the new base and the children retire."""
+        for child in self.tree.active_children():
+            child.status = "retired"
+        self.base_state = self.served_state()
+        self.base_version = version
+        log.info("rebased on v%d: children retired, their knowledge lives in the served model", version)
+
+    # --- checkpoints -----------------------------------------------------------------------------------
+    def checkpoint(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        with self.lock:
+            tree_meta, tensors = self.tree.to_checkpoint()
+            buf_tensors, buf_meta = self.buffers.to_tensors()
+            tensors.update(buf_tensors)
+            if self.base_state is not None:
+                tensors.update({f"base.{k}": v for k, v in self.base_state.items()})
+            tensors["rng"] = self.generator.get_state()
+            meta = {
+                "tree": tree_meta, "buffers": buf_meta, "counters": asdict(self.counters),
+                "served_version": self.served_version, "base_version": self.base_version,
+                "bootstrap_batches_seen": self.bootstrap_batches_seen,
+                "applied_offsets": dict(self.applied_offsets),
+                "recent_batch_ids": list(self.recent_batch_ids),
+                "prequential": self.prequential, "kl_threshold": self.thresholds.kl,
+            }
+            return meta, tensors
+
+    def restore(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        with self.lock:
+            self.tree = ModelTree.from_checkpoint(meta["tree"], tensors, self.device)
+            self.buffers.load_tensors(tensors, meta["buffers"])
+            base = {k[5:]: v for k, v in tensors.items() if k.startswith("base.")}
+            self.base_state = base or None
+            self.generator.set_state(tensors["rng"])
+            self.counters = Counters(**meta["counters"])
+            self.served_version = meta["served_version"]
+            self.base_version = meta["base_version"]
+            self.bootstrap_batches_seen = meta["bootstrap_batches_seen"]
+            self.applied_offsets = dict(meta["applied_offsets"])
+            self.recent_batch_ids = deque(meta["recent_batch_ids"], maxlen=self.recent_batch_ids.maxlen)
+            self._recent_ids_set = set(self.recent_batch_ids)
+            self.prequential = {k: list(v) for k, v in meta["prequential"].items()}
+            self.thresholds = Thresholds(kl=meta["kl_threshold"], accuracy=self.thresholds.accuracy)

@@ -1,0 +1,52 @@
+"""Durable checkpoints of the engine's own state (DESIGN invariant 1: nothing lost).
+
+A checkpoint is two keys written in one transaction: JSON metadata (offsets applied, counters,
+tree structure, a sequence number and the tensors' sha256) and one safetensors blob with every
+tensor (model weights, replay and held-out buffers). Kafka offsets are committed only after
+:meth:`CheckpointStore.save` returns.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis
+import torch
+from safetensors.torch import load as st_load, save as st_save
+
+from zoo_store.keys import Keys
+from zoo_store.models import sha256_hex, utc_now
+
+
+class CorruptCheckpoint(Exception):
+    pass
+
+
+class CheckpointStore:
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.client = client
+        self.keys = keys
+
+    def save(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> int:
+        blob = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+        seq = int(meta.get("seq", 0))
+        record = {**meta, "seq": seq, "saved_at": utc_now(), "tensors_sha256": sha256_hex(blob),
+                  "tensors_bytes": len(blob)}
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.set(self.keys.checkpoint_tensors, blob)
+            pipe.set(self.keys.checkpoint_meta, json.dumps(record))
+            pipe.execute()
+        return len(blob)
+
+    def load(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.get(self.keys.checkpoint_meta)
+            pipe.get(self.keys.checkpoint_tensors)
+            raw_meta, blob = pipe.execute()
+        if raw_meta is None:
+            return None
+        meta = json.loads(raw_meta)
+        if blob is None or sha256_hex(blob) != meta.get("tensors_sha256"):
+            raise CorruptCheckpoint("checkpoint tensors are missing or do not match their sha256")
+        return meta, st_load(blob)

@@ -1,0 +1,92 @@
+"""The Redis key layout: the contract with followers in any language (README, "Redis keys").
+
+``{p}`` is the configured prefix (default ``filial``); ``{line}`` a model line (``main`` for the
+served model, ``main.compact`` for its compact children, ...).
+
+=================================  ======  =================================================
+key                                type    content
+=================================  ======  =================================================
+{p}:lines                          SET     every model line that has published
+{p}:line:{line}:latest             STRING  newest published version (integer)
+{p}:line:{line}:v:{n}:weights      STRING  safetensors bytes of version n
+{p}:line:{line}:v:{n}:manifest     STRING  JSON manifest of version n (zoo_store.models.Manifest)
+{p}:line:{line}:publish_ids        HASH    publish id -> version (a retried publish is a no-op)
+{p}:line:{line}:events             STREAM  one entry per version, id ``{n}-0``, field ``event``
+                                           (JSON VersionEvent); also PUBLISHed on a channel of
+                                           the same name after the entry is written
+{p}:metrics                        STREAM  capped; field ``metric`` (JSON)
+{p}:decisions                      STREAM  capped; field ``decision`` (JSON, one per batch)
+{p}:merges                         STREAM  capped; field ``merge`` (JSON, accepted and rejected)
+{p}:tree                           STRING  JSON snapshot of the model tree
+{p}:checkpoint:meta                STRING  JSON engine checkpoint (offsets, counters, tree)
+{p}:checkpoint:tensors             STRING  safetensors bytes of the checkpoint's tensors
+=================================  ======  =================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "filial"
+
+    @property
+    def lines(self) -> str:
+        return f"{self.prefix}:lines"
+
+    def line(self, line: str) -> "LineKeys":
+        return LineKeys(f"{self.prefix}:line:{line}")
+
+    @property
+    def metrics(self) -> str:
+        return f"{self.prefix}:metrics"
+
+    @property
+    def decisions(self) -> str:
+        return f"{self.prefix}:decisions"
+
+    @property
+    def merges(self) -> str:
+        return f"{self.prefix}:merges"
+
+    @property
+    def tree(self) -> str:
+        return f"{self.prefix}:tree"
+
+    @property
+    def checkpoint_meta(self) -> str:
+        return f"{self.prefix}:checkpoint:meta"
+
+    @property
+    def checkpoint_tensors(self) -> str:
+        return f"{self.prefix}:checkpoint:tensors"
+
+
+@dataclass(frozen=True)
+class LineKeys:
+    base: str
+
+    @property
+    def latest(self) -> str:
+        return f"{self.base}:latest"
+
+    @property
+    def publish_ids(self) -> str:
+        return f"{self.base}:publish_ids"
+
+    @property
+    def events(self) -> str:
+        return f"{self.base}:events"
+
+    def weights(self, version: int) -> str:
+        return f"{self.base}:v:{version}:weights"
+
+    def manifest(self, version: int) -> str:
+        return f"{self.base}:v:{version}:manifest"
+
+
+def event_id(version: int) -> str:
+    """Stream entry id of a version's event: followers resume "after version n" from ``{n}-0``."""
+    return f"{version}-0"

@@ -1,0 +1,121 @@
+"""Publishing versions: atomic, monotonic, gap-free, idempotent (DESIGN invariant 2).
+
+One optimistic transaction (WATCH latest + publish ids, MULTI ... EXEC) writes the weights, the
+manifest, the new ``latest`` and the stream event together, so a follower can never see an
+event whose data is missing, two workers can never take the same number (one EXEC fails and
+retries with the next), and a crash between allocation and write leaves no gap. The
+``publish_id`` makes a retried publish (e.g. after a timeout on EXEC's reply) return the
+version already written instead of announcing it twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from zoo_store.keys import Keys, event_id
+from zoo_store.models import Manifest, VersionEvent, sha256_hex, utc_now
+
+log = logging.getLogger("filial.zoo_store")
+
+
+class VersionNotFound(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class Published:
+    manifest: Manifest
+    created: bool  # False when publish_id had already been published
+
+
+class VersionStore:
+    def __init__(self, client: redis.Redis, keys: Keys, signing_key: bytes | None = None,
+                 keep_versions: int = 10) -> None:
+        self.client = client
+        self.keys = keys
+        self.signing_key = signing_key
+        self.keep_versions = keep_versions
+
+    def latest(self, line: str) -> int | None:
+        raw = self.client.get(self.keys.line(line).latest)
+        return int(raw) if raw is not None else None
+
+    def lines(self) -> list[str]:
+        return sorted(v.decode() for v in self.client.smembers(self.keys.lines))
+
+    def manifest(self, line: str, version: int) -> Manifest:
+        raw = self.client.get(self.keys.line(line).manifest(version))
+        if raw is None:
+            raise VersionNotFound(f"{line} v{version} has no manifest (never published or expired)")
+        return Manifest.model_validate_json(raw)
+
+    def weights(self, line: str, version: int) -> bytes:
+        raw = self.client.get(self.keys.line(line).weights(version))
+        if raw is None:
+            raise VersionNotFound(f"{line} v{version} has no weights (never published or expired)")
+        return raw
+
+    def versions(self, line: str) -> list[int]:
+        """Versions still stored (newest last), from the event stream."""
+        entries = self.client.xrange(self.keys.line(line).events)
+        return [int(entry_id.decode().split("-")[0]) for entry_id, _ in entries]
+
+    def publish(self, line: str, weights: bytes, *, publish_id: str, reason: str,
+                architecture: dict[str, Any], **manifest_fields: Any) -> Published:
+        lk = self.keys.line(line)
+        digest = sha256_hex(weights)
+        while True:
+            with self.client.pipeline() as pipe:
+                try:
+                    pipe.watch(lk.latest, lk.publish_ids)
+                    already = pipe.hget(lk.publish_ids, publish_id)
+                    if already is not None:
+                        pipe.reset()
+                        return Published(self.manifest(line, int(already)), created=False)
+                    version = int(pipe.get(lk.latest) or 0) + 1
+                    manifest = Manifest(line=line, version=version, created_at=utc_now(), reason=reason,
+                                        architecture=architecture, weights_sha256=digest,
+                                        weights_bytes=len(weights), publish_id=publish_id,
+                                        **manifest_fields)
+                    if self.signing_key:
+                        manifest = manifest.sign(self.signing_key)
+                    event = VersionEvent(line=line, version=version, created_at=manifest.created_at,
+                                         reason=reason, base_version=manifest.base_version,
+                                         parent_version=manifest.parent_version,
+                                         weights_key=lk.weights(version), manifest_key=lk.manifest(version),
+                                         weights_sha256=digest, metrics=manifest.metrics)
+                    event_json = event.model_dump_json()
+                    pipe.multi()
+                    pipe.set(lk.weights(version), weights)
+                    pipe.set(lk.manifest(version), manifest.model_dump_json())
+                    pipe.set(lk.latest, version)
+                    pipe.hset(lk.publish_ids, publish_id, version)
+                    pipe.sadd(self.keys.lines, line)
+                    pipe.xadd(lk.events, {"event": event_json}, id=event_id(version))
+                    pipe.execute()
+                except redis.WatchError:
+                    continue  # another publisher took this number: take the next
+            break
+        self.client.publish(lk.events, event_json)
+        self._expire_old(line, version)
+        log.info("published %s v%d (%s, %d bytes, sha256 %s…)", line, version, reason, len(weights), digest[:12])
+        return Published(manifest, created=True)
+
+    def _expire_old(self, line: str, newest: int) -> None:
+        oldest_kept = newest - self.keep_versions + 1
+        if oldest_kept <= 1:
+            return
+        lk = self.keys.line(line)
+        stale = [v for v in self.versions(line) if v < oldest_kept]
+        if not stale:
+            return
+        with self.client.pipeline(transaction=True) as pipe:
+            # trim the stream first: an event must never outlive its data
+            pipe.xtrim(lk.events, minid=event_id(oldest_kept))
+            for v in stale:
+                pipe.delete(lk.weights(v), lk.manifest(v))
+            pipe.execute()
