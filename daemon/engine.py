@@ -227,12 +227,27 @@ class Engine:
         root.samples += len(y_train)
         self._grow_reference(root, x_train)
         self.bootstrap_batches_seen += 1
-        done = self.bootstrap_batches_seen >= self.s.bootstrap_batches
+        done = self._bootstrap_done()
         if done:
             root.refresh_fingerprint()
         return BatchResult(batch.slice, len(batch), "bootstrap",
                            f"training the first served model ({self.bootstrap_batches_seen}/{self.s.bootstrap_batches})",
                            None, acc, False, publish_bootstrap=done)
+
+    def _bootstrap_done(self) -> bool:
+        """Enough batches, and good enough on its own held-out rows to be worth serving
+        (a weak first model would call its own slice drift); capped at 4x the batches."""
+        seen, wanted = self.bootstrap_batches_seen, self.s.bootstrap_batches
+        if seen < wanted:
+            return False
+        held = self.buffers.heldout_sets()
+        accs = [accuracy(self.root.model, model_input(x, self.root.data_type), y) for x, y in held.values()]
+        good = bool(accs) and min(accs) >= self.s.bootstrap_accuracy
+        if not good and seen >= 4 * wanted:
+            log.warning("bootstrap: held-out accuracy %s still below %.2f after %d batches; serving anyway",
+                        [round(a, 3) for a in accs], self.s.bootstrap_accuracy, seen)
+            return True
+        return good
 
     def _decide_and_train(self, batch: Batch, x_train, y_train) -> BatchResult:
         x_model = model_input(batch.x, batch.data_type)

@@ -401,14 +401,16 @@ def _slice_to(src: torch.Tensor, shape: Sequence[int], blocks0: int = 1) -> torc
 
 
 @torch.no_grad()
-def inherit_weights(parent: nn.Module, child: nn.Module) -> list[str]:
+def inherit_weights(parent: nn.Module, child: nn.Module, prefixes: Sequence[str] = ("stages.",)) -> list[str]:
     """Initialise a (narrower) child from the parent's leading channels of every tensor.
 
     Works for models whose width scales every layer and whose flattens are channel-major (the
     built-in families): taking the first ``k`` output channels of one layer and the first ``k``
     input channels of the next keeps the slices consistent; recurrent gate blocks are sliced per
     gate. Tensors missing from the parent, or of another rank, keep their fresh init. Returns the
-    names of the inherited tensors. The parent is not modified.
+    names of the inherited tensors. Only tensors whose names start with one of ``prefixes`` are
+    inherited (default: the feature blocks; the head starts fresh, so a slice with new classes
+    is not biased towards the parent's). The parent is not modified.
     """
     p_state = parent.state_dict()
     gates: dict[str, int] = {}
@@ -419,6 +421,8 @@ def inherit_weights(parent: nn.Module, child: nn.Module) -> list[str]:
     inherited = []
     for name, tensor in child.state_dict().items():
         src = p_state.get(name)
+        if not name.startswith(tuple(prefixes)):
+            continue
         if src is None or src.dim() != tensor.dim() or not tensor.is_floating_point():
             continue
         owner = name.rsplit(".", 1)[0]

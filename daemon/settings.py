@@ -61,7 +61,9 @@ class Settings(BaseSettings):
                                               "kl_threshold on the reference at this false-alarm rate")
     accuracy_threshold: float = Field(0.70, gt=0, le=1, description="served model must reach this accuracy")
     bootstrap_batches: int = Field(8, ge=1, description="batches that train the first served model")
-    bootstrap_epochs: int = Field(3, ge=1)
+    bootstrap_epochs: int = Field(5, ge=1, description="epochs per bootstrap batch")
+    bootstrap_accuracy: float = Field(0.8, gt=0, le=1, description="held-out accuracy the first served model "
+                                      "must reach (bootstrap stops trying after 4x bootstrap_batches)")
     child_epochs: int = Field(2, ge=1, description="epochs per child update (seed: 2)")
     learning_rate: float = Field(1e-3, gt=0, le=1, description="Adam learning rate (seed: 1e-3)")
     train_batch_size: int = Field(64, ge=1)

@@ -57,10 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--streams", default=",".join(STREAMS), help="comma list of split,permuted,rotated")
     parser.add_argument("--slices", type=int, default=5, help="slices per stream (default 5)")
     parser.add_argument("--methods", default=",".join(METHODS), help="merge methods to compare")
-    parser.add_argument("--width", type=int, default=16, help="image_cnn width (default 16)")
-    parser.add_argument("--base-epochs", type=int, default=5, help="epochs on slice 0 (default 5)")
-    parser.add_argument("--child-epochs", type=int, default=3, help="epochs per child (default 3)")
+    parser.add_argument("--width", type=int, default=8, help="image_cnn width (default 8)")
+    parser.add_argument("--base-epochs", type=int, default=8, help="epochs on slice 0 (default 8)")
+    parser.add_argument("--child-epochs", type=int, default=6, help="epochs per child (default 6)")
+    parser.add_argument("--batch-size", type=int, default=32, help="training batch size (default 32)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: frugal on a shared machine; 0 leaves torch's)")
     parser.add_argument("--val-fraction", type=float, default=0.2,
                         help="share of each slice's training part held out for the controller (default 0.2)")
     parser.add_argument("--scales", default="0.5,1.0,1.5", help="lambda multipliers the search tries")
@@ -127,12 +130,13 @@ def train_sequence(stream: Stream, args, num_classes: int) -> tuple[torch.nn.Mod
     gen = torch.Generator().manual_seed(args.seed)
     model = ImageCNN(num_classes=num_classes, width=args.width)
     x, y = stream.train[0]
-    train_epochs(model, x, y, epochs=args.base_epochs, lr=args.lr, generator=gen)
+    train_epochs(model, x, y, epochs=args.base_epochs, lr=args.lr, batch_size=args.batch_size, generator=gen)
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     children = []
     for t in range(1, len(stream.names)):
         x, y = stream.train[t]
-        train_epochs(model, x, y, epochs=args.child_epochs, lr=args.lr, generator=gen)
+        train_epochs(model, x, y, epochs=args.child_epochs, lr=args.lr, batch_size=args.batch_size,
+                     generator=gen)
         children.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     return model, base, children
 
@@ -161,6 +165,9 @@ def run_stream(stream: Stream, args, num_classes: int, methods: list[str], scale
     base_row = test(base)
     R_ft = [list(base_row.values())] + [list(test(c).values()) for c in children]
     out_rows: dict = {"seq_finetune": {**cl_metrics(R_ft, names), "merge_s": 0.0}}
+    log(f"{stream.kind:8s} {'seq_finetune':24s} avg {out_rows['seq_finetune']['avg_acc']:.4f} "
+        f"worst {out_rows['seq_finetune']['worst_acc']:.4f} forget {out_rows['seq_finetune']['forgetting']:+.4f} "
+        f"(no merge; trained {train_s:.1f} s)")
     if args.matrices:
         out_rows["seq_finetune"]["R"] = [[round(v, 4) for v in r] for r in R_ft]
     weights_for = lambda i: [1.0] * i  # noqa: E731  (equal-size slices: uniform mean-1 weights)
@@ -285,6 +292,8 @@ def plot(summary: dict, path: Path) -> None:
 
 def main(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     streams = [s.strip() for s in args.streams.split(",") if s.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
@@ -297,7 +306,8 @@ def main(args: argparse.Namespace) -> dict:
     summary: dict = {"bench": "merge", "config": {
         "dataset": args.dataset, "slices": args.slices, "streams": streams, "methods": methods,
         "family": "image_cnn", "width": args.width, "base_epochs": args.base_epochs,
-        "child_epochs": args.child_epochs, "lr": args.lr, "val_fraction": args.val_fraction,
+        "child_epochs": args.child_epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "threads": torch.get_num_threads(), "val_fraction": args.val_fraction,
         "scales": list(scales), "min_gain": args.min_gain, "seed": args.seed,
         "weights": "uniform (1 per child)", "choices_on": "validation split", "figures_on": "test split"},
         "streams": {}}

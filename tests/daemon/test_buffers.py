@@ -1,0 +1,26 @@
+import torch
+
+from daemon.buffers import Reservoir, SliceBuffers
+
+
+def test_reservoir_stays_bounded_and_samples_the_whole_stream():
+    gen = torch.Generator().manual_seed(0)
+    r = Reservoir(capacity=100)
+    for start in range(0, 10_000, 50):
+        ids = torch.arange(start, start + 50)
+        r.add(ids.view(-1, 1), ids, gen)
+    assert len(r) == 100 and r.seen == 10_000
+    # reservoir sampling keeps a uniform sample: late rows are as likely as early ones
+    assert (r.y >= 5000).sum() > 25 and (r.y < 5000).sum() > 25
+
+
+def test_slice_buffers_round_trip_through_tensors():
+    gen = torch.Generator().manual_seed(0)
+    b = SliceBuffers(replay_capacity=10, heldout_capacity=5)
+    b.add("a", torch.ones(20, 2), torch.zeros(20, dtype=torch.long), torch.ones(7, 2), torch.ones(7, dtype=torch.long), gen)
+    tensors, meta = b.to_tensors()
+    c = SliceBuffers(10, 5)
+    c.load_tensors(tensors, meta)
+    assert len(c.replay["a"]) == 10 and c.replay["a"].seen == 20 and len(c.heldout["a"]) == 5
+    x, y = c.sample_replay(8, gen)
+    assert x.shape == (8, 2) and y.shape == (8,)
