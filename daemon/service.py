@@ -72,6 +72,7 @@ class Service:
         self.on_result = on_result
         self._last_checkpoint = time.monotonic()
         self._batches_since_checkpoint = 0
+        self._state_changed = False  # a publish changed the served version since the last checkpoint
         self._consumer: BatchConsumer | None = None
         self._scheduler: BackgroundScheduler | None = None
         self._merge_lock = threading.Lock()
@@ -143,6 +144,7 @@ class Service:
         if result.publish_bootstrap:
             version = self._publish(self.engine.served_state(), reason="bootstrap", base_version=None)
             self.engine.adopt_bootstrap(version)
+            self._state_changed = True
         if result.merge_due and self._scheduler is not None:
             self._scheduler.modify_job("merge", next_run_time=_now())
         if self.on_result:
@@ -213,6 +215,7 @@ class Service:
                 version = self._publish(outcome.state, reason="merge", base_version=outcome.base_version,
                                         merge=outcome.plan)
                 self.engine.adopt_merge(outcome, version)
+                self._state_changed = True
                 record["version"] = version
                 log.info("merge accepted: children %s -> v%d; held-out %s (served was %s) in %.2fs",
                          outcome.children, version, outcome.candidate_metrics, outcome.served_metrics,
@@ -224,10 +227,10 @@ class Service:
 
     # --- durability ------------------------------------------------------------------------------------
     def _maybe_checkpoint(self, force: bool) -> None:
+        pending = self._batches_since_checkpoint or self._state_changed
         due = (self._batches_since_checkpoint >= self.s.checkpoint_every_batches
-               or (self._batches_since_checkpoint and
-                   time.monotonic() - self._last_checkpoint >= self.s.checkpoint_every_seconds))
-        if not (due or (force and self._batches_since_checkpoint)):
+               or (pending and time.monotonic() - self._last_checkpoint >= self.s.checkpoint_every_seconds))
+        if not (due or (force and pending)):
             return
         meta, tensors = self.engine.checkpoint()
         meta["seq"] = int(time.time() * 1000)
@@ -242,6 +245,7 @@ class Service:
             except Exception as exc:  # kafka errors: the checkpoint knows the offsets; the next commit catches up
                 log.warning("offset commit failed (%s); the checkpoint already records them", exc)
         self._batches_since_checkpoint = 0
+        self._state_changed = False
         self._last_checkpoint = time.monotonic()
         log.debug("checkpoint saved (%d bytes), offsets committed %s", size, meta["applied_offsets"])
         self._best_effort(self.telemetry.metric, {

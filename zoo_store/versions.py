@@ -115,7 +115,7 @@ class VersionStore:
             return
         with self.client.pipeline(transaction=True) as pipe:
             # trim the stream first: an event must never outlive its data
-            pipe.xtrim(lk.events, minid=event_id(oldest_kept))
+            pipe.xtrim(lk.events, minid=event_id(oldest_kept), approximate=False)
             for v in stale:
                 pipe.delete(lk.weights(v), lk.manifest(v))
             pipe.execute()

@@ -1,0 +1,17 @@
+import pytest
+import torch
+
+from zoo_store.checkpoints import CheckpointStore, CorruptCheckpoint
+from zoo_store.keys import Keys
+
+
+def test_checkpoint_round_trip_and_corruption_detected(redis_client, unique):
+    store = CheckpointStore(redis_client, Keys(unique))
+    assert store.load() is None
+    store.save({"seq": 3, "applied_offsets": {"t:0": 12}}, {"w": torch.arange(6.0).view(2, 3)})
+    meta, tensors = store.load()
+    assert meta["applied_offsets"] == {"t:0": 12} and meta["seq"] == 3
+    assert torch.equal(tensors["w"], torch.arange(6.0).view(2, 3))
+    redis_client.set(Keys(unique).checkpoint_tensors, b"truncated")
+    with pytest.raises(CorruptCheckpoint):
+        store.load()

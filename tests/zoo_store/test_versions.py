@@ -1,0 +1,126 @@
+"""Publishing against a real Redis-protocol server: atomic, monotonic, gap-free, idempotent."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from safetensors.torch import save as st_save
+
+from zoo_store.follow import Follower, VerificationError
+from zoo_store.keys import Keys
+from zoo_store.versions import VersionNotFound, VersionStore
+
+ARCH = {"family": "tabular_mlp", "params": {"in_features": 4, "num_classes": 3, "width": 2}}
+
+
+def _weights(seed: int) -> bytes:
+    from daemon.families import Architecture
+
+    torch.manual_seed(seed)
+    return st_save(Architecture.model_validate(ARCH).build().state_dict())
+
+
+def test_versions_are_numbered_from_one_and_data_precedes_event(redis_client, unique):
+    store = VersionStore(redis_client, Keys(unique))
+    first = store.publish("main", _weights(0), publish_id="a", reason="bootstrap", architecture=ARCH)
+    second = store.publish("main", _weights(1), publish_id="b", reason="merge", architecture=ARCH,
+                           base_version=1, parent_version=1, metrics={"s": 0.9})
+    assert (first.manifest.version, second.manifest.version) == (1, 2)
+    assert store.latest("main") == 2 and store.versions("main") == [1, 2]
+    assert store.manifest("main", 2).metrics == {"s": 0.9}
+    assert store.weights("main", 2) == _weights(1)
+
+
+def test_a_retried_publish_is_not_announced_twice(redis_client, unique):
+    store = VersionStore(redis_client, Keys(unique))
+    one = store.publish("main", _weights(0), publish_id="same", reason="merge", architecture=ARCH)
+    again = store.publish("main", _weights(0), publish_id="same", reason="merge", architecture=ARCH)
+    assert one.created and not again.created
+    assert again.manifest.version == 1 and store.versions("main") == [1]
+
+
+def test_concurrent_publishers_never_share_or_skip_a_version(redis_server, unique):
+    from zoo_store.connection import connect
+
+    numbers: list[int] = []
+    lock = threading.Lock()
+
+    def worker(w: int) -> None:
+        store = VersionStore(connect(redis_server.address), Keys(unique))
+        for i in range(10):
+            v = store.publish("main", _weights(w * 100 + i), publish_id=f"{w}-{i}", reason="merge",
+                              architecture=ARCH).manifest.version
+            with lock:
+                numbers.append(v)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(numbers) == list(range(1, 41))
+
+
+def test_retention_deletes_old_data_and_their_events_together(redis_client, unique):
+    store = VersionStore(redis_client, Keys(unique), keep_versions=3)
+    for i in range(6):
+        store.publish("main", _weights(i), publish_id=str(i), reason="merge", architecture=ARCH)
+    assert store.versions("main") == [4, 5, 6]
+    with pytest.raises(VersionNotFound):
+        store.weights("main", 3)
+    follower = Follower(redis_client, prefix=unique)
+    stop = threading.Event()
+    seen = []
+    for event in follower.events(from_version=1, block_ms=100, stop=stop):
+        seen.append(event.version)
+        follower.load(event.version)  # every announced version is loadable
+        if event.version == 6:
+            stop.set()
+    assert seen == [4, 5, 6]
+
+
+def test_follower_refuses_tampered_weights_and_bad_signatures(redis_client, unique):
+    keys = Keys(unique)
+    store = VersionStore(redis_client, keys, signing_key=b"secret")
+    store.publish("main", _weights(0), publish_id="x", reason="merge", architecture=ARCH)
+    good = Follower(redis_client, prefix=unique, signing_key=b"secret")
+    manifest, state = good.load(1)
+    assert manifest.signature and set(state) >= {"head.weight"}
+    with pytest.raises(VerificationError, match="signature is invalid"):
+        Follower(redis_client, prefix=unique, signing_key=b"other").load(1)
+    redis_client.set(keys.line("main").weights(1), _weights(1))
+    with pytest.raises(VerificationError, match="sha256 does not match"):
+        good.load(1)
+
+
+def test_unsigned_manifest_refused_when_a_signature_is_required(redis_client, unique):
+    VersionStore(redis_client, Keys(unique)).publish("main", _weights(0), publish_id="u", reason="merge",
+                                                      architecture=ARCH)
+    with pytest.raises(VerificationError, match="unsigned"):
+        Follower(redis_client, prefix=unique, require_signature=True).load(1)
+
+
+def test_follow_from_latest_and_next(redis_client, unique):
+    store = VersionStore(redis_client, Keys(unique))
+    for i in range(3):
+        store.publish("main", _weights(i), publish_id=str(i), reason="merge", architecture=ARCH)
+    follower = Follower(redis_client, prefix=unique)
+    stop = threading.Event()
+    first_latest = next(iter(follower.events(from_version="latest", block_ms=100, stop=stop)))
+    assert first_latest.version == 3
+    got = []
+
+    def follow_next():
+        for event in follower.events(from_version="next", block_ms=100, stop=stop):
+            got.append(event.version)
+            stop.set()
+
+    t = threading.Thread(target=follow_next)
+    t.start()
+    import time
+    time.sleep(0.3)
+    store.publish("main", _weights(9), publish_id="9", reason="merge", architecture=ARCH)
+    t.join(timeout=5)
+    assert got == [4]
