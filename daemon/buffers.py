@@ -61,14 +61,22 @@ class SliceBuffers:
         self.heldout.setdefault(slice_name, Reservoir(self.heldout_capacity)).add(x_held, y_held, generator)
 
     def sample_replay(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``n`` rows drawn uniformly from the replay buffers of every slice."""
+        """``n`` rows, an equal share from every slice's replay buffer.
+
+        Equal shares rather than uniform over all rows: a slice that sent little (or whose buffer is
+        still filling) is rehearsed as much as a large one, which is what protects it from being
+        forgotten when a child trains on a new slice.
+        """
         parts = [r for _, r in sorted(self.replay.items()) if len(r)]
         if n <= 0 or not parts:
             return None
-        x = torch.cat([r.x for r in parts])
-        y = torch.cat([r.y for r in parts])
-        idx = torch.randint(len(y), (n,), generator=generator)
-        return x[idx], y[idx]
+        shares = [n // len(parts) + (1 if i < n % len(parts) else 0) for i in range(len(parts))]
+        xs, ys = [], []
+        for r, share in zip(parts, shares):
+            idx = torch.randint(len(r), (share,), generator=generator)
+            xs.append(r.x[idx])
+            ys.append(r.y[idx])
+        return torch.cat(xs), torch.cat(ys)
 
     def heldout_sets(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {name: (r.x, r.y) for name, r in sorted(self.heldout.items()) if len(r)}

@@ -303,6 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    from kafka.errors import KafkaConnectionError, KafkaTimeoutError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    return ConnectionError, RedisConnectionError, KafkaConnectionError, KafkaTimeoutError
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -311,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"filial {args.command}: {exc}", file=sys.stderr)
         return 2
-    except ConnectionError as exc:
+    except _connection_errors() as exc:
         print(f"filial {args.command}: cannot connect ({exc}); check the address and that the server runs",
               file=sys.stderr)
         return 2

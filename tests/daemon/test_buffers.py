@@ -24,3 +24,15 @@ def test_slice_buffers_round_trip_through_tensors():
     assert len(c.replay["a"]) == 10 and c.replay["a"].seen == 20 and len(c.heldout["a"]) == 5
     x, y = c.sample_replay(8, gen)
     assert x.shape == (8, 2) and y.shape == (8,)
+
+
+def test_replay_rehearses_every_slice_equally_however_much_it_sent():
+    gen = torch.Generator().manual_seed(0)
+    b = SliceBuffers(replay_capacity=1000, heldout_capacity=5)
+    b.add("big", torch.zeros(900, 1), torch.zeros(900, dtype=torch.long), torch.zeros(1, 1),
+          torch.zeros(1, dtype=torch.long), gen)
+    b.add("small", torch.ones(10, 1), torch.ones(10, dtype=torch.long), torch.ones(1, 1),
+          torch.ones(1, dtype=torch.long), gen)
+    x, y = b.sample_replay(101, gen)
+    assert len(y) == 101
+    assert int((y == 1).sum()) in (50, 51)   # uniform over rows would give ~1
