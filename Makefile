@@ -27,5 +27,19 @@ bench-hkt: $(STAMP)
 bench-drift: $(STAMP)
 	$(BIN)/filial bench drift
 
+# docker-compose 1.29.2 (PyPI) in its own tools venv, never in .venv: it pins PyYAML 5.4.1, whose sdist
+# only builds on Python 3.11 with Cython<3 (deploy/compose-constraints.txt), and old jsonschema/dotenv.
+# tests/deploy/test_compose.py builds the same venv itself when it is missing; this target is for humans.
+COMPOSE_VENV  := .venv-compose
+COMPOSE_STAMP := $(COMPOSE_VENV)/.installed
+
+$(COMPOSE_STAMP): deploy/compose-constraints.txt
+	$(PYTHON) -m venv $(COMPOSE_VENV)
+	PIP_CONSTRAINT=$(CURDIR)/deploy/compose-constraints.txt $(COMPOSE_VENV)/bin/python -m pip install --quiet setuptools docker-compose==1.29.2
+	touch $(COMPOSE_STAMP)
+
+compose-config: $(COMPOSE_STAMP)
+	$(COMPOSE_VENV)/bin/docker-compose -f docker-compose.yml --profile gpu config
+
 clean:
-	rm -rf $(VENV) bench-results .pytest_cache *.egg-info
+	rm -rf $(VENV) .venv-compose bench-results .pytest_cache *.egg-info

@@ -60,14 +60,19 @@ class SliceBuffers:
         self.replay.setdefault(slice_name, Reservoir(self.replay_capacity)).add(x_train, y_train, generator)
         self.heldout.setdefault(slice_name, Reservoir(self.heldout_capacity)).add(x_held, y_held, generator)
 
-    def sample_replay(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``n`` rows, an equal share from every slice's replay buffer.
+    def sample_replay(self, n: int, generator: torch.Generator,
+                      learning: str | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``n`` rows, an equal share from every slice's replay buffer except ``learning``'s.
 
-        Equal shares rather than uniform over all rows: a slice that sent little (or whose buffer is
+        The slice being learned is already in the new rows; rehearsal is for the others. Equal
+        shares rather than uniform over all rows: a slice that sent little (or whose buffer is
         still filling) is rehearsed as much as a large one, which is what protects it from being
-        forgotten when a child trains on a new slice.
+        forgotten when a child trains on a new slice. With no other slice yet, the learned
+        slice's own buffer is replayed.
         """
-        parts = [r for _, r in sorted(self.replay.items()) if len(r)]
+        parts = [r for name, r in sorted(self.replay.items()) if len(r) and name != learning]
+        if not parts and learning in self.replay and len(self.replay[learning]):
+            parts = [self.replay[learning]]
         if n <= 0 or not parts:
             return None
         shares = [n // len(parts) + (1 if i < n % len(parts) else 0) for i in range(len(parts))]

@@ -204,7 +204,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if "watcher_error" not in summary else 1
 
 
-BENCHES = ("merge", "hkt", "drift")
+BENCHES = ("merge", "hkt", "drift", "pause")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

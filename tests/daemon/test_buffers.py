@@ -36,3 +36,14 @@ def test_replay_rehearses_every_slice_equally_however_much_it_sent():
     x, y = b.sample_replay(101, gen)
     assert len(y) == 101
     assert int((y == 1).sum()) in (50, 51)   # uniform over rows would give ~1
+
+
+def test_replay_rehearses_the_other_slices_not_the_one_being_learned():
+    gen = torch.Generator().manual_seed(0)
+    b = SliceBuffers(replay_capacity=100, heldout_capacity=5)
+    for label, name in ((0, "old"), (1, "new")):
+        b.add(name, torch.zeros(50, 1), torch.full((50,), label), torch.zeros(1, 1), torch.zeros(1, dtype=torch.long), gen)
+    _, y = b.sample_replay(40, gen, learning="new")
+    assert (y == 0).all()
+    _, y = SliceBuffers(100, 5, replay={"new": b.replay["new"]}).sample_replay(10, gen, learning="new")
+    assert (y == 1).all()   # nothing else to rehearse: the slice's own past rows
