@@ -31,7 +31,7 @@ from consumers.wire import Batch, BatchSource
 from daemon.drift import calibrate_threshold
 from daemon.families import Architecture, infer_architecture
 from daemon.gate import GateVerdict, gate
-from daemon.merge import merge_state
+from daemon.granularity import apply_plan, choose_plan
 from daemon.policy import Observation, Thresholds, Verdict, decide
 from daemon.settings import Settings
 from daemon.tree import ROOT, ModelTree, Node
@@ -115,6 +115,7 @@ class Engine:
         self.recent_batch_ids: deque[str] = deque(maxlen=100_000)
         self._recent_ids_set: set[str] = set()
         self.prequential: dict[str, list[float]] = {}  # slice -> [correct, seen]
+        self._last_merge_signature: tuple = ()         # (child id, updates) of the last merge attempt
 
     # --- queries -------------------------------------------------------------------------------
     @property
@@ -133,6 +134,23 @@ class Engine:
         if src is not None and src.offset < self.applied_offsets.get(f"{src.topic}:{src.partition}", 0):
             return True
         return batch.batch_id is not None and batch.batch_id in self._recent_ids_set
+
+    def knows_batch(self, batch_id: str) -> bool:
+        """Whether a batch with this producer id was applied (within the last ``maxlen`` ids)."""
+        with self.lock:
+            return batch_id in self._recent_ids_set
+
+    def applied_offset(self, partition_key: str) -> int:
+        with self.lock:
+            return self.applied_offsets.get(partition_key, 0)
+
+    def forget_partition(self, partition_key: str, reason: str) -> None:
+        """The broker's log for this partition was reset (e.g. a memory-only broker restarted):
+        its offsets no longer name the batches applied, so stop skipping by offset; replays are
+        still recognised by batch id."""
+        with self.lock:
+            dropped = self.applied_offsets.pop(partition_key, None)
+        log.warning("forgot applied offset %s of %s: %s", dropped, partition_key, reason)
 
     # --- per batch -----------------------------------------------------------------------------------
     def process(self, batch: Batch) -> BatchResult:
@@ -179,9 +197,9 @@ class Engine:
         held, train = order[:n_held], order[n_held:]
         return batch.x[train], batch.y[train], batch.x[held], batch.y[held]
 
-    def _training_set(self, x: torch.Tensor, y: torch.Tensor):
-        """New rows plus ``replay_ratio`` as many replayed rows of every slice seen (experience replay)."""
-        replay = self.buffers.sample_replay(int(len(y) * self.s.replay_ratio), self.generator)
+    def _training_set(self, slice_name: str, x: torch.Tensor, y: torch.Tensor):
+        """New rows plus ``replay_ratio`` as many replayed rows of the other slices (experience replay)."""
+        replay = self.buffers.sample_replay(int(len(y) * self.s.replay_ratio), self.generator, learning=slice_name)
         if replay is not None:
             x, y = torch.cat([x, replay[0]]), torch.cat([y, replay[1]])
         return x, y
@@ -222,7 +240,7 @@ class Engine:
             root.slices.append(batch.slice)
         x_model = model_input(batch.x, batch.data_type)
         acc = float(accuracy(root.model, x_model, batch.y)) if self.bootstrap_batches_seen else float("nan")
-        x_fit, y_fit = self._training_set(x_train, y_train)
+        x_fit, y_fit = self._training_set(batch.slice, x_train, y_train)
         self._train(root.model, batch.data_type, x_fit, y_fit, self.s.bootstrap_epochs)
         root.samples += len(y_train)
         self._grow_reference(root, x_train)
@@ -275,7 +293,7 @@ class Engine:
                            child=child_id, nearest_kl=nearest_kl, merge_due=merge_due)
 
     def _update_child(self, child: Node, batch: Batch, x_train, y_train) -> None:
-        x_fit, y_fit = self._training_set(x_train, y_train)
+        x_fit, y_fit = self._training_set(batch.slice, x_train, y_train)
         self._train(child.model, batch.data_type, x_fit, y_fit, self.s.child_epochs)
         child.updates += 1
         child.samples += len(y_train)
@@ -328,43 +346,83 @@ class Engine:
 
     # --- merging -----------------------------------------------------------------------------------------
     def plan_merge(self) -> MergeOutcome | None:
-        """Merge the active children into a candidate and gate it; None when nothing to merge."""
+        """Merge the active children into a candidate and gate it; None when there is nothing new.
+
+        The granularity controller (daemon/granularity.py) picks method and level on the even rows
+        of each slice's held-out buffer; the gate judges the pick against the served model on the
+        odd rows, so the gate does not inherit the selection's optimism. Only the snapshot holds
+        the lock: merging and scoring run outside it while ingest continues.
+        """
         started = time.perf_counter()
         with self.lock:
             root = self.root
             if self.served_version is None or root is None:
                 return None
             children = [c for c in self.tree.active_children() if c.architecture == root.architecture]
-            if not children:
-                return None
+            signature = tuple((c.node_id, c.updates) for c in children)
+            if not children or signature == self._last_merge_signature:
+                return None  # nothing learned since the last attempt: the same merge again
+            self._last_merge_signature = signature
             snapshot = {
                 "base": {k: v.clone() for k, v in self.base_state.items()},
+                "served": self.served_state(),
                 "children": [{k: v.detach().cpu().clone() for k, v in c.model.state_dict().items()} for c in children],
                 "weights": [float(max(c.samples, 1)) for c in children],
                 "ids": [c.node_id for c in children],
                 "served_version": self.served_version,
                 "base_version": self.base_version,
-                "served_metrics": self.metrics(),
                 "heldout": self.buffers.heldout_sets(),
                 "arch": root.architecture,
                 "data_type": root.data_type,
             }
             self.counters.child_updates_since_merge = 0
-        state = merge_state(self.s.merge_method, snapshot["base"], snapshot["children"], snapshot["weights"])
-        candidate = snapshot["arch"].build().to(self.device)
-        candidate.load_state_dict(state)
-        cand_metrics = {name: round(accuracy(candidate, model_input(x, snapshot["data_type"]), y), 4)
-                        for name, (x, y) in snapshot["heldout"].items()}
-        verdict = gate(snapshot["served_metrics"], cand_metrics, self.s.merge_tolerance)
+        select, judge = split_heldout(snapshot["heldout"])
+        evaluate = _Evaluator(snapshot["arch"], snapshot["data_type"], self.device)
+        result = choose_plan(snapshot["base"], snapshot["children"], snapshot["weights"],
+                             lambda state: evaluate(state, select), method=self.s.merge_method,
+                             level=self.s.merge_level, group_prefixes=self.s.merge_groups,
+                             min_gain=self.s.merge_min_gain, max_evaluations=self.s.merge_max_evaluations)
+        plan_label = result.plan.label()
+        fallback = self._admissible_fallback(result, evaluate(snapshot["served"], select))
+        if fallback is not None:
+            state = apply_plan(fallback.plan, snapshot["base"], snapshot["children"], snapshot["weights"])
+            log.info("merge: the controller's pick %s regresses a slice on the selection rows; "
+                     "taking the best candidate that does not: %s", plan_label, fallback.plan.label())
+            plan_label = fallback.plan.label()
+        else:
+            state = result.state
+        served_metrics = evaluate(snapshot["served"], judge)
+        cand_metrics = evaluate(state, judge)
+        verdict = gate(served_metrics, cand_metrics, self.s.merge_tolerance)
+        gain = _mean(cand_metrics) - _mean(served_metrics)
+        accepted, reason = verdict.accepted, verdict.reason
+        if accepted and not gain > 0:
+            accepted, reason = False, f"no gain: mean held-out accuracy {gain:+.4f} against the served model"
         with self.lock:
-            if verdict.accepted:
+            if accepted:
                 self.counters.merges_accepted += 1
             else:
                 self.counters.merges_rejected += 1
-        plan = {"level": "model", "method": self.s.merge_method, "weights": dict(zip(snapshot["ids"], snapshot["weights"]))}
-        return MergeOutcome(verdict.accepted, verdict.reason, state, snapshot["ids"], snapshot["base_version"],
-                            snapshot["served_version"], snapshot["served_metrics"], cand_metrics, plan, verdict,
+        plan = {**result.to_dict(), "chosen": plan_label, "gate_fallback": fallback is not None,
+                "children": snapshot["ids"],
+                "weights": dict(zip(snapshot["ids"], snapshot["weights"])),
+                "selection_rows": sum(len(y) for _, y in select.values()),
+                "gate_rows": sum(len(y) for _, y in judge.values())}
+        return MergeOutcome(accepted, reason, state, snapshot["ids"], snapshot["base_version"],
+                            snapshot["served_version"], served_metrics, cand_metrics, plan, verdict,
                             time.perf_counter() - started)
+
+    def _admissible_fallback(self, result, served_on_selection: dict[str, float]):
+        """When the controller's pick (best mean) would fail the gate on the selection rows, the
+        best-scoring candidate that would pass, if any: a smaller merge that publishes beats a
+        larger one that is rejected. None when the pick is fine or nothing passes."""
+        def passes(candidate) -> bool:
+            return gate(served_on_selection, candidate.per_slice, self.s.merge_tolerance).accepted
+
+        if result.score is None or passes(result.score):
+            return None
+        admissible = [c for c in result.candidates if passes(c) and _mean(c.per_slice) > _mean(served_on_selection)]
+        return max(admissible, key=lambda c: (c.mean, c.worst), default=None)
 
     def adopt_merge(self, outcome: MergeOutcome, version: int) -> None:
         """The merge was published as ``version``: serve it, and widen the served reference."""
@@ -426,3 +484,27 @@ class Engine:
             self._recent_ids_set = set(self.recent_batch_ids)
             self.prequential = {k: list(v) for k, v in meta["prequential"].items()}
             self.thresholds = Thresholds(kl=meta["kl_threshold"], accuracy=self.thresholds.accuracy)
+
+
+def split_heldout(sets: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+    """Even rows of each slice choose a merge, odd rows judge it (slices with < 2 rows: choose only)."""
+    select = {name: (x[0::2], y[0::2]) for name, (x, y) in sets.items()}
+    judge = {name: (x[1::2], y[1::2]) for name, (x, y) in sets.items() if len(y) >= 2}
+    return select, judge
+
+
+def _mean(metrics: dict[str, float]) -> float:
+    values = [v for v in metrics.values() if v == v]
+    return sum(values) / len(values) if values else float("nan")
+
+
+class _Evaluator:
+    """Held-out accuracy per slice of a state dict, in one reusable model of the served architecture."""
+
+    def __init__(self, arch: Architecture, data_type: str, device: torch.device) -> None:
+        self.model = arch.build().to(device)
+        self.data_type = data_type
+
+    def __call__(self, state: dict[str, torch.Tensor], sets) -> dict[str, float]:
+        self.model.load_state_dict(state)
+        return {name: round(accuracy(self.model, model_input(x, self.data_type), y), 4) for name, (x, y) in sets.items()}

@@ -75,7 +75,16 @@ class Settings(BaseSettings):
     max_children: int = Field(32, ge=1, description="cap on active children (oldest merged one is retired)")
 
     # --- merging -----------------------------------------------------------------------------------
-    merge_method: str = Field("average", description="average | task_arithmetic | ties | magmax")
+    merge_method: str = Field("auto", description="auto (the granularity controller searches every method) | "
+                              "average | task_arithmetic | ties | magmax (pinned)")
+    merge_level: Literal["auto", "model", "group", "layer"] = Field(
+        "auto", description="auto (the controller picks up to layer) | model | group | layer (pinned)")
+    merge_groups: dict[str, list[str]] | None = Field(
+        None, description="layer groups by parameter-name prefix, JSON, e.g. "
+                          "'{\"features\": [\"stages.\"], \"head\": [\"head.\"]}' (default: these two)")
+    merge_max_evaluations: int = Field(100, ge=1, description="cap on candidate merges the controller scores")
+    merge_min_gain: float = Field(0.02, ge=0, le=1, description="mean held-out gain a finer or other candidate "
+                                  "needs to replace the incumbent (guards against selecting noise)")
     merge_tolerance: float = Field(0.02, ge=0, le=1, description="max held-out accuracy drop on any slice")
     merge_interval_seconds: float = Field(60.0, gt=0, description="interval trigger of the merge job")
     merge_cron: str | None = Field(None, description="crontab trigger, e.g. '*/10 * * * *'")
@@ -86,19 +95,49 @@ class Settings(BaseSettings):
     signing_key: SecretStr | None = Field(None, description="HMAC-SHA256 key for manifests")
     checkpoint_every_batches: int = Field(20, ge=1)
     checkpoint_every_seconds: float = Field(30.0, gt=0)
+    publish_block_seconds: float = Field(2.0, ge=0, description="longest a publish may hold up ingest; "
+                                         "after it the publish goes on retrying in the background")
+    publish_drain_seconds: float = Field(30.0, ge=0, description="on stop, how long queued publishes may "
+                                         "still retry before they are abandoned (redone after restart)")
 
     # --- operations ---------------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
     limits: WireLimits = Field(default_factory=WireLimits, description="input size limits")
+    health_host: str = Field("0.0.0.0", description="address of the /healthz /readyz /metrics server")
+    health_port: int = Field(8080, ge=-1, le=65535, description="port of /healthz /readyz /metrics; "
+                             "0: any free port; -1: no server")
+    health_stall_seconds: float = Field(300.0, gt=0, description="/healthz fails when the consume loop has "
+                                        "not ticked for this long")
+    health_probe_seconds: float = Field(1.0, gt=0, description="how often Redis and the broker are probed")
+    backoff_max_seconds: float = Field(30.0, gt=0, description="cap of the exponential backoff when "
+                                       "reconnecting and retrying publishes and checkpoints")
+    # secrets files (Docker/Kubernetes secrets): read at start, used when the plain field is unset
+    kafka_sasl_password_file: Path | None = Field(None, description="file holding the Kafka SASL password")
+    redis_password_file: Path | None = Field(None, description="file holding the Redis password")
+    signing_key_file: Path | None = Field(None, description="file holding the manifest HMAC key")
+    redis_ssl_certfile: Path | None = Field(None, description="client certificate for rediss:// (mutual TLS)")
+    redis_ssl_keyfile: Path | None = Field(None, description="client key for rediss:// (mutual TLS)")
 
     @field_validator("merge_method")
     @classmethod
     def _known_method(cls, value: str) -> str:
         from daemon.merge import METHODS
 
-        if value not in METHODS:
-            raise ValueError(f"unknown merge method {value!r} (allowed: {', '.join(sorted(METHODS))})")
+        if value != "auto" and value not in METHODS:
+            raise ValueError(f"unknown merge method {value!r} (allowed: auto, {', '.join(sorted(METHODS))})")
+        return value
+
+    @field_validator("merge_groups", mode="before")
+    @classmethod
+    def _groups_from_json(cls, value: Any) -> Any:
+        if isinstance(value, str):  # a CLI flag; the environment is JSON-decoded by pydantic-settings
+            import json
+
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not JSON ({exc.msg}); e.g. '{{\"features\": [\"stages.\"]}}'") from None
         return value
 
     @field_validator("device")

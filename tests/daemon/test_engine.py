@@ -85,8 +85,12 @@ def test_merge_improves_the_drifted_slice_and_passes_the_gate(served, phases):
     outcome = engine.plan_merge()
     assert outcome.accepted, outcome.reason
     assert outcome.candidate_metrics["rot90"] > outcome.served_metrics["rot90"] + 0.2
+    assert outcome.plan["mode"] == "auto" and outcome.plan["evaluations"] == len(outcome.plan["candidates"]) > 1
+    assert outcome.plan["selection_rows"] > 0 and outcome.plan["gate_rows"] > 0
     engine.adopt_merge(outcome, 2)
-    assert engine.served_version == 2 and engine.metrics()["rot90"] == outcome.candidate_metrics["rot90"]
+    served = engine.root.model.state_dict()
+    assert engine.served_version == 2 and all(torch.equal(served[k], v) for k, v in outcome.state.items())
+    assert engine.plan_merge() is None   # nothing learned since: the same merge is not tried again
 
 
 def test_replayed_batches_are_applied_once(phases):

@@ -12,7 +12,7 @@ def test_env_prefix_and_flags_override(monkeypatch):
 
 
 @pytest.mark.parametrize("field, value, expect", [
-    ("merge_method", "median", "merge_method: unknown merge method 'median' (allowed: average, magmax, task_arithmetic, ties)"),
+    ("merge_method", "median", "merge_method: unknown merge method 'median' (allowed: auto, average, magmax, task_arithmetic, ties)"),
     ("kl_threshold", "-1", "kl_threshold: Input should be greater than 0"),
     ("log_format", "xml", "log_format: Input should be 'text' or 'json'"),
     ("device", "tpu", "device: 'tpu' is not a device (allowed: auto, cpu, cuda, cuda:N)"),
@@ -33,3 +33,12 @@ def test_unknown_setting_is_refused():
 def test_sasl_needs_a_sasl_protocol():
     with pytest.raises(SettingsError, match="kafka_sasl_mechanism needs"):
         load_settings(kafka_sasl_mechanism="PLAIN")
+
+
+def test_merge_groups_from_a_flag_or_the_environment(monkeypatch):
+    groups = {"features": ["stages."], "head": ["head."]}
+    assert load_settings(merge_groups='{"features": ["stages."], "head": ["head."]}').merge_groups == groups
+    monkeypatch.setenv("FILIAL_MERGE_GROUPS", '{"features": ["stages."], "head": ["head."]}')
+    assert load_settings().merge_groups == groups
+    with pytest.raises(SettingsError, match="merge_groups: not JSON"):
+        load_settings(merge_groups="features=stages.")
