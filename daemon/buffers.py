@@ -83,6 +83,13 @@ class SliceBuffers:
             ys.append(r.y[idx])
         return torch.cat(xs), torch.cat(ys)
 
+    def replay_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every replayed row of every slice, for distillation."""
+        parts = [r for _, r in sorted(self.replay.items()) if len(r)]
+        if not parts:
+            return None
+        return torch.cat([r.x for r in parts]), torch.cat([r.y for r in parts])
+
     def heldout_sets(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {name: (r.x, r.y) for name, r in sorted(self.heldout.items()) if len(r)}
 

@@ -16,7 +16,6 @@ Per batch (after bootstrap):
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import threading
@@ -28,15 +27,18 @@ from typing import Any
 import torch
 
 from consumers.wire import Batch, BatchSource
+from daemon.buffers import SliceBuffers
+from daemon.child_tuning import child_tuning_hook
+from daemon.distill import distill_into
 from daemon.drift import calibrate_threshold
-from daemon.families import Architecture, infer_architecture
+from daemon.families import Architecture, infer_architecture, parameter_count
 from daemon.gate import GateVerdict, gate
 from daemon.granularity import apply_plan, choose_plan
-from daemon.policy import Observation, Thresholds, Verdict, decide
+from daemon.hkt import compact_architecture, spawn_child, train_hkt
+from daemon.policy import Observation, Thresholds, Verdict, decide, spawn_method
 from daemon.settings import Settings
-from daemon.tree import ROOT, ModelTree, Node
 from daemon.training import accuracy, embed, model_input, train_epochs
-from daemon.buffers import SliceBuffers
+from daemon.tree import ROOT, ModelTree, Node
 from zoo_store.models import utc_now
 
 log = logging.getLogger("filial.engine")
@@ -88,6 +90,9 @@ class MergeOutcome:
     plan: dict[str, Any] | None = None
     verdict: GateVerdict | None = None
     seconds: float = 0.0
+    # compact children after learning back from the candidate (distillation's second direction),
+    # with the ``updates`` count they had when snapshotted: adopted only if still unchanged
+    distilled_children: dict[str, tuple[int, dict[str, torch.Tensor]]] = field(default_factory=dict)
 
     def record(self) -> dict[str, Any]:
         return {"accepted": self.accepted, "reason": self.reason, "children": self.children,
@@ -95,6 +100,18 @@ class MergeOutcome:
                 "served_metrics": self.served_metrics, "candidate_metrics": self.candidate_metrics,
                 "plan": self.plan, "seconds": round(self.seconds, 3),
                 "regressions": [asdict(r) for r in self.verdict.regressions] if self.verdict else []}
+
+
+@dataclass(frozen=True)
+class ChildRelease:
+    """A compact child ready to publish on its own line (``{line}.{node_id}``)."""
+    node_id: str
+    updates: int
+    architecture: Architecture
+    state: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+    parent_version: int
+    lineage: list[dict[str, Any]]
 
 
 class Engine:
@@ -282,7 +299,7 @@ class Engine:
             self.counters.children_retrained += 1
             child_id = child.node_id
         elif verdict.action == "spawn":
-            child = self._spawn(batch, x_train, y_train)
+            child = self._spawn(batch, x_train, y_train, kl)
             self.counters.children_spawned += 1
             child_id = child.node_id
         merge_due = False
@@ -293,8 +310,25 @@ class Engine:
                            child=child_id, nearest_kl=nearest_kl, merge_due=merge_due)
 
     def _update_child(self, child: Node, batch: Batch, x_train, y_train) -> None:
+        """Train an existing child on the new rows plus replay. A compact child keeps inheriting
+        from the served model through HKT; a same-size child trains on cross-entropy (with
+        Child-Tuning's gradient mask when configured)."""
         x_fit, y_fit = self._training_set(batch.slice, x_train, y_train)
-        self._train(child.model, batch.data_type, x_fit, y_fit, self.s.child_epochs)
+        x_model = model_input(x_fit, batch.data_type)
+        if child.architecture != self.root.architecture:
+            train_hkt(self.root.model, child.model, x_model, y_fit, epochs=self.s.child_epochs,
+                      lr=self.s.learning_rate, batch_size=self.s.train_batch_size, generator=self.generator)
+        else:
+            mask = (child_tuning_hook(child.model, x_model, y_fit, mode=self.s.child_tuning,
+                                      p=self.s.child_tuning_p, batch_size=self.s.train_batch_size,
+                                      generator=self.generator)
+                    if self.s.child_tuning != "none" else None)
+            train_epochs(child.model, x_model, y_fit, epochs=self.s.child_epochs, lr=self.s.learning_rate,
+                         batch_size=self.s.train_batch_size, device=self.device, generator=self.generator,
+                         before_step=mask)
+        self._note_trained(child, batch, x_train, y_train)
+
+    def _note_trained(self, child: Node, batch: Batch, x_train, y_train) -> None:
         child.updates += 1
         child.samples += len(y_train)
         if batch.slice not in child.slices:
@@ -302,22 +336,50 @@ class Engine:
         self._grow_reference(child, x_train)
         child.refresh_fingerprint()
 
-    def _spawn(self, batch: Batch, x_train, y_train) -> Node:
+    def _spawn(self, batch: Batch, x_train, y_train, served_kl: float) -> Node:
+        """A child that inherits from the served model: a copy (same size) or a compact child
+        trained with hereditary knowledge transfer; which one, by :func:`daemon.policy.spawn_method`."""
         root = self.root
-        model = copy.deepcopy(root.model)  # inherits the served model's knowledge
+        compact = self.s.child_size_ratio < 1.0
+        arch = compact_architecture(root.architecture, self.s.child_size_ratio) if compact else root.architecture
+        method = spawn_method(self.s.spawn_method, compact=compact, drift=served_kl >= self.thresholds.kl)
+        x_fit, y_fit = self._training_set(batch.slice, x_train, y_train)
+        tuning = self.s.child_tuning if method == "copy" and self.s.child_tuning != "none" else None
+        model = spawn_child(root.model, arch if compact else None, model_input(x_fit, batch.data_type), y_fit,
+                            epochs=self.s.child_epochs, lr=self.s.learning_rate,
+                            batch_size=self.s.train_batch_size, method=method, child_tuning=tuning,
+                            child_tuning_p=self.s.child_tuning_p, generator=self.generator)
         child = Node(node_id=self.tree.new_child_id(), parent=ROOT, slice=batch.slice, data_type=batch.data_type,
-                     architecture=root.architecture, model=model, created_at=utc_now(),
-                     reference_x=batch.x[:0], fingerprint=root.fingerprint, status="active",
+                     architecture=arch, model=model, created_at=utc_now(),
+                     reference_x=batch.x[:0], fingerprint=None, status="active",
                      base_version=self.served_version, slices=[])
         self.tree.add(child)
-        self._update_child(child, batch, x_train, y_train)
-        log.info("spawned child %s for slice %s from served v%s", child.node_id, batch.slice, self.served_version)
+        self._note_trained(child, batch, x_train, y_train)
+        log.info("spawned child %s (%s, %s, %d parameters) for slice %s from served v%s", child.node_id, method,
+                 "compact" if compact else "full size", parameter_count(model), batch.slice, self.served_version)
         return child
 
     # --- publishing hooks (called by the service after a successful publish) ----------------------------
     def served_state(self) -> dict[str, torch.Tensor]:
         with self.lock:
-            return {k: v.detach().cpu().clone() for k, v in self.root.model.state_dict().items()}
+            return _cpu_state(self.root.model)
+
+    def compact_children_to_publish(self) -> list["ChildRelease"]:
+        """Compact children trained since they were last published on their own model line."""
+        with self.lock:
+            root = self.root
+            if root is None or self.served_version is None:
+                return []
+            return [ChildRelease(c.node_id, c.updates, c.architecture, _cpu_state(c.model), self.metrics(c.model),
+                                 self.served_version, [root.describe_lineage(), c.describe_lineage()])
+                    for c in self.tree.active_children()
+                    if c.architecture != root.architecture and c.updates > c.published_updates]
+
+    def child_published(self, release: "ChildRelease") -> None:
+        with self.lock:
+            node = self.tree.nodes.get(release.node_id)
+            if node is not None:
+                node.published_updates = max(node.published_updates, release.updates)
 
     def adopt_bootstrap(self, version: int) -> None:
         with self.lock:
@@ -348,49 +410,55 @@ class Engine:
     def plan_merge(self) -> MergeOutcome | None:
         """Merge the active children into a candidate and gate it; None when there is nothing new.
 
-        The granularity controller (daemon/granularity.py) picks method and level on the even rows
-        of each slice's held-out buffer; the gate judges the pick against the served model on the
-        odd rows, so the gate does not inherit the selection's optimism. Only the snapshot holds
-        the lock: merging and scoring run outside it while ingest continues.
+        Same-size children merge in weight space: the granularity controller (daemon/granularity.py)
+        picks method and level on the even rows of each slice's held-out buffer. Compact children
+        (another architecture) merge by bidirectional distillation on the replay buffers
+        (daemon/distill.py): the candidate learns from their ensemble, each learns back from the
+        candidate. The gate judges the candidate against the served model on the odd held-out
+        rows, so it does not inherit the selection's optimism. Only the snapshot holds the lock:
+        merging, distilling and scoring run outside it while ingest continues.
         """
         started = time.perf_counter()
         with self.lock:
             root = self.root
             if self.served_version is None or root is None:
                 return None
-            children = [c for c in self.tree.active_children() if c.architecture == root.architecture]
-            signature = tuple((c.node_id, c.updates) for c in children)
-            if not children or signature == self._last_merge_signature:
+            active = self.tree.active_children()
+            children = [c for c in active if c.architecture == root.architecture]
+            compact = [c for c in active if c.architecture != root.architecture]
+            signature = tuple((c.node_id, c.updates) for c in active)
+            if not active or signature == self._last_merge_signature:
                 return None  # nothing learned since the last attempt: the same merge again
             self._last_merge_signature = signature
             snapshot = {
                 "base": {k: v.clone() for k, v in self.base_state.items()},
                 "served": self.served_state(),
-                "children": [{k: v.detach().cpu().clone() for k, v in c.model.state_dict().items()} for c in children],
+                "children": [_cpu_state(c.model) for c in children],
                 "weights": [float(max(c.samples, 1)) for c in children],
                 "ids": [c.node_id for c in children],
+                "compact": {c.node_id: (c.updates, c.architecture, _cpu_state(c.model)) for c in compact},
+                "replay": self.buffers.replay_rows(),
                 "served_version": self.served_version,
                 "base_version": self.base_version,
                 "heldout": self.buffers.heldout_sets(),
                 "arch": root.architecture,
                 "data_type": root.data_type,
+                "seed": self.counters.batches,
             }
             self.counters.child_updates_since_merge = 0
         select, judge = split_heldout(snapshot["heldout"])
         evaluate = _Evaluator(snapshot["arch"], snapshot["data_type"], self.device)
-        result = choose_plan(snapshot["base"], snapshot["children"], snapshot["weights"],
-                             lambda state: evaluate(state, select), method=self.s.merge_method,
-                             level=self.s.merge_level, group_prefixes=self.s.merge_groups,
-                             min_gain=self.s.merge_min_gain, max_evaluations=self.s.merge_max_evaluations)
-        plan_label = result.plan.label()
-        fallback = self._admissible_fallback(result, evaluate(snapshot["served"], select))
-        if fallback is not None:
-            state = apply_plan(fallback.plan, snapshot["base"], snapshot["children"], snapshot["weights"])
-            log.info("merge: the controller's pick %s regresses a slice on the selection rows; "
-                     "taking the best candidate that does not: %s", plan_label, fallback.plan.label())
-            plan_label = fallback.plan.label()
-        else:
-            state = result.state
+        plan: dict[str, Any] = {"children": snapshot["ids"], "weights": dict(zip(snapshot["ids"], snapshot["weights"])),
+                                "selection_rows": sum(len(y) for _, y in select.values()),
+                                "gate_rows": sum(len(y) for _, y in judge.values())}
+        state = snapshot["served"]
+        if snapshot["children"]:
+            state, chosen = self._weight_merge(snapshot, evaluate, select)
+            plan.update(chosen)
+        distilled: dict[str, tuple[int, dict[str, torch.Tensor]]] = {}
+        if snapshot["compact"]:
+            state, distilled, report = self._distill_compact(snapshot, state)
+            plan["distill"] = {"children": list(distilled), **report}
         served_metrics = evaluate(snapshot["served"], judge)
         cand_metrics = evaluate(state, judge)
         verdict = gate(served_metrics, cand_metrics, self.s.merge_tolerance)
@@ -403,14 +471,42 @@ class Engine:
                 self.counters.merges_accepted += 1
             else:
                 self.counters.merges_rejected += 1
-        plan = {**result.to_dict(), "chosen": plan_label, "gate_fallback": fallback is not None,
-                "children": snapshot["ids"],
-                "weights": dict(zip(snapshot["ids"], snapshot["weights"])),
-                "selection_rows": sum(len(y) for _, y in select.values()),
-                "gate_rows": sum(len(y) for _, y in judge.values())}
-        return MergeOutcome(accepted, reason, state, snapshot["ids"], snapshot["base_version"],
+        return MergeOutcome(accepted, reason, state, snapshot["ids"] + list(distilled), snapshot["base_version"],
                             snapshot["served_version"], served_metrics, cand_metrics, plan, verdict,
-                            time.perf_counter() - started)
+                            time.perf_counter() - started, distilled)
+
+    def _weight_merge(self, snapshot: dict[str, Any], evaluate: "_Evaluator", select) -> tuple[dict, dict]:
+        """Same-size children: the controller's plan, or the best one that passes the gate."""
+        result = choose_plan(snapshot["base"], snapshot["children"], snapshot["weights"],
+                             lambda state: evaluate(state, select), method=self.s.merge_method,
+                             level=self.s.merge_level, group_prefixes=self.s.merge_groups,
+                             min_gain=self.s.merge_min_gain, max_evaluations=self.s.merge_max_evaluations)
+        fallback = self._admissible_fallback(result, evaluate(snapshot["served"], select))
+        chosen = result.plan.label()
+        state = result.state
+        if fallback is not None:
+            state = apply_plan(fallback.plan, snapshot["base"], snapshot["children"], snapshot["weights"])
+            log.info("merge: the controller's pick %s regresses a slice on the selection rows; "
+                     "taking the best candidate that does not: %s", chosen, fallback.plan.label())
+            chosen = fallback.plan.label()
+        return state, {**result.to_dict(), "chosen": chosen, "gate_fallback": fallback is not None}
+
+    def _distill_compact(self, snapshot: dict[str, Any], state: dict[str, torch.Tensor]):
+        """Compact children into the candidate by bidirectional ensemble distillation on replay."""
+        candidate = snapshot["arch"].build().to(self.device)
+        candidate.load_state_dict(state)
+        students = {}
+        for node_id, (updates, arch, child_state) in snapshot["compact"].items():
+            model = arch.build().to(self.device)
+            model.load_state_dict(child_state)
+            students[node_id] = (updates, model)
+        x, y = snapshot["replay"]
+        report = distill_into(candidate, [m for _, m in students.values()], model_input(x, snapshot["data_type"]), y,
+                              epochs=self.s.child_epochs, lr=self.s.learning_rate,
+                              batch_size=self.s.train_batch_size,
+                              generator=torch.Generator().manual_seed(snapshot["seed"]))
+        distilled = {node_id: (updates, _cpu_state(m)) for node_id, (updates, m) in students.items()}
+        return _cpu_state(candidate), distilled, report.to_dict()
 
     def _admissible_fallback(self, result, served_on_selection: dict[str, float]):
         """When the controller's pick (best mean) would fail the gate on the selection rows, the
@@ -429,6 +525,11 @@ class Engine:
         with self.lock:
             root = self.root
             root.model.load_state_dict(outcome.state)
+            for cid, (updates, state) in outcome.distilled_children.items():
+                child = self.tree.nodes.get(cid)
+                if child is not None and child.updates == updates:  # not retrained meanwhile
+                    child.model.load_state_dict(state)
+                    child.refresh_fingerprint()
             for cid in outcome.children:
                 child = self.tree.nodes[cid]
                 self._grow_reference(root, child.reference_x)
@@ -508,3 +609,7 @@ class _Evaluator:
     def __call__(self, state: dict[str, torch.Tensor], sets) -> dict[str, float]:
         self.model.load_state_dict(state)
         return {name: round(accuracy(self.model, model_input(x, self.data_type), y), 4) for name, (x, y) in sets.items()}
+
+
+def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

@@ -58,3 +58,24 @@ def decide(obs: Observation, th: Thresholds) -> Verdict:
     near = "no child" if obs.nearest_child is None else f"nearest child {obs.nearest_child} at KL {obs.nearest_kl:.3f}"
     return Verdict("spawn", f"accuracy {obs.accuracy:.3f} < {th.accuracy}; {near}; served KL {obs.kl:.3f}",
                    drift, inherit=True)
+
+
+SpawnMethod = Literal["hkt", "copy", "scratch"]
+
+
+def spawn_method(setting: str, *, compact: bool, drift: bool) -> SpawnMethod:
+    """How a new child inherits from the served model (``spawn_method`` setting; ``auto`` is the
+    table measured by ``filial bench hkt``, README "Hereditary knowledge transfer"):
+
+    =============  ============================  ===========================================
+    child size     served KL on the batch        auto
+    =============  ============================  ===========================================
+    compact (< 1)  any                           hkt (a different shape cannot be copied)
+    full size      any                           copy (the served weights, fine-tuned)
+    =============  ============================  ===========================================
+    """
+    if setting != "auto":
+        if setting == "copy" and compact:
+            raise ValueError("spawn_method 'copy' needs child_size_ratio 1 (use hkt for compact children)")
+        return setting  # type: ignore[return-value]
+    return "hkt" if compact else "copy"

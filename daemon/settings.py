@@ -73,6 +73,15 @@ class Settings(BaseSettings):
     replay_ratio: float = Field(1.0, ge=0, description="replayed samples per new sample in a child update")
     reference_size: int = Field(512, ge=32, description="samples in each model's reference fingerprint")
     max_children: int = Field(32, ge=1, description="cap on active children (oldest merged one is retired)")
+    child_size_ratio: float = Field(1.0, gt=0, le=1, description="width of a child relative to the served model; "
+                                    "< 1: compact children, trained by hereditary knowledge transfer, published "
+                                    "on their own model lines and merged into the served model by distillation")
+    spawn_method: Literal["auto", "hkt", "copy", "scratch"] = Field(
+        "auto", description="how a child inherits: auto (the measured table in the README) | hkt | copy | scratch")
+    child_tuning: Literal["none", "fisher", "bernoulli"] = Field(
+        "none", description="Child-Tuning gradient masks for same-size children: fisher (task-driven) | "
+                            "bernoulli (task-free)")
+    child_tuning_p: float = Field(0.3, gt=0, le=1, description="share of weights Child-Tuning updates")
 
     # --- merging -----------------------------------------------------------------------------------
     merge_method: str = Field("auto", description="auto (the granularity controller searches every method) | "
@@ -163,6 +172,9 @@ class Settings(BaseSettings):
     def _consistent(self) -> "Settings":
         if self.kafka_sasl_mechanism and not self.kafka_security_protocol.startswith("SASL"):
             raise ValueError("kafka_sasl_mechanism needs kafka_security_protocol SASL_PLAINTEXT or SASL_SSL")
+        if self.spawn_method == "copy" and self.child_size_ratio < 1:
+            raise ValueError("spawn_method 'copy' needs child_size_ratio 1: a compact child cannot copy the "
+                             "served weights (use auto or hkt)")
         if self.limits.num_classes != self.num_classes:
             self.limits = self.limits.model_copy(update={"num_classes": self.num_classes})
         return self

@@ -38,6 +38,7 @@ class Node:
     samples: int = 0
     base_version: int | None = None
     slices: list[str] = field(default_factory=list)
+    published_updates: int = 0       # compact children: ``updates`` when last published on their line
 
     def refresh_fingerprint(self) -> None:
         self.fingerprint = Fingerprint.of(embed(self.model, model_input(self.reference_x, self.data_type)))
@@ -45,12 +46,17 @@ class Node:
     def kl_to(self, x_model: torch.Tensor) -> float:
         return feature_kl(embed(self.model, x_model), self.fingerprint)
 
+    def describe_lineage(self) -> dict:
+        """The node as a manifest's lineage entry."""
+        return {"node_id": self.node_id, "parent": self.parent, "slice": self.slice, "created_at": self.created_at,
+                "architecture": self.architecture.model_dump()}
+
     def describe(self) -> dict:
         return {"node_id": self.node_id, "parent": self.parent, "slice": self.slice, "slices": self.slices,
                 "data_type": self.data_type, "architecture": self.architecture.model_dump(),
                 "created_at": self.created_at, "status": self.status, "updates": self.updates,
                 "samples": self.samples, "base_version": self.base_version,
-                "reference_rows": len(self.reference_x)}
+                "published_updates": self.published_updates, "reference_rows": len(self.reference_x)}
 
 
 @dataclass
@@ -113,5 +119,6 @@ class ModelTree:
                           fingerprint=(Fingerprint.from_tensors(tensors, prefix + "fp")
                                        if prefix + "fp.count" in tensors else None),
                           status=d["status"], updates=d["updates"], samples=d["samples"],
-                          base_version=d["base_version"], slices=list(d["slices"])))
+                          base_version=d["base_version"], slices=list(d["slices"]),
+                          published_updates=d.get("published_updates", 0)))
         return tree

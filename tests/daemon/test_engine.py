@@ -27,7 +27,8 @@ def _batches(phase, x, y, size=100, offset=0):
 
 def _engine(**overrides):
     torch.manual_seed(0)
-    return Engine(load_settings(bootstrap_batches=6, merge_after_child_updates=3, **overrides), torch.device("cpu"))
+    return Engine(load_settings(**{"bootstrap_batches": 6, "merge_after_child_updates": 3, **overrides}),
+                  torch.device("cpu"))
 
 
 def _bootstrap(engine, batches):
@@ -117,3 +118,61 @@ def test_checkpoint_restores_the_same_engine(served, phases):
     assert twin.metrics() == engine.metrics()
     a, b = engine.process(rot_batches[3]), twin.process(rot_batches[3])
     assert (a.action, a.child, round(a.kl, 6)) == (b.action, b.child, round(b.kl, 6))
+
+
+def _tabular_batches(name, x, y, size=128, offset=0):
+    for i, start in enumerate(range(0, len(y) - size + 1, size)):
+        yield Batch(x[start:start + size], y[start:start + size], name, "tabular", f"{name}-{i}",
+                    BatchSource("tab", 0, offset + i))
+
+
+def test_compact_children_inherit_publish_on_their_own_line_and_merge_by_distillation():
+    from sklearn.datasets import load_digits
+
+    from daemon.families import parameter_count
+
+    digits = load_digits()
+    x, y = torch.from_numpy(digits.data).float() / 16.0, torch.from_numpy(digits.target).long()
+    permuted = x[:, torch.randperm(64, generator=torch.Generator().manual_seed(3))]
+    engine = _engine(model_family="tabular_mlp", child_size_ratio=0.5, bootstrap_batches=4, bootstrap_accuracy=0.85)
+    _bootstrap(engine, _tabular_batches("plain", x[:1000], y[:1000]))
+    assert engine.served_version == 1 and engine.counters.children_spawned == 0
+    results = [engine.process(b) for b in _tabular_batches("perm", permuted[1000:], y[1000:], offset=100)]
+    spawned = [r for r in results if r.action == "spawn"]
+    assert spawned, [r.action for r in results]
+    child = engine.tree.nodes[spawned[0].child]
+    assert parameter_count(child.model) < parameter_count(engine.root.model) / 2
+    assert child.architecture != engine.root.architecture
+
+    releases = engine.compact_children_to_publish()
+    assert [r.node_id for r in releases] == [child.node_id]
+    served_perm = engine.metrics()["perm"]
+    assert releases[0].metrics["perm"] > served_perm + 0.1   # the compact child learned the new slice
+    assert releases[0].lineage[-1]["node_id"] == child.node_id and releases[0].parent_version == 1
+    engine.child_published(releases[0])
+    assert engine.compact_children_to_publish() == []
+
+    outcome = engine.plan_merge()
+    assert child.node_id in outcome.plan["distill"]["children"]
+    assert outcome.candidate_metrics["perm"] > outcome.served_metrics["perm"]   # served learned from the child
+
+
+def test_gate_rejects_a_merge_with_a_child_trained_on_shuffled_labels(served, phases):
+    from daemon.training import model_input, train_epochs
+
+    engine = _copy(served)
+    (up, xu, yu), (rot, xr, yr) = phases
+    first = engine.process(next(_batches(rot, xr, yr, offset=10)))
+    assert first.action == "spawn"
+    bad = engine.tree.nodes[first.child]
+    shuffled = yu[torch.randperm(len(yu), generator=torch.Generator().manual_seed(1))]
+    train_epochs(bad.model, model_input(xu, "image"), shuffled, epochs=3, lr=1e-3)   # the planted bad child
+    bad.updates += 1
+    outcome = engine.plan_merge()
+    assert not outcome.accepted
+    failing = {r.slice for r in outcome.verdict.regressions}
+    assert failing and all(name in outcome.reason for name in failing)
+    record = outcome.record()
+    assert record["regressions"] and all(r["candidate"] < r["served"] - 0.02 for r in record["regressions"])
+    assert engine.counters.merges_rejected == 1 and engine.counters.merges_accepted == 0
+    assert engine.served_version == 1
