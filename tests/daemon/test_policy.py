@@ -25,3 +25,14 @@ def test_decision_table(obs, action, child, drift):
 
 def test_spawned_children_inherit():
     assert decide(Observation(accuracy=0.1, kl=9.0), TH).inherit is True
+
+
+def test_spawn_method_table():
+    from daemon.policy import spawn_method
+
+    assert spawn_method("auto", compact=True, drift=True) == "hkt"
+    assert spawn_method("auto", compact=True, drift=False) == "hkt"
+    assert spawn_method("auto", compact=False, drift=False) == "copy"
+    assert spawn_method("scratch", compact=False, drift=True) == "scratch"
+    with pytest.raises(ValueError, match="copy"):
+        spawn_method("copy", compact=True, drift=False)
