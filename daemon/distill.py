@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from daemon.training import minibatches
+from daemon.training import minibatches, predict_logits
 
 
 def tempered_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -49,23 +49,15 @@ def hinton_loss(student_logits: torch.Tensor, y: torch.Tensor, teacher_probs: to
 
 
 @torch.no_grad()
-def _logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    model.eval()
-    device = next(model.parameters()).device
-    return torch.cat([model(x[i:i + batch_size].to(device)).float().cpu()
-                      for i in range(0, len(x), batch_size)])
-
-
-@torch.no_grad()
 def ensemble_probs(models: Sequence[nn.Module], x: torch.Tensor, temperature: float) -> torch.Tensor:
     """Mean of the models' tempered softmaxes on ``x`` (CPU, float32)."""
-    return torch.stack([tempered_softmax(_logits(m, x), temperature) for m in models]).mean(0)
+    return torch.stack([tempered_softmax(predict_logits(m, x), temperature) for m in models]).mean(0)
 
 
 @torch.no_grad()
 def mean_kl(student: nn.Module, teacher_probs: torch.Tensor, x: torch.Tensor, temperature: float) -> float:
     """``KL(teacher || student_T)`` over all of ``x``."""
-    return kd_kl(_logits(student, x), teacher_probs, temperature).item()
+    return kd_kl(predict_logits(student, x), teacher_probs, temperature).item()
 
 
 @dataclass
@@ -156,7 +148,7 @@ def distill_into(served: nn.Module, children: Sequence[nn.Module], x: torch.Tens
         raise ValueError("temperature must be positive")
     if len(x) != len(y) or len(x) == 0:
         raise ValueError(f"replay data must be non-empty with one label per sample ({len(x)} vs {len(y)})")
-    widths = {_logits(m, x[:2]).shape[-1] for m in [served, *children]}
+    widths = {predict_logits(m, x[:2]).shape[-1] for m in [served, *children]}
     if len(widths) != 1:
         raise ValueError(f"served model and children must output the same classes, got widths {sorted(widths)}")
     child_epochs = epochs if child_epochs is None else child_epochs

@@ -34,7 +34,7 @@ from daemon.drift import calibrate_threshold
 from daemon.families import Architecture, infer_architecture, parameter_count
 from daemon.gate import GateVerdict, gate
 from daemon.granularity import apply_plan, choose_plan
-from daemon.hkt import compact_architecture, spawn_child, train_hkt
+from daemon.hkt import compact_architecture, known_classes, spawn_child, train_hkt
 from daemon.policy import Observation, Thresholds, Verdict, decide, spawn_method
 from daemon.settings import Settings
 from daemon.training import accuracy, embed, model_input, train_epochs
@@ -299,7 +299,7 @@ class Engine:
             self.counters.children_retrained += 1
             child_id = child.node_id
         elif verdict.action == "spawn":
-            child = self._spawn(batch, x_train, y_train, kl)
+            child = self._spawn(batch, x_train, y_train)
             self.counters.children_spawned += 1
             child_id = child.node_id
         merge_due = False
@@ -336,13 +336,15 @@ class Engine:
         self._grow_reference(child, x_train)
         child.refresh_fingerprint()
 
-    def _spawn(self, batch: Batch, x_train, y_train, served_kl: float) -> Node:
+    def _spawn(self, batch: Batch, x_train, y_train) -> Node:
         """A child that inherits from the served model: a copy (same size) or a compact child
         trained with hereditary knowledge transfer; which one, by :func:`daemon.policy.spawn_method`."""
         root = self.root
         compact = self.s.child_size_ratio < 1.0
         arch = compact_architecture(root.architecture, self.s.child_size_ratio) if compact else root.architecture
-        method = spawn_method(self.s.spawn_method, compact=compact, drift=served_kl >= self.thresholds.kl)
+        x_new = model_input(x_train, batch.data_type)
+        knows = known_classes(root.model, x_new, y_train) >= 0.5
+        method = spawn_method(self.s.spawn_method, compact=compact, parent_knows_classes=knows)
         x_fit, y_fit = self._training_set(batch.slice, x_train, y_train)
         tuning = self.s.child_tuning if method == "copy" and self.s.child_tuning != "none" else None
         model = spawn_child(root.model, arch if compact else None, model_input(x_fit, batch.data_type), y_fit,
@@ -352,11 +354,12 @@ class Engine:
         child = Node(node_id=self.tree.new_child_id(), parent=ROOT, slice=batch.slice, data_type=batch.data_type,
                      architecture=arch, model=model, created_at=utc_now(),
                      reference_x=batch.x[:0], fingerprint=None, status="active",
-                     base_version=self.served_version, slices=[])
+                     base_version=self.served_version, slices=[], spawn_method=method)
         self.tree.add(child)
         self._note_trained(child, batch, x_train, y_train)
-        log.info("spawned child %s (%s, %s, %d parameters) for slice %s from served v%s", child.node_id, method,
-                 "compact" if compact else "full size", parameter_count(model), batch.slice, self.served_version)
+        log.info("spawned child %s (%s, %s, %d parameters; served model knows the slice's classes: %s) "
+                 "for slice %s from served v%s", child.node_id, method, "compact" if compact else "full size",
+                 parameter_count(model), knows, batch.slice, self.served_version)
         return child
 
     # --- publishing hooks (called by the service after a successful publish) ----------------------------
@@ -410,9 +413,10 @@ class Engine:
     def plan_merge(self) -> MergeOutcome | None:
         """Merge the active children into a candidate and gate it; None when there is nothing new.
 
-        Same-size children merge in weight space: the granularity controller (daemon/granularity.py)
-        picks method and level on the even rows of each slice's held-out buffer. Compact children
-        (another architecture) merge by bidirectional distillation on the replay buffers
+        Same-size copies of the served weights merge in weight space: the granularity controller
+        (daemon/granularity.py) picks method and level on the even rows of each slice's held-out
+        buffer. Compact children (another architecture) and children trained from scratch (no
+        shared base, so no meaningful task vector) merge by bidirectional distillation on the replay buffers
         (daemon/distill.py): the candidate learns from their ensemble, each learns back from the
         candidate. The gate judges the candidate against the served model on the odd held-out
         rows, so it does not inherit the selection's optimism. Only the snapshot holds the lock:
@@ -424,8 +428,8 @@ class Engine:
             if self.served_version is None or root is None:
                 return None
             active = self.tree.active_children()
-            children = [c for c in active if c.architecture == root.architecture]
-            compact = [c for c in active if c.architecture != root.architecture]
+            children = [c for c in active if c.in_weight_space_of(root)]
+            to_distill = [c for c in active if not c.in_weight_space_of(root)]
             signature = tuple((c.node_id, c.updates) for c in active)
             if not active or signature == self._last_merge_signature:
                 return None  # nothing learned since the last attempt: the same merge again
@@ -436,7 +440,7 @@ class Engine:
                 "children": [_cpu_state(c.model) for c in children],
                 "weights": [float(max(c.samples, 1)) for c in children],
                 "ids": [c.node_id for c in children],
-                "compact": {c.node_id: (c.updates, c.architecture, _cpu_state(c.model)) for c in compact},
+                "distill": {c.node_id: (c.updates, c.architecture, _cpu_state(c.model)) for c in to_distill},
                 "replay": self.buffers.replay_rows(),
                 "served_version": self.served_version,
                 "base_version": self.base_version,
@@ -456,8 +460,8 @@ class Engine:
             state, chosen = self._weight_merge(snapshot, evaluate, select)
             plan.update(chosen)
         distilled: dict[str, tuple[int, dict[str, torch.Tensor]]] = {}
-        if snapshot["compact"]:
-            state, distilled, report = self._distill_compact(snapshot, state)
+        if snapshot["distill"]:
+            state, distilled, report = self._distill(snapshot, state)
             plan["distill"] = {"children": list(distilled), **report}
         served_metrics = evaluate(snapshot["served"], judge)
         cand_metrics = evaluate(state, judge)
@@ -491,12 +495,13 @@ class Engine:
             chosen = fallback.plan.label()
         return state, {**result.to_dict(), "chosen": chosen, "gate_fallback": fallback is not None}
 
-    def _distill_compact(self, snapshot: dict[str, Any], state: dict[str, torch.Tensor]):
-        """Compact children into the candidate by bidirectional ensemble distillation on replay."""
+    def _distill(self, snapshot: dict[str, Any], state: dict[str, torch.Tensor]):
+        """Children outside the served weight space into the candidate: bidirectional ensemble
+        distillation on the replay buffers."""
         candidate = snapshot["arch"].build().to(self.device)
         candidate.load_state_dict(state)
         students = {}
-        for node_id, (updates, arch, child_state) in snapshot["compact"].items():
+        for node_id, (updates, arch, child_state) in snapshot["distill"].items():
             model = arch.build().to(self.device)
             model.load_state_dict(child_state)
             students[node_id] = (updates, model)

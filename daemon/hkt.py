@@ -23,8 +23,24 @@ the alignment modules are optimised; the parent is frozen (no grads, eval mode) 
 was. The alignment modules live in :class:`HKTTrainer`, never in the child: the published child
 runs alone.
 
-:func:`spawn_child` is what the engine calls when it spawns a child (``hkt`` | ``copy`` |
-``scratch``); :func:`train_hkt` retrains an existing child from a parent. Pure torch, no I/O.
+Weight inheritance at spawn (:attr:`HKTSettings.inherit`, an extension measured by
+``filial bench hkt``): the authors start HKT from an already trained child (their trainer resumes
+the ResNet-20 checkpoint). A spawned child here is new, so by default (``inherit="auto"``) it starts
+from the parent's leading channels of every feature-block tensor, and of the head when the parent
+knows the slice's classes (:func:`inherit_weights`, :func:`known_classes`); HKT refines it;
+``inherit="none"`` is the authors' loss on a freshly initialised child.
+
+The engine's one entry point (everything the child needs; the parent is never modified)::
+
+    from daemon.hkt import spawn_child, compact_architecture
+    child = spawn_child(parent, compact_architecture(parent_arch, 0.5),    # or None: same size
+                        model_input(x, data_type), y, epochs=settings.child_epochs,
+                        lr=settings.learning_rate, batch_size=settings.train_batch_size,
+                        method="hkt",            # "hkt" | "copy" | "scratch"
+                        child_tuning=None,       # "fisher" | "bernoulli" (Child-Tuning masks)
+                        generator=engine_generator)
+
+:func:`train_hkt` retrains an existing child from a parent. Pure torch, no I/O.
 """
 
 from __future__ import annotations
@@ -33,7 +49,7 @@ import copy
 import inspect
 import math
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Callable, Iterator, Literal, Sequence
 
 import torch
@@ -44,7 +60,8 @@ from daemon.families import Architecture, FAMILIES, ImageCNN, SequenceGRU, Tabul
 from daemon.training import GradHook, minibatches, train_epochs
 
 # Extraction defaults per family (indices into ``model.stages``; negative counts from the end).
-# Chosen from `filial bench hkt` runs (see the module docstring of daemon/bench/hkt.py).
+# The penultimate embedding, where the authors mix (their GA acts on the pooled (N, C) feature);
+# `filial bench hkt` with ``hkt:stages=all`` measured no consistent gain from mixing every stage.
 DEFAULT_STAGES: dict[type, tuple[int, ...]] = {
     ImageCNN: (-1,),
     SequenceGRU: (-1,),
@@ -54,6 +71,7 @@ FALLBACK_STAGES: tuple[int, ...] = (-1,)
 
 SpawnMethod = Literal["hkt", "copy", "scratch"]
 SPAWN_METHODS: tuple[str, ...] = ("hkt", "copy", "scratch")
+INHERIT_MODES: tuple[str, ...] = ("none", "stages", "all", "auto")
 
 
 @dataclass(frozen=True)
@@ -66,11 +84,19 @@ class HKTSettings:
     weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # child CE, forward-mix CE, reverse-mix CE
     gates: bool = False                        # learned per-channel alpha (extension; off by default)
     reverse: bool = True                       # include the reverse-mix term (parent head)
-    inherit: bool = False                      # initialise the child from the parent's leading channels
+    # Spawn init from the parent's leading channels (none|stages|all|auto; see inherit_for_spawn).
+    # The authors start HKT from a trained child; a fresh compact child trained for a few epochs
+    # lost to scratch without an inherited start in `filial bench hkt`, and an inherited head
+    # wrecked class-incremental slices: "auto" takes the head only for classes the parent knows.
+    inherit: str = "auto"
+    head_known: float = 0.5                    # "auto": inherit the head when the parent knows this
+                                               # share of the slice's classes (see known_classes)
 
     def __post_init__(self) -> None:
         if len(self.weights) != 3 or any(w < 0 for w in self.weights):
             raise ValueError(f"HKT weights must be three non-negative numbers, got {self.weights!r}")
+        if self.inherit not in INHERIT_MODES:
+            raise ValueError(f"HKT inherit must be one of {', '.join(INHERIT_MODES)}, got {self.inherit!r}")
         if self.stages is not None and len(self.stages) == 0:
             raise ValueError("HKT stages must name at least one stage (or be None for the default)")
 
@@ -154,7 +180,7 @@ class Align(nn.Module):
             raise ValueError(f"cannot align a stage output {self.src} to {self.dst}: ranks differ")
         self.pool_global = len(size_dst) == 0 and len(size_src) > 0
         self.size = size_dst if size_dst != size_src else None
-        if len(self.src) == 3:
+        if len(self.src) == 3 and not self.pool_global:
             self.proj = nn.Conv2d(c_src, c_dst, kernel_size=1)
         else:
             self.proj = nn.Linear(c_src, c_dst)
@@ -310,6 +336,7 @@ class HKTTrainer(nn.Module):
         return out
 
 
+GATE_LR_FACTOR = 10.0
 EpochHook = Callable[[int, nn.Module, dict[str, float]], None]
 
 
@@ -336,8 +363,14 @@ def train_hkt(parent: nn.Module, child: nn.Module, x: torch.Tensor, y: torch.Ten
     history: list[dict[str, float]] = []
     with frozen(parent):
         trainer = HKTTrainer(parent, child, x, settings)
-        params = [p for p in trainer.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=lr)
+        gates = [p for n, p in trainer.named_parameters() if n.startswith("gates_")]
+        gate_ids = {id(p) for p in gates}
+        rest = [p for p in trainer.parameters() if p.requires_grad and id(p) not in gate_ids]
+        groups = [{"params": rest}]
+        if gates:
+            # a spawn trains for a few epochs only: gates at the base lr would barely leave alpha0
+            groups.append({"params": gates, "lr": lr * GATE_LR_FACTOR})
+        optimizer = torch.optim.Adam(groups, lr=lr)
         for epoch in range(1, epochs + 1):
             child.train()
             sums: dict[str, float] = {}
@@ -462,16 +495,21 @@ def compact_architecture(arch: Architecture, ratio: float = 0.5, width: int | No
 
 def spawn_child(parent: nn.Module, child_arch: Architecture | None, x: torch.Tensor, y: torch.Tensor, *,
                 epochs: int, lr: float, batch_size: int = 64, method: SpawnMethod = "hkt",
-                settings: HKTSettings | None = None, before_step: GradHook | None = None,
+                settings: HKTSettings | None = None, child_tuning: str | None = None,
+                child_tuning_p: float = 0.3, before_step: GradHook | None = None,
                 generator: torch.Generator | None = None,
                 on_epoch: EpochHook | None = None) -> nn.Module:
     """Build and train a child on ``(x, y)``; returns the child alone (no parent, no projections).
 
     - ``"hkt"``: a child of ``child_arch`` (or the parent's own architecture, freshly initialised,
-      when None) trained with :func:`train_hkt` from the parent;
+      when None), initialised from the parent per ``settings.inherit`` and trained with
+      :func:`train_hkt`;
     - ``"copy"``: a copy of the parent fine-tuned with cross-entropy (``child_arch`` must be the
-      parent's architecture or None); pass a Child-Tuning mask as ``before_step``
-      (:mod:`daemon.child_tuning`);
+      parent's architecture or None). With ``settings`` given, only what ``settings.inherit``
+      takes is copied (``"auto"``: the head only when the parent knows the slice's classes; the
+      rest starts fresh); without, everything is. ``child_tuning="fisher"`` (task-driven, mask
+      from this data) or ``"bernoulli"`` (task-free) masks the gradients, keeping fraction
+      ``child_tuning_p`` (any method; the mask is drawn after the inheritance);
     - ``"scratch"``: a fresh child of ``child_arch`` (or the parent's shape) trained alone.
 
     The parent is never modified. The child is placed on the parent's device.
@@ -479,6 +517,8 @@ def spawn_child(parent: nn.Module, child_arch: Architecture | None, x: torch.Ten
     """
     if method not in SPAWN_METHODS:
         raise ValueError(f"unknown spawn method {method!r}: one of {', '.join(SPAWN_METHODS)}")
+    if child_tuning is not None and before_step is not None:
+        raise ValueError("pass either child_tuning or before_step, not both")
     device = next(parent.parameters()).device
     if method == "copy":
         child = copy.deepcopy(parent)
@@ -492,11 +532,21 @@ def spawn_child(parent: nn.Module, child_arch: Architecture | None, x: torch.Ten
             child = built
         for p in child.parameters():
             p.requires_grad_(True)
+        if settings is not None and settings.inherit != "all":
+            child = fresh_like(child)
+            inherit_for_spawn(parent, child, x, y, settings)
     else:
         child = child_arch.build() if child_arch is not None else fresh_like(parent)
     child = child.to(device)
-    if method == "hkt" and settings is not None and settings.inherit:
-        inherit_weights(parent, child)
+    settings = settings or HKTSettings()
+    if method == "hkt":
+        inherit_for_spawn(parent, child, x, y, settings)
+    if child_tuning is not None:
+        # after the inheritance: the Fisher mask must rank the weights the child starts from
+        from daemon.child_tuning import child_tuning_hook
+
+        before_step = child_tuning_hook(child, x.to(device), y.to(device), mode=child_tuning,
+                                        p=child_tuning_p, batch_size=batch_size, generator=generator)
     if method == "hkt":
         train_hkt(parent, child, x, y, epochs=epochs, lr=lr, batch_size=batch_size, settings=settings,
                   generator=generator, before_step=before_step, on_epoch=on_epoch)
@@ -511,5 +561,30 @@ def spawn_child(parent: nn.Module, child_arch: Architecture | None, x: torch.Ten
     return child
 
 
-def with_settings(settings: HKTSettings | None, **changes) -> HKTSettings:
-    return replace(settings or HKTSettings(), **changes)
+@torch.no_grad()
+def known_classes(parent: nn.Module, x: torch.Tensor, y: torch.Tensor, min_recall: float = 0.05) -> float:
+    """Share of the classes present in ``y`` that the parent recognises at all (recall on ``x`` of at
+    least ``min_recall``). Low on a class-incremental slice (the parent's head has only ever pushed
+    those classes down), high on a covariate shift of known classes even when accuracy is poor."""
+    from daemon.training import predict_logits
+
+    with frozen(parent):
+        predicted = predict_logits(parent, x).argmax(1)
+    classes = y.unique()
+    known = [bool((predicted[y == c] == c).float().mean() >= min_recall) for c in classes]
+    return sum(known) / max(len(known), 1)
+
+
+def inherit_for_spawn(parent: nn.Module, child: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                      settings: HKTSettings) -> list[str]:
+    """Apply ``settings.inherit`` to a new child: ``"none"``, ``"stages"`` (feature blocks),
+    ``"all"`` (blocks and head) or ``"auto"`` (blocks; the head too when the parent knows at least
+    ``settings.head_known`` of the slice's classes, :func:`known_classes`)."""
+    mode = settings.inherit
+    if mode == "none":
+        return []
+    prefixes: tuple[str, ...] = ("stages.",)
+    if mode == "all" or (mode == "auto" and known_classes(parent, x, y) >= settings.head_known):
+        prefixes = ("stages.", "head.")
+    return inherit_weights(parent, child, prefixes)
+

@@ -39,6 +39,12 @@ class Node:
     base_version: int | None = None
     slices: list[str] = field(default_factory=list)
     published_updates: int = 0       # compact children: ``updates`` when last published on their line
+    spawn_method: str = "copy"       # how it inherited: copy | hkt | scratch (daemon.policy.spawn_method)
+
+    def in_weight_space_of(self, root: "Node") -> bool:
+        """Whether its task vector against the served model's base means anything: a same-size
+        copy of the served weights merges in weight space; compact or scratch children distil."""
+        return self.architecture == root.architecture and self.spawn_method == "copy"
 
     def refresh_fingerprint(self) -> None:
         self.fingerprint = Fingerprint.of(embed(self.model, model_input(self.reference_x, self.data_type)))
@@ -56,7 +62,8 @@ class Node:
                 "data_type": self.data_type, "architecture": self.architecture.model_dump(),
                 "created_at": self.created_at, "status": self.status, "updates": self.updates,
                 "samples": self.samples, "base_version": self.base_version,
-                "published_updates": self.published_updates, "reference_rows": len(self.reference_x)}
+                "published_updates": self.published_updates, "spawn_method": self.spawn_method,
+                "reference_rows": len(self.reference_x)}
 
 
 @dataclass
@@ -120,5 +127,6 @@ class ModelTree:
                                        if prefix + "fp.count" in tensors else None),
                           status=d["status"], updates=d["updates"], samples=d["samples"],
                           base_version=d["base_version"], slices=list(d["slices"]),
-                          published_updates=d.get("published_updates", 0)))
+                          published_updates=d.get("published_updates", 0),
+                          spawn_method=d.get("spawn_method", "copy")))
         return tree

@@ -9,12 +9,13 @@ the base itself). Reported per row: average accuracy over slices after the last 
 (``mean_j R[T-1][j]``), the worst slice, forgetting (``mean_{j<T-1} max_{i<T-1} R[i][j] - R[T-1][j]``),
 backward transfer (``mean_{j<T-1} R[T-1][j] - R[j][j]``) and the merge wall time.
 
-Rows: ``<method>@model`` (the method at its defaults, no search); ``<method>@group`` /
-``<method>@layer`` (that method only, lambda per group / per layer chosen from the scale grid by the
-controller); ``controller`` (the default :class:`GranularityController`: all methods, scales,
-levels); ``seq_finetune`` (the last child, no merge: the forgetting reference). Every choice is made
-on VALIDATION data (a split of each slice's training part, slices seen so far only); reported
-figures are on the test split.
+Rows, each made by :func:`daemon.granularity.choose_plan` as the engine would call it:
+``<method>@model`` (``method=<method>, level="model"``: the method at its defaults, no search);
+``<method>@group`` / ``<method>@layer`` (that method only, its lambda per group / per layer
+searched over the scale grid); ``controller`` (``method="auto", level="auto"``: all methods,
+scales and levels); ``seq_finetune`` (the last child, no merge: the forgetting reference). Every
+choice is made on VALIDATION data (a split of each slice's training part, slices seen so far
+only); every reported figure is on the test split, which no choice ever sees.
 
 Scale: 10 children of a ~10M-parameter state dict (random tensors); each method's ``merge_state``
 time over the ratio to one elementwise pass over the same 10 task vectors
@@ -30,7 +31,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -40,7 +40,7 @@ import torch
 from consumers.datasets import load_dataset
 from consumers.scenarios import continual_stream
 from daemon.families import ImageCNN
-from daemon.granularity import GranularityController, MergePlan, UnitPlan, apply_plan
+from daemon.granularity import AUTO, MergePlan, UnitPlan, apply_plan, choose_plan
 from daemon.merge import METHODS, merge_state
 from daemon.training import accuracy, model_input, train_epochs
 
@@ -67,12 +67,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.2,
                         help="share of each slice's training part held out for the controller (default 0.2)")
     parser.add_argument("--scales", default="0.5,1.0,1.5", help="lambda multipliers the search tries")
-    parser.add_argument("--min-gain", type=float, default=0.0, help="controller min_gain (default 0)")
+    parser.add_argument("--min-gain", type=float, default=None,
+                        help="controller min_gain (default: choose_plan's, 0.02)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale-params", type=int, default=10_000_000,
                         help="parameters of the synthetic model for the merge-cost test (0 skips it)")
     parser.add_argument("--scale-children", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3, help="timing repeats (minimum is reported)")
+    parser.add_argument("--repeats", type=int, default=2, help="timing repeats (minimum is reported)")
     parser.add_argument("--matrices", action="store_true", help="include every row's accuracy matrix")
     parser.add_argument("--out-dir", default="bench-results", help="where merge.png and merge.json go")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG chart")
@@ -143,15 +144,10 @@ def train_sequence(stream: Stream, args, num_classes: int) -> tuple[torch.nn.Mod
 
 # ---------------------------------------------------------------------------- rows
 
-def row_specs(methods: list[str], scales: tuple[float, ...], min_gain: float) -> dict:
-    """Row name -> (kind, controller or unit)."""
-    rows: dict = {}
-    for m in methods:
-        rows[f"{m}@model"] = ("plain", UnitPlan(m))
-        for level in ("group", "layer"):
-            rows[f"{m}@{level}"] = ("search", GranularityController(
-                methods=[m], scales=scales, levels=("model", level), baseline=None, min_gain=min_gain))
-    rows["controller"] = ("search", GranularityController(methods=methods, scales=scales, min_gain=min_gain))
+def row_specs(methods: list[str]) -> dict[str, dict]:
+    """Row name -> the ``choose_plan`` arguments that make it (``method`` / ``level``)."""
+    rows = {f"{m}@{level}": {"method": m, "level": level} for m in methods for level in GRANULARITIES}
+    rows["controller"] = {"method": "auto", "level": "auto"}
     return rows
 
 
@@ -164,44 +160,43 @@ def run_stream(stream: Stream, args, num_classes: int, methods: list[str], scale
     test = lambda state: scorer(state, stream.test, names)  # noqa: E731
     base_row = test(base)
     R_ft = [list(base_row.values())] + [list(test(c).values()) for c in children]
-    out_rows: dict = {"seq_finetune": {**cl_metrics(R_ft, names), "merge_s": 0.0}}
+    out_rows: dict = {"seq_finetune": {**cl_metrics(R_ft, names), "merge_s": 0.0, "plan": "last child, no merge"}}
     log(f"{stream.kind:8s} {'seq_finetune':24s} avg {out_rows['seq_finetune']['avg_acc']:.4f} "
         f"worst {out_rows['seq_finetune']['worst_acc']:.4f} forget {out_rows['seq_finetune']['forgetting']:+.4f} "
         f"(no merge; trained {train_s:.1f} s)")
     if args.matrices:
         out_rows["seq_finetune"]["R"] = [[round(v, 4) for v in r] for r in R_ft]
-    weights_for = lambda i: [1.0] * i  # noqa: E731  (equal-size slices: uniform mean-1 weights)
-    for row, (kind, spec) in row_specs(methods, scales, args.min_gain).items():
+    extra = {} if args.min_gain is None else {"min_gain": args.min_gain}
+    for row, choice in row_specs(methods).items():
+        pinned = choice["method"] != AUTO and choice["level"] == "model"
         R = [list(base_row.values())]
-        merge_s, total_s, search_s, plan_label, evals, plan_dict = 0.0, 0.0, 0.0, None, 0, None
+        total_s = 0.0
         for i in range(1, T):
-            kids, w = children[:i], weights_for(i)
+            seen = list(range(i + 1))
+            # choices are made on the validation split of the slices seen so far, never on test
+            validate = lambda s, seen=seen: scorer(s, [stream.val[j] for j in seen],  # noqa: E731
+                                                   [names[j] for j in seen])
             start = time.perf_counter()
-            if kind == "plain":
-                state = merge_state(spec.method, base, kids, w, **spec.params)
-                merge_s = time.perf_counter() - start
-                plan_label = f"model:{spec.label()}"
-            else:
-                seen = list(range(i + 1))
-                evaluate = lambda s, seen=seen: scorer(s, [stream.val[j] for j in seen],  # noqa: E731
-                                                       [names[j] for j in seen])
-                result = spec.merge(base, kids, w, evaluate)
-                state = result.state
-                merge_s, search_s = result.merge_seconds, result.search_seconds
-                plan_label, evals, plan_dict = result.plan.label(), result.evaluations, result.plan.to_dict()
+            # "<method>@model" is the method at its defaults (pinned, no search); "<method>@group|layer"
+            # searches that method's lambda per unit; "controller" searches everything
+            result = choose_plan(base, children[:i], [1.0] * i, None if pinned else validate, scales=scales,
+                                 **choice, **extra)
             total_s += time.perf_counter() - start
-            R.append(list(test(state).values()))
-        rec = {**cl_metrics(R, names), "merge_s": round(merge_s, 5), "wall_s_all_steps": round(total_s, 4),
-               "plan": plan_label}
-        if kind == "search":
-            rec.update(search_s=round(search_s, 4), evaluations=evals)
-            if row == "controller":
-                rec["plan_detail"] = plan_dict
+            R.append(list(test(result.state).values()))
+        rec = {**cl_metrics(R, names), "merge_s": round(result.merge_seconds, 5),
+               "search_s": round(result.search_seconds, 4), "wall_s_all_merges": round(total_s, 4),
+               "evaluations": result.evaluations, "plan": result.plan.label()}
+        if not pinned:
+            # validation mean of the pick vs the baseline candidate (scored first) at the last merge
+            rec.update(val_mean_pick=round(result.score.mean, 4), val_mean_baseline=round(result.candidates[0].mean, 4))
+        if row == "controller":
+            rec["plan_detail"] = result.plan.to_dict()
         if args.matrices or row in ("controller", "average@model"):
             rec["R"] = [[round(v, 4) for v in r] for r in R]
         out_rows[row] = rec
         log(f"{stream.kind:8s} {row:24s} avg {rec['avg_acc']:.4f} worst {rec['worst_acc']:.4f} "
-            f"forget {rec['forgetting']:+.4f} merge {rec['merge_s'] * 1e3:7.1f} ms  {plan_label}")
+            f"forget {rec['forgetting']:+.4f} merge {rec['merge_s'] * 1e3:6.1f} ms search {rec['search_s']:5.2f} s "
+            f"({rec['evaluations']} evals)  {rec['plan']}")
     ctl, avg = out_rows["controller"], out_rows["average@model"]
     return {"slices": names, "train_s": round(train_s, 2), "base_acc": {k: round(v, 4) for k, v in base_row.items()},
             "rows": out_rows,
@@ -215,7 +210,7 @@ def run_stream(stream: Stream, args, num_classes: int, methods: list[str], scale
 
 def synthetic_state(params: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """A ~``params``-parameter MLP-shaped state dict (4 weight matrices + biases)."""
-    d = max(int(math.sqrt(params / 9.6)), 8)  # 4 matrices: d*2d + 2d*2d + 2d*d + d*d*0.6 ~= 9.6 d^2
+    d = max(int(math.sqrt(params / 8.6)), 8)  # 4 matrices: d*2d + 2d*2d + 2d*d + d*0.6d ~= 8.6 d^2 (+ biases)
     shapes = {"stages.0.weight": (2 * d, d), "stages.0.bias": (2 * d,),
               "stages.1.weight": (2 * d, 2 * d), "stages.1.bias": (2 * d,),
               "stages.2.weight": (d, 2 * d), "stages.2.bias": (d,),

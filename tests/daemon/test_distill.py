@@ -80,3 +80,22 @@ def test_rejects_mismatched_outputs():
         distill_into(mlp(4, 0, classes=4), [mlp(4, 1, classes=3)], x, y)
     with pytest.raises(ValueError, match="at least one child"):
         distill_into(mlp(4, 0), [], x, y)
+
+
+def test_served_model_learns_a_slice_only_a_child_of_another_architecture_knows():
+    from daemon.training import accuracy
+
+    x, y = data(400)
+    old = y < 2                                   # slice the served model knows: classes 0, 1
+    served = mlp(16, 0)
+    train_epochs(served, x[old], y[old], epochs=20, lr=1e-2, generator=torch.Generator().manual_seed(0))
+    child = mlp(48, 5)                            # wider: its weights cannot be merged by task vectors
+    train_epochs(child, x, y, epochs=20, lr=1e-2, generator=torch.Generator().manual_seed(1))
+    new = ~old
+    before_new = accuracy(served, x[new], y[new])
+    # labels unused (alpha 0): everything the served model learns about classes 2, 3 comes from the child
+    distill_into(served, [child], x, y, temperature=2.0, alpha=0.0, beta=1.0, epochs=10, lr=1e-2,
+                 child_epochs=0, generator=torch.Generator().manual_seed(2))
+    assert before_new < 0.1
+    assert accuracy(served, x[new], y[new]) > 0.6
+    assert accuracy(served, x[old], y[old]) > 0.8

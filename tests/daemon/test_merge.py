@@ -31,11 +31,14 @@ def test_average_is_weighted_mean_of_task_vectors():
     assert torch.equal(merge_state("average", base, kids)["w"], t(2.0, 3.0))
 
 
-def test_task_arithmetic_uses_weights_as_given_and_lambda():
-    base, kids = states(t(1.0, 1.0), t(3.0, 1.0), t(1.0, 5.0))
-    merged = merge_state("task_arithmetic", base, kids, [1.0, 0.5], lam=0.5)
-    # 0.5 * (1*(2,0) + 0.5*(0,4)) = (1, 1)
-    assert torch.equal(merged["w"], t(2.0, 2.0))
+def test_task_arithmetic_sums_with_mean_one_weights_and_lambda():
+    base, kids = states(t(1.0, 1.0), t(3.0, 1.0), t(1.0, 5.0))     # taus (2,0) and (0,4)
+    merged = merge_state("task_arithmetic", base, kids, [1.5, 0.5], lam=0.5)
+    # 0.5 * (1.5*(2,0) + 0.5*(0,4)) = (1.5, 1); + base
+    assert torch.equal(merged["w"], t(2.5, 2.0))
+    # weights are relative: slice sizes 300 and 100 are the same weights (scaled to mean 1)
+    assert torch.equal(merge_state("task_arithmetic", base, kids, [300, 100], lam=0.5)["w"], t(2.5, 2.0))
+    # unit weights: Ilharco's plain sum
     assert torch.equal(merge_state("task_arithmetic", base, kids)["w"], t(3.0, 5.0))
 
 
@@ -99,7 +102,7 @@ def test_ties_sign_election_by_mass_and_divides_by_kept_weights():
     # weights (1, 3, 1): e0 weighted 1, 6, -6 -> mass 1 -> positive; (1 + 6) / (1 + 3) = 1.75
     #                    e1 weighted -1, -12, 1 -> negative; (-1 - 12) / (1 + 3) = -3.25
     merged = merge_state("ties", b, kids, [1.0, 3.0, 1.0], density=1.0, lam=1.0)["w"]
-    assert torch.equal(merged, t(1.75, -3.25))
+    assert torch.allclose(merged, t(1.75, -3.25), rtol=1e-6, atol=0)
 
 
 def test_ties_default_density_and_zero_everywhere():
@@ -132,6 +135,8 @@ def test_merge_rejects_bad_input():
         merge_state("average", base, kids, [1.0, 2.0])
     with pytest.raises(ValueError, match="non-negative"):
         merge_state("average", base, kids, [-1.0])
+    with pytest.raises(KeyError, match="not in the base"):
+        merge_state("average", base, kids, keys=["nope"])
     with pytest.raises(ValueError, match="no parameter"):
         merge_state("magmax", base, kids, density=0.3)
     with pytest.raises(ValueError, match="distill"):
@@ -139,9 +144,19 @@ def test_merge_rejects_bad_input():
 
 
 def test_helpers():
-    assert relative_weights([800, 400]) == pytest.approx([4 / 3, 2 / 3])
+    assert relative_weights([800, 400]).tolist() == pytest.approx([4 / 3, 2 / 3])
+    with pytest.raises(ValueError, match="positive sum"):
+        relative_weights([0.0, 0.0])
     assert compatible({"a": torch.zeros(2)}, {"a": torch.ones(2)})
     assert not compatible({"a": torch.zeros(2)}, {"a": torch.ones(3)})
     assert not compatible({"a": torch.zeros(2)}, {"b": torch.ones(2)})
     tv = task_vector({"a": t(3.0), "n": torch.tensor([1])}, {"a": t(1.0), "n": torch.tensor([0])})
     assert set(tv) == {"a"} and torch.equal(tv["a"], t(2.0))
+
+
+def test_merge_keeps_dtypes_and_leaves_inputs_alone():
+    base = {"w": torch.tensor([1.0, 2.0], dtype=torch.bfloat16)}
+    child = {"w": torch.tensor([3.0, 2.0], dtype=torch.bfloat16)}
+    merged = merge_state("magmax", base, [child])
+    assert merged["w"].dtype == torch.bfloat16 and torch.equal(merged["w"].float(), t(2.0, 2.0))
+    assert torch.equal(child["w"].float(), t(3.0, 2.0)) and torch.equal(base["w"].float(), t(1.0, 2.0))

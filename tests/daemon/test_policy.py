@@ -30,9 +30,10 @@ def test_spawned_children_inherit():
 def test_spawn_method_table():
     from daemon.policy import spawn_method
 
-    assert spawn_method("auto", compact=True, drift=True) == "hkt"
-    assert spawn_method("auto", compact=True, drift=False) == "hkt"
-    assert spawn_method("auto", compact=False, drift=False) == "copy"
-    assert spawn_method("scratch", compact=False, drift=True) == "scratch"
+    assert spawn_method("auto", compact=True, parent_knows_classes=True) == "hkt"
+    assert spawn_method("auto", compact=True, parent_knows_classes=False) == "hkt"
+    assert spawn_method("auto", compact=False, parent_knows_classes=True) == "copy"
+    assert spawn_method("auto", compact=False, parent_knows_classes=False) == "copy"   # merges in weight space
+    assert spawn_method("scratch", compact=False, parent_knows_classes=True) == "scratch"
     with pytest.raises(ValueError, match="copy"):
-        spawn_method("copy", compact=True, drift=False)
+        spawn_method("copy", compact=True, parent_knows_classes=True)

@@ -134,3 +134,36 @@ def test_end_to_end_with_dead_letters_and_restart(kafka, redis_server, unique, m
                      "--from-version", "1", "--count", str(len(versions))]) == 0
     lines = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
     assert [l["version"] for l in lines] == versions and all(l["loaded"] for l in lines)
+
+
+def test_a_compact_child_is_published_on_its_own_line_and_followed(kafka, redis_server, unique, produce_tabular,
+                                                                  capsys):
+    from tests.conftest import service_settings
+
+    settings = service_settings(kafka.address, redis_server.address, unique, child_size_ratio=0.5,
+                                bootstrap_batches=3, bootstrap_accuracy=0.8, accuracy_threshold=0.7)
+    admin = KafkaAdminClient(bootstrap_servers=kafka.address)
+    admin.create_topics([NewTopic(settings.topic, 1, 1), NewTopic(settings.dead_letter_topic, 1, 1)])
+    admin.close()
+    service = Service(settings)
+    thread = _run(service)
+    try:
+        produce_tabular(kafka.address, settings.topic, "plain", 8, "plain", rows=128)
+        produce_tabular(kafka.address, settings.topic, "perm", 6, "perm", rows=128, permute_seed=5)
+        assert _wait(lambda: service.engine.counters.batches >= 14)
+        service.merge_now()
+        child_lines = [line for line in service.versions.lines() if line != settings.line]
+        assert child_lines, service.engine.tree.describe()
+        line = child_lines[0]
+        manifest = service.versions.manifest(line, service.versions.latest(line))
+        assert manifest.parent_line == settings.line and manifest.parent_version >= 1
+        assert manifest.architecture["params"]["width"] < 64 and manifest.lineage[-1].node_id == line.split(".")[-1]
+    finally:
+        service.stop()
+        thread.join(timeout=60)
+
+    capsys.readouterr()
+    assert cli_main(["watch", "--redis-url", redis_server.address, "--prefix", unique, "--line", line, "--load",
+                     "--from-version", "1", "--count", "1"]) == 0
+    event = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert event["line"] == line and event["loaded"]
