@@ -34,7 +34,8 @@ from daemon.settings import load_settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batches-per-phase", type=int, default=20, help="batches of each phase (default: %(default)s)")
+    parser.add_argument("--batches-per-phase", type=int, default=25,
+                        help="batches of each phase; MNIST-5k holds 50 batches of 100 rows (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--merge-method", default=None, help="pin a merge method (default: the service default)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
