@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test chaos bench-merge bench-hkt bench-drift compose-config clean
+.PHONY: demo test chaos bench-soak bench-merge bench-hkt bench-drift bench-pause compose-config clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# SIGKILL the daemon at >= 10 random dangerous moments, restart it, audit Redis (last line: JSON)
+chaos: $(STAMP)
+	$(BIN)/python -m daemon.chaos
+
+bench-soak: $(STAMP)
+	$(BIN)/filial bench soak
+
 bench-merge: $(STAMP)
 	$(BIN)/filial bench merge
 
@@ -26,6 +33,9 @@ bench-hkt: $(STAMP)
 
 bench-drift: $(STAMP)
 	$(BIN)/filial bench drift
+
+bench-pause: $(STAMP)
+	$(BIN)/filial bench pause
 
 # docker-compose 1.29.2 (PyPI) in its own tools venv, never in .venv: it pins PyYAML 5.4.1, whose sdist
 # only builds on Python 3.11 with Cython<3 (deploy/compose-constraints.txt), and old jsonschema/dotenv.

@@ -1,12 +1,28 @@
-"""The batch consumer: a consumer group with manual commits (the engine decides what is durable)."""
+"""The batch consumer: a consumer group with manual commits (the engine decides what is durable).
+
+Positions come from the engine's checkpoint, not only from the group: whenever partitions are
+(re)assigned, each one the engine has applied up to offset ``A`` is checked against the broker:
+
+- the log ends before ``A`` → the broker lost the log (a memory-only broker restarted, the topic
+  was recreated): the partition's applied offset is forgotten and it is read from the beginning;
+  replayed batches are still recognised by their ``batch_id``;
+- otherwise the consumer seeks to ``A - 1`` and looks at that record: if it carries a
+  ``batch_id`` the engine does not know, the log was reset *and* already refilled past ``A``
+  (same handling); if it is the batch the engine applied, consumption resumes at ``A`` (not at the
+  possibly older committed offset: the checkpoint is the truth).
+
+Every broker call has a timeout: an unreachable broker is reported, never waited on forever.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from typing import Iterator, Protocol
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from consumers.connection import KafkaConnection
@@ -14,22 +30,123 @@ from consumers.connection import KafkaConnection
 log = logging.getLogger("filial.consumer")
 
 
+class AppliedLog(Protocol):
+    """What the consumer asks the engine (the checkpoint's view of what was applied)."""
+
+    def applied_offset(self, partition_key: str) -> int: ...
+
+    def knows_batch(self, batch_id: str) -> bool: ...
+
+    def forget_partition(self, partition_key: str, reason: str) -> None: ...
+
+
+def partition_key(tp: TopicPartition) -> str:
+    return f"{tp.topic}:{tp.partition}"
+
+
+def record_batch_id(record: ConsumerRecord) -> str | None:
+    for key, value in record.headers or ():
+        if key == "batch_id" and isinstance(value, (bytes, bytearray)):
+            try:
+                return bytes(value).decode()
+            except UnicodeDecodeError:
+                return None
+    return None
+
+
+class _Assignments(ConsumerRebalanceListener):
+    def __init__(self) -> None:
+        self.unchecked: set[TopicPartition] = set()
+
+    def on_partitions_revoked(self, revoked) -> None:
+        self.unchecked -= set(revoked)
+
+    def on_partitions_assigned(self, assigned) -> None:
+        self.unchecked |= set(assigned)
+
+
 class BatchConsumer:
     def __init__(self, connection: KafkaConnection, topic: str, group_id: str,
                  session_timeout_ms: int = 10_000, max_poll_records: int = 8,
-                 max_message_bytes: int = 16 * 1024 * 1024) -> None:
+                 max_message_bytes: int = 16 * 1024 * 1024, applied: AppliedLog | None = None,
+                 request_timeout_ms: int = 5_000) -> None:
         self.topic = topic
+        self.applied = applied
+        self.timeout_ms = request_timeout_ms
+        self._assignments = _Assignments()
+        self._verify: dict[TopicPartition, int] = {}  # partition -> offset whose record must be known
         self._consumer = KafkaConsumer(
-            topic, group_id=group_id, enable_auto_commit=False, auto_offset_reset="earliest",
+            group_id=group_id, enable_auto_commit=False, auto_offset_reset="earliest",
             session_timeout_ms=session_timeout_ms, heartbeat_interval_ms=max(session_timeout_ms // 5, 500),
             max_poll_records=max_poll_records, max_partition_fetch_bytes=max_message_bytes + 1024,
             fetch_max_bytes=max(max_message_bytes + 1024, 52_428_800),
             **connection.client_kwargs())
+        self._consumer.subscribe([topic], listener=self._assignments)
 
     def poll(self, timeout_ms: int = 500) -> Iterator[ConsumerRecord]:
-        for _, records in self._consumer.poll(timeout_ms=timeout_ms).items():
-            yield from records
+        records = self._consumer.poll(timeout_ms=timeout_ms)
+        moved = self._check_assigned()
+        for tp, batch in records.items():
+            if tp in moved:
+                continue  # fetched from the old position; the check moved it
+            if tp in self._assignments.unchecked:
+                # not yet compared with the checkpoint (the broker did not answer): fetch these again later
+                self._consumer.seek(tp, batch[0].offset)
+                continue
+            if tp in self._verify:
+                batch = self._verified(tp, batch)
+            yield from batch
 
+    # --- positions from the checkpoint ------------------------------------------------------------
+    def _check_assigned(self) -> set[TopicPartition]:
+        """Compare newly assigned partitions with the checkpoint; returns those whose position moved."""
+        moved: set[TopicPartition] = set()
+        if self.applied is None:
+            self._assignments.unchecked.clear()
+            return moved
+        for tp in list(self._assignments.unchecked):
+            applied = self.applied.applied_offset(partition_key(tp))
+            if applied <= 0:
+                self._assignments.unchecked.discard(tp)
+                continue
+            try:
+                begin = self._consumer.beginning_offsets([tp], timeout_ms=self.timeout_ms)[tp]
+                end = self._consumer.end_offsets([tp], timeout_ms=self.timeout_ms)[tp]
+            except KafkaError as exc:
+                log.warning("cannot check %s against the checkpoint yet (%s); will retry", partition_key(tp), exc)
+                return moved
+            self._assignments.unchecked.discard(tp)
+            moved.add(tp)
+            if end < applied:
+                self._reset(tp, f"log ends at {end}, before the applied offset {applied}")
+            elif begin >= applied:
+                self._consumer.seek(tp, begin)  # older records expired (retention): nothing to compare
+            else:
+                self._consumer.seek(tp, applied - 1)
+                self._verify[tp] = applied - 1
+        return moved
+
+    def _verified(self, tp: TopicPartition, batch: list[ConsumerRecord]) -> list[ConsumerRecord]:
+        expected = self._verify.pop(tp)
+        first = batch[0]
+        batch_id = record_batch_id(first)
+        if batch_id is not None and self.applied.knows_batch(batch_id):
+            return [r for r in batch if r.offset > expected]  # the last applied record itself is skipped
+        if batch_id is None and first.offset == expected:
+            return batch[1:]  # a producer without batch ids: the offsets are all there is to trust
+        self._reset(tp, f"the record at the last applied offset {expected} is "
+                        f"{'batch ' + repr(batch_id) if batch_id else 'offset ' + str(first.offset)}, "
+                        "which this engine never applied")
+        return []
+
+    def _reset(self, tp: TopicPartition, why: str) -> None:
+        log.warning("partition %s: the broker's log was reset (%s); reading it from the beginning, "
+                    "batches already applied are recognised by batch_id", partition_key(tp), why)
+        self.applied.forget_partition(partition_key(tp), why)
+        self._verify.pop(tp, None)
+        self._consumer.seek_to_beginning(tp)
+
+    # --- commits and lag -------------------------------------------------------------------------------
     def commit(self, next_offsets: dict[str, int]) -> None:
         """Commit ``{"topic:partition": next_offset}``; partitions we no longer own are skipped."""
         owned = self._consumer.assignment()
@@ -40,15 +157,16 @@ class BatchConsumer:
             if tp in owned:
                 offsets[tp] = OffsetAndMetadata(offset, "", -1)
         if offsets:
-            self._consumer.commit(offsets)
+            self._consumer.commit(offsets, timeout_ms=self.timeout_ms)
 
     def lag(self) -> dict[str, int]:
         """Messages behind the log end, per owned partition."""
         owned = list(self._consumer.assignment())
         if not owned:
             return {}
-        ends = self._consumer.end_offsets(owned)
-        return {f"{tp.topic}:{tp.partition}": max(ends[tp] - self._consumer.position(tp), 0) for tp in owned}
+        ends = self._consumer.end_offsets(owned, timeout_ms=self.timeout_ms)
+        return {partition_key(tp): max(ends[tp] - self._consumer.position(tp, timeout_ms=self.timeout_ms), 0)
+                for tp in owned}
 
     def close(self) -> None:
-        self._consumer.close(autocommit=False)
+        self._consumer.close(autocommit=False, timeout_ms=self.timeout_ms)

@@ -11,7 +11,6 @@ import json
 import logging
 import signal
 import sys
-import time
 from typing import Any
 
 log = logging.getLogger("filial.cli")
@@ -204,7 +203,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if "watcher_error" not in summary else 1
 
 
-BENCHES = ("merge", "hkt", "drift", "pause")
+BENCHES = ("merge", "hkt", "drift", "pause", "soak")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

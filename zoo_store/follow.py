@@ -8,21 +8,34 @@
 Followers in other languages do the same from the key layout in ``zoo_store/keys.py``:
 XREAD the events stream from ``{n}-0``, GET manifest and weights, check the sha256 (and the
 HMAC when a key is configured) before loading the safetensors bytes.
+
+What a follower refuses, and says why (:class:`VerificationError`): weights whose sha256 or size
+differ from the manifest; a manifest that is not valid JSON, or names another line/version than
+the key it was read from; with a signing key: an unsigned manifest, or one whose HMAC does not
+match (tampered, or signed with another key); weights that are not a safetensors file.
+:meth:`Follower.events` rides out Redis outages: it reconnects with capped backoff and resumes
+after the last event it yielded, so no version is skipped or repeated.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Iterator, Literal
 
 import redis
 import torch
+from pydantic import ValidationError
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 
-from zoo_store.connection import connect
+from zoo_store.connection import CappedBackoff, connect
 from zoo_store.keys import Keys, event_id
 from zoo_store.models import Manifest, VersionEvent, sha256_hex
 from zoo_store.versions import VersionNotFound, VersionStore
+
+
+log = logging.getLogger("filial.follow")
 
 
 class VerificationError(Exception):
@@ -59,34 +72,67 @@ class Follower:
         else:
             last_id = event_id(from_version - 1) if from_version > 1 else "0-0"
         stream = self.keys.line(self.line).events
+        backoff = CappedBackoff(base=0.2, cap=10.0)
         while stop is None or not stop.is_set():
-            reply = self.client.xread({stream: last_id}, block=block_ms, count=100)
+            try:
+                reply = self.client.xread({stream: last_id}, block=block_ms, count=100)
+            except redis.ConnectionError as exc:  # Redis away: wait, then resume after last_id
+                wait = backoff.failed()
+                log.warning("cannot read %s (%s); retrying in %.1fs", stream, exc, wait)
+                backoff.sleep(stop)
+                continue
+            backoff.succeeded()
             for _, entries in reply or ():
                 for entry_id, fields in entries:
                     last_id = entry_id.decode()
                     yield VersionEvent.model_validate_json(fields[b"event"])
 
     def verify(self, manifest: Manifest, weights: bytes) -> None:
-        if sha256_hex(weights) != manifest.weights_sha256:
-            raise VerificationError(f"{manifest.line} v{manifest.version}: weights sha256 does not "
-                                    "match the manifest (tampered or corrupted)")
+        """Raise :class:`VerificationError` unless ``weights`` are exactly what ``manifest`` describes
+        and, with a signing key, the manifest carries a valid HMAC."""
+        what = f"{manifest.line} v{manifest.version}"
         if len(weights) != manifest.weights_bytes:
-            raise VerificationError(f"{manifest.line} v{manifest.version}: weights are {len(weights)} "
-                                    f"bytes, manifest says {manifest.weights_bytes}")
-        if self.signing_key is not None and manifest.signature is not None:
+            raise VerificationError(f"{what}: weights are {len(weights)} bytes, manifest says "
+                                    f"{manifest.weights_bytes} (tampered or truncated)")
+        if sha256_hex(weights) != manifest.weights_sha256:
+            raise VerificationError(f"{what}: weights sha256 does not match the manifest (tampered or corrupted)")
+        if self.signing_key is not None:
+            if manifest.signature is None:
+                raise VerificationError(f"{what}: manifest is unsigned and this follower requires a signature "
+                                        "(a signing key is configured)")
             if not manifest.signature_valid(self.signing_key):
-                raise VerificationError(f"{manifest.line} v{manifest.version}: manifest signature is "
-                                        "invalid (tampered, or signed with another key)")
+                raise VerificationError(f"{what}: manifest signature is invalid (tampered, or signed with "
+                                        "another key)")
         elif self.require_signature:
-            raise VerificationError(f"{manifest.line} v{manifest.version}: manifest is unsigned "
-                                    "and a signature is required")
+            if manifest.signature is None:
+                raise VerificationError(f"{what}: manifest is unsigned and a signature is required")
+            raise VerificationError(f"{what}: a signature is required but this follower has no signing key "
+                                    "to check it with")
+
+    def manifest(self, version: int) -> Manifest:
+        raw = self.client.get(self.keys.line(self.line).manifest(version))
+        if raw is None:
+            raise VersionNotFound(f"{self.line} v{version} has no manifest (never published or expired)")
+        try:
+            manifest = Manifest.model_validate_json(raw)
+        except ValidationError as exc:
+            raise VerificationError(f"{self.line} v{version}: manifest is not a valid manifest "
+                                    f"({exc.error_count()} errors, first: {exc.errors()[0]['msg']})") from None
+        if manifest.line != self.line or manifest.version != version:
+            raise VerificationError(f"{self.line} v{version}: the manifest stored there is for "
+                                    f"{manifest.line} v{manifest.version} (moved or replayed)")
+        return manifest
 
     def load(self, version: int) -> tuple[Manifest, dict[str, torch.Tensor]]:
-        """Fetch, verify and decode a version's weights (never unpickles anything)."""
-        manifest = self.store.manifest(self.line, version)
+        """Fetch, verify and decode a version's weights (safetensors only; nothing is deserialised
+        into objects)."""
+        manifest = self.manifest(version)
         weights = self.store.weights(self.line, version)
         self.verify(manifest, weights)
-        return manifest, st_load(weights)
+        try:
+            return manifest, st_load(weights)
+        except SafetensorError as exc:
+            raise VerificationError(f"{self.line} v{version}: weights are not a safetensors file ({exc})") from None
 
 
 __all__ = ["Follower", "VerificationError", "VersionNotFound"]

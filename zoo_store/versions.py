@@ -76,7 +76,11 @@ class VersionStore:
                     if already is not None:
                         pipe.reset()
                         return Published(self.manifest(line, int(already)), created=False)
-                    version = int(pipe.get(lk.latest) or 0) + 1
+                    # never below the parent: a Redis that came back empty must not reuse numbers
+                    # followers have already seen
+                    same_line = manifest_fields.get("parent_line") in (None, line)
+                    floor = int(manifest_fields.get("parent_version") or 0) if same_line else 0
+                    version = max(int(pipe.get(lk.latest) or 0), floor) + 1
                     manifest = Manifest(line=line, version=version, created_at=utc_now(), reason=reason,
                                         architecture=architecture, weights_sha256=digest,
                                         weights_bytes=len(weights), publish_id=publish_id,

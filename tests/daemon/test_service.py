@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -20,6 +19,7 @@ from daemon.cli import main as cli_main
 from daemon.families import Architecture
 from daemon.service import Service
 from daemon.settings import load_settings
+from tests.conftest import run_in_thread, service_settings, wait_until
 from zoo_store.connection import connect
 from zoo_store.follow import Follower
 
@@ -28,22 +28,9 @@ def _settings(kafka, redis_server, unique, **extra):
     return load_settings(kafka_bootstrap=kafka.address, redis_url=redis_server.address, topic=f"{unique}.in",
                          dead_letter_topic=f"{unique}.dlq", group_id=unique, redis_prefix=unique,
                          kafka_session_timeout_ms=6000, bootstrap_batches=4, merge_after_child_updates=4,
-                         merge_interval_seconds=600, checkpoint_every_batches=5, **extra)
-
-
-def _run(service: Service) -> threading.Thread:
-    thread = threading.Thread(target=service.run, daemon=True)
-    thread.start()
-    return thread
-
-
-def _wait(predicate, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
+                         merge_interval_seconds=600, checkpoint_every_batches=5,
+                         merge_tolerance=0.1,  # the path is under test here; the gate has its own tests
+                         **extra)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +45,7 @@ def test_end_to_end_with_dead_letters_and_restart(kafka, redis_server, unique, m
     admin.close()
 
     service = Service(settings)
-    thread = _run(service)
+    thread = run_in_thread(service)
     follower = Follower(connect(redis_server.address), prefix=unique)
     received, loaded, stop = [], [], threading.Event()
 
@@ -82,14 +69,14 @@ def test_end_to_end_with_dead_letters_and_restart(kafka, redis_server, unique, m
     second = produce_phases(conn, settings.topic, mnist, [parse_phase("rot90=rotate:90")], batch_size=100,
                             samples_per_phase=800, seed=2)
     total = first.batches + second.batches
-    assert _wait(lambda: service.engine.counters.batches + service.dead_lettered >= total + 1)
+    assert wait_until(lambda: service.engine.counters.batches + service.dead_lettered >= total + 1)
     service.merge_now()
     counters = service.engine.counters
     assert counters.drift_events >= 1 and counters.children_spawned >= 1
     assert counters.merges_accepted >= 1
     versions = service.versions.versions(settings.line)
     assert len(versions) >= 2 and versions == list(range(1, len(versions) + 1))
-    assert _wait(lambda: received == versions, timeout=20), (received, versions)
+    assert wait_until(lambda: received == versions, timeout=20), (received, versions)
     assert all(loaded)
     manifest = service.versions.manifest(settings.line, versions[-1])
     assert manifest.reason == "merge" and manifest.base_version == 1 and "rot90" in manifest.metrics
@@ -117,8 +104,8 @@ def test_end_to_end_with_dead_letters_and_restart(kafka, redis_server, unique, m
 
     # a restart restores the checkpoint and applies nothing twice
     again = Service(settings)
-    restarted = _run(again)
-    assert _wait(lambda: again.idle.is_set(), timeout=60)
+    restarted = run_in_thread(again)
+    assert wait_until(lambda: again.idle.is_set(), timeout=60)
     again.stop()
     restarted.join(timeout=60)
     assert again.engine.counters.batches == counters.batches
@@ -138,19 +125,17 @@ def test_end_to_end_with_dead_letters_and_restart(kafka, redis_server, unique, m
 
 def test_a_compact_child_is_published_on_its_own_line_and_followed(kafka, redis_server, unique, produce_tabular,
                                                                   capsys):
-    from tests.conftest import service_settings
-
     settings = service_settings(kafka.address, redis_server.address, unique, child_size_ratio=0.5,
                                 bootstrap_batches=3, bootstrap_accuracy=0.8, accuracy_threshold=0.7)
     admin = KafkaAdminClient(bootstrap_servers=kafka.address)
     admin.create_topics([NewTopic(settings.topic, 1, 1), NewTopic(settings.dead_letter_topic, 1, 1)])
     admin.close()
     service = Service(settings)
-    thread = _run(service)
+    thread = run_in_thread(service)
     try:
         produce_tabular(kafka.address, settings.topic, "plain", 8, "plain", rows=128)
         produce_tabular(kafka.address, settings.topic, "perm", 6, "perm", rows=128, permute_seed=5)
-        assert _wait(lambda: service.engine.counters.batches >= 14)
+        assert wait_until(lambda: service.engine.counters.batches >= 14)
         service.merge_now()
         child_lines = [line for line in service.versions.lines() if line != settings.line]
         assert child_lines, service.engine.tree.describe()
