@@ -46,3 +46,38 @@ def test_unreachable_redis_is_one_line_not_a_traceback(capsys):
     assert main(["status", "--redis-url", "redis://127.0.0.1:1/0"]) == 2
     err = capsys.readouterr().err
     assert "cannot connect" in err and "Traceback" not in err
+
+
+def test_run_without_servers_starts_embedded_ones_and_stops_cleanly_on_sigterm(tmp_path):
+    import os
+    import re
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FILIAL_")}
+    env.update(FILIAL_HEALTH_PORT="-1", FILIAL_KAFKA_SESSION_TIMEOUT_MS="6000")
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run"], stdout=out, stderr=subprocess.STDOUT,
+                                env=env, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 90
+        while "consuming" not in log.read_text() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        text = log.read_text()
+        assert "consuming" in text, text
+        started = re.findall(r"started an embedded server at (\S+)", text)
+        assert len(started) == 2, text          # the broker and Redis, each announced with its address
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "received SIGTERM" in log.read_text()
+    for address in started:                     # the embedded servers it started are gone
+        host, port = address.removeprefix("redis://").split("/")[0].rsplit(":", 1)
+        with socket.socket() as probe:
+            assert probe.connect_ex((host, int(port))) != 0
