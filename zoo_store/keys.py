@@ -1,7 +1,7 @@
 """The Redis key layout: the contract with followers in any language (README, "Redis keys").
 
 ``{p}`` is the configured prefix (default ``filial``); ``{line}`` a model line (``main`` for the
-served model, ``main.compact`` for its compact children, ...).
+served model, ``{line}.{child_id}`` such as ``main.c1`` for each compact child).
 
 =================================  ======  =================================================
 key                                type    content
