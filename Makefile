@@ -37,10 +37,11 @@ bench-drift: $(STAMP)
 bench-pause: $(STAMP)
 	$(BIN)/filial bench pause
 
-# docker-compose 1.29.2 (PyPI) in its own tools venv, never in .venv: it pins PyYAML 5.4.1, whose sdist
-# only builds on Python 3.11 with Cython<3 (deploy/compose-constraints.txt), and old jsonschema/dotenv.
+# docker-compose 1.29.2 (PyPI) in its own tools venv, nested under .venv/ so `make clean` removes it but never
+# installed into the project's environment: it pins PyYAML 5.4.1, whose sdist only builds on Python 3.11
+# with Cython<3 (deploy/compose-constraints.txt), and old jsonschema/dotenv.
 # tests/deploy/test_compose.py builds the same venv itself when it is missing; this target is for humans.
-COMPOSE_VENV  := .venv-compose
+COMPOSE_VENV  := $(VENV)/compose-tools
 COMPOSE_STAMP := $(COMPOSE_VENV)/.installed
 
 $(COMPOSE_STAMP): deploy/compose-constraints.txt
@@ -52,4 +53,4 @@ compose-config: $(COMPOSE_STAMP)
 	$(COMPOSE_VENV)/bin/docker-compose -f docker-compose.yml --profile gpu config
 
 clean:
-	rm -rf $(VENV) .venv-compose bench-results .pytest_cache *.egg-info
+	rm -rf $(VENV) bench-results .pytest_cache *.egg-info

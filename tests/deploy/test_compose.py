@@ -2,10 +2,10 @@
 
 No Docker engine runs here, so the compose file is validated by ``docker-compose config`` from the
 PyPI package docker-compose 1.29.2 (it parses, checks the schema, resolves anchors/merges and prints
-the normalised file, which these tests then read). That package cannot live in ``.venv``: it pins
+the normalised file, which these tests then read). That package cannot join the project's environment: it pins
 PyYAML 5.4.1, which on Python 3.11 builds from source only with Cython<3, plus old jsonschema and
-python-dotenv. So it gets its own tools venv, ``.venv-compose/`` (``make compose-config`` builds the
-same one); when it is missing, the ``compose`` fixture builds it (about a minute), so ``make test`` on
+python-dotenv. So it gets its own tools venv, ``.venv/compose-tools/`` (``make compose-config`` builds
+the same one); when it is missing, the ``compose`` fixture builds it (about a minute), so ``make test`` on
 a fresh clone needs no extra step. ``DOCKER_COMPOSE_BIN`` points the tests at another 1.29 binary.
 """
 
@@ -33,7 +33,7 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 CONSTRAINTS = ROOT / "deploy" / "compose-constraints.txt"
-TOOLS_VENV = ROOT / ".venv-compose"
+TOOLS_VENV = ROOT / ".venv" / "compose-tools"
 STAMP = TOOLS_VENV / ".installed"
 COMPOSE_REQUIREMENT = "docker-compose==1.29.2"
 
@@ -46,7 +46,7 @@ def _base_python() -> str:
 
 
 def _build_tools_venv() -> None:
-    """What `make .venv-compose/.installed` does; a partial venv from an interrupted build is replaced."""
+    """What `make .venv/compose-tools/.installed` does; a partial venv from an interrupted build is replaced."""
     shutil.rmtree(TOOLS_VENV, ignore_errors=True)
     env = {**os.environ, "PIP_CONSTRAINT": str(CONSTRAINTS)}
     steps = [[_base_python(), "-m", "venv", str(TOOLS_VENV)],
