@@ -42,11 +42,12 @@ def produce_phases(connection: KafkaConnection, topic: str, dataset: Dataset, ph
             total = (len(y) + batch_size - 1) // batch_size
             for i, start in enumerate(range(0, len(y), batch_size)):
                 batch_id = f"{run_id}-{phase.name}-{i}"
-                value, headers = encode_batch(x[start:start + batch_size], y[start:start + batch_size],
-                                              phase.name, dataset.data_type, batch_id)
+                yb = y[start:start + batch_size]
+                value, headers = encode_batch(x[start:start + batch_size], yb, phase.name,
+                                              dataset.data_type, batch_id)
                 producer.send(topic, value=value, headers=headers)
                 report.batches += 1
-                report.samples += len(y[start:start + batch_size])
+                report.samples += len(yb)
                 report.per_phase[phase.name] = report.per_phase.get(phase.name, 0) + 1
                 report.batch_ids.append(batch_id)
                 if on_batch:

@@ -32,6 +32,7 @@ X_DTYPES = {
     "tabular": (torch.float32, torch.float16, torch.uint8),
     "sequence": (torch.int32, torch.int64, torch.uint8),
 }
+X_RANKS = {"image": (3, 4), "sequence": (2,), "tabular": (2,)}
 _SLICE_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 
 REASONS = (
@@ -163,7 +164,7 @@ def decode_batch(value: bytes | None, headers: Headers | None, limits: WireLimit
         raise DecodeError("bad_dtype", f"x is {str(x.dtype).removeprefix('torch.')}; {data_type} allows {allowed}")
     if y.dtype != torch.int64:
         raise DecodeError("bad_dtype", f"y must be int64, is {str(y.dtype).removeprefix('torch.')}")
-    ranks = {"image": (3, 4), "sequence": (2,), "tabular": (2,)}[data_type]
+    ranks = X_RANKS[data_type]
     if x.dim() not in ranks or x.dim() > limits.max_dims:
         raise DecodeError("bad_shape", f"{data_type} x must have rank {' or '.join(map(str, ranks))}, "
                                        f"has shape {tuple(x.shape)}")

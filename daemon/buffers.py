@@ -51,10 +51,6 @@ class SliceBuffers:
     replay: dict[str, Reservoir] = field(default_factory=dict)
     heldout: dict[str, Reservoir] = field(default_factory=dict)
 
-    @property
-    def slices(self) -> list[str]:
-        return sorted(self.heldout)
-
     def add(self, slice_name: str, x_train: torch.Tensor, y_train: torch.Tensor, x_held: torch.Tensor,
             y_held: torch.Tensor, generator: torch.Generator) -> None:
         self.replay.setdefault(slice_name, Reservoir(self.replay_capacity)).add(x_train, y_train, generator)

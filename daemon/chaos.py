@@ -252,9 +252,9 @@ def audit(redis_url: str, prefix: str, produced: list[str]) -> dict:
 
 # --- the run ------------------------------------------------------------------------------------------
 def main(args: argparse.Namespace) -> dict:
-    from kafka.admin import KafkaAdminClient, NewTopic
-
     from daemon.embedded import EmbeddedKafka, EmbeddedRedis
+    from zoo_store.connection import connect
+    from zoo_store.keys import Keys
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -269,9 +269,7 @@ def main(args: argparse.Namespace) -> dict:
     started = time.monotonic()
     name = f"chaos{int(time.time())}"
     with EmbeddedKafka() as kafka, EmbeddedRedis() as redis_server:
-        admin = KafkaAdminClient(bootstrap_servers=kafka.address)
-        admin.create_topics([NewTopic(f"{name}.in", 2, 1), NewTopic(f"{name}.dlq", 1, 1)])
-        admin.close()
+        kafka.create_topics({f"{name}.in": 2, f"{name}.dlq": 1})
         daemon = Daemon(kafka.address, redis_server.address, name, trace, daemon_log, args.pause)
         producer = Producer(kafka.address, f"{name}.in", args.batches, args.rows, args.rate, args.seed)
         producer.start()
@@ -307,12 +305,11 @@ def main(args: argparse.Namespace) -> dict:
         log_size = daemon_log.stat().st_size
         daemon.start()
         _wait_ready(daemon, log_size)
-        from zoo_store.connection import connect
-
         client = connect(redis_server.address)
+        meta_key = Keys(name).checkpoint_meta
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            raw = client.get(f"{name}:checkpoint:meta")
+            raw = client.get(meta_key)
             if raw and set(producer.ids) <= set(json.loads(raw)["recent_batch_ids"]):
                 break
             time.sleep(1.0)

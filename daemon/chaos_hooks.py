@@ -21,10 +21,6 @@ _PAUSE = float(os.environ.get("FILIAL_CHAOS_PAUSE", "0") or 0)
 _lock = threading.Lock()
 
 
-def enabled() -> bool:
-    return bool(_TRACE)
-
-
 def _write(line: str) -> None:
     with _lock, open(_TRACE, "a") as fh:
         fh.write(f"{time.monotonic():.6f} {line}\n")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from daemon.training import minibatches
+from daemon.training import GradHook, minibatches
 
 ALWAYS_TRAINED: tuple[str, ...] = ("head.",)
 Mode = Literal["fisher", "bernoulli"]
@@ -30,7 +30,7 @@ Mode = Literal["fisher", "bernoulli"]
 def _selected(model: nn.Module, always: Iterable[str]) -> list[tuple[str, nn.Parameter]]:
     always = tuple(always)
     return [(n, p) for n, p in model.named_parameters()
-            if p.requires_grad and not any(n.startswith(a) for a in always)]
+            if p.requires_grad and not n.startswith(always)]
 
 
 def fisher_information(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 64,
@@ -65,8 +65,8 @@ def fisher_mask(fisher: dict[str, torch.Tensor], p: float,
     if not 0 < p <= 1:
         raise ValueError(f"child-tuning fraction p must be in (0, 1], got {p}")
     always = tuple(always)
-    ranked = [n for n in fisher if not any(n.startswith(a) for a in always)]
-    masks = {n: torch.ones_like(f, dtype=torch.bool) for n, f in fisher.items() if n not in ranked}
+    ranked = [n for n in fisher if not n.startswith(always)]
+    masks = {n: torch.ones_like(f, dtype=torch.bool) for n, f in fisher.items() if n.startswith(always)}
     if not ranked:
         return masks
     flat = torch.cat([fisher[n].flatten().float() for n in ranked])
@@ -86,11 +86,6 @@ class TaskDrivenMask:
 
     def __init__(self, masks: dict[str, torch.Tensor]) -> None:
         self.masks = masks
-
-    @property
-    def kept_fraction(self) -> float:
-        total = sum(m.numel() for m in self.masks.values())
-        return sum(int(m.sum()) for m in self.masks.values()) / max(total, 1)
 
     def __call__(self, model: nn.Module) -> None:
         for n, p in model.named_parameters():
@@ -122,7 +117,7 @@ class BernoulliMask:
 def child_tuning_hook(model: nn.Module, x: torch.Tensor | None = None, y: torch.Tensor | None = None, *,
                       mode: Mode = "fisher", p: float = 0.3, batch_size: int = 64,
                       generator: torch.Generator | None = None,
-                      always: Iterable[str] = ALWAYS_TRAINED) -> Callable[[nn.Module], None]:
+                      always: Iterable[str] = ALWAYS_TRAINED) -> GradHook:
     """The ``before_step`` hook for Child-Tuning ``model`` on ``(x, y)``: ``"fisher"`` (CT-D,
     needs the data to compute the Fisher mask now) or ``"bernoulli"`` (CT-F)."""
     if mode == "bernoulli":

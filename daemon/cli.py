@@ -41,8 +41,9 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _settings_from(args: argparse.Namespace):
-    from daemon.settings import SettingsError, load_settings
+    from daemon.settings import Settings, SettingsError, load_settings
 
+    names = set(Settings.model_fields)
     flags: dict[str, Any] = {}
     limits: dict[str, Any] = {}
     for key, value in vars(args).items():
@@ -50,7 +51,7 @@ def _settings_from(args: argparse.Namespace):
             continue
         if key.startswith("limits."):
             limits[key[7:]] = value
-        elif key in _settings_names():
+        elif key in names:
             flags[key] = value
     if limits:
         flags["limits"] = limits
@@ -58,12 +59,6 @@ def _settings_from(args: argparse.Namespace):
         return load_settings(**flags)
     except SettingsError as exc:
         raise UserError(f"{exc}\n(fix the flag or FILIAL_* variable named above; see 'filial run --help')") from None
-
-
-def _settings_names() -> set[str]:
-    from daemon.settings import Settings
-
-    return set(Settings.model_fields)
 
 
 # --- run ---------------------------------------------------------------------------------------------
@@ -115,7 +110,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
 def cmd_watch(args: argparse.Namespace) -> int:
     import threading
 
-    from daemon.families import Architecture
+    from daemon.families import Architecture, parameter_count
     from zoo_store.connection import connect
     from zoo_store.follow import Follower, VerificationError
 
@@ -143,7 +138,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
                     continue
                 model = Architecture.model_validate(manifest.architecture).build()
                 model.load_state_dict(state)
-                record.update(loaded=True, parameters=sum(p.numel() for p in model.parameters()))
+                record.update(loaded=True, parameters=parameter_count(model))
             print(json.dumps(record), flush=True)
             seen += 1
             if args.count and seen >= args.count:
@@ -227,7 +222,7 @@ def _add_bench(sub) -> None:
             module = importlib.import_module(f"daemon.bench.{name}")
         except ImportError:
             continue
-        p = kinds.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else name,
+        p = kinds.add_parser(name, help=module.__doc__.strip().splitlines()[0] if module.__doc__ else name,
                              description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
         p.set_defaults(func=cmd_bench, bench_main=module.main)

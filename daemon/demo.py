@@ -41,8 +41,7 @@ class Watcher(threading.Thread):
     def __init__(self, redis_url: str, prefix: str, line: str) -> None:
         super().__init__(name="watcher", daemon=True)
         self.follower = Follower(connect(redis_url), line=line, prefix=prefix)
-        self.received: list[int] = []
-        self.verified: list[int] = []
+        self.received: list[int] = []  # each one loaded and sha256-verified
         self.stop_event = threading.Event()
         self.error: Exception | None = None
 
@@ -52,7 +51,6 @@ class Watcher(threading.Thread):
                 manifest, state = self.follower.load(event.version)
                 Architecture.model_validate(manifest.architecture).build().load_state_dict(state)
                 self.received.append(event.version)
-                self.verified.append(event.version)
                 say(f"watcher received v{event.version} ({event.reason}); sha256 verified, weights loaded")
         except Exception as exc:  # reported in the summary, never swallowed
             self.error = exc
@@ -70,7 +68,7 @@ def run_demo(phases: list[str] | None = None, samples_per_phase: int = 1600, bat
         settings = load_settings(kafka_bootstrap=kafka.address, redis_url=redis_server.address,
                                  kafka_session_timeout_ms=6000, merge_interval_seconds=30,
                                  merge_after_child_updates=6, checkpoint_every_batches=10)
-        _create_topics(settings)
+        kafka.create_topics({settings.topic: 1, settings.dead_letter_topic: 1})
         service = Service(settings)
         daemon_thread = threading.Thread(target=service.run, name="daemon", daemon=True)
         daemon_thread.start()
@@ -127,16 +125,6 @@ def run_demo(phases: list[str] | None = None, samples_per_phase: int = 1600, bat
 
 def _consumed(service: Service) -> int:
     return service.engine.counters.batches + service.dead_lettered
-
-
-def _create_topics(settings) -> None:
-    from kafka.admin import KafkaAdminClient, NewTopic
-
-    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    try:
-        admin.create_topics([NewTopic(settings.topic, 1, 1), NewTopic(settings.dead_letter_topic, 1, 1)])
-    finally:
-        admin.close()
 
 
 def _send_malformed(conn: KafkaConnection, topic: str) -> None:

@@ -129,6 +129,16 @@ class EmbeddedKafka(EmbeddedServer):
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def create_topics(self, partitions: dict[str, int]) -> None:
+        """Create topics (name -> partition count), replication 1, before anyone subscribes."""
+        from kafka.admin import KafkaAdminClient, NewTopic
+
+        admin = KafkaAdminClient(bootstrap_servers=self.address)
+        try:
+            admin.create_topics([NewTopic(name, count, 1) for name, count in partitions.items()])
+        finally:
+            admin.close()
+
 
 class EmbeddedRedis(EmbeddedServer):
     name = "redis"

@@ -21,7 +21,7 @@ import math
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -187,7 +187,7 @@ class Engine:
             self.counters.batches += 1
             self.counters.samples += len(batch)
             self._mark_applied(batch)
-        return BatchResult(**{**asdict(result), "seconds": time.perf_counter() - started})
+        return replace(result, seconds=time.perf_counter() - started)
 
     def note_skipped(self, source: BatchSource) -> None:
         """A message that was dead-lettered: its offset may be committed with the next checkpoint."""
@@ -241,7 +241,7 @@ class Engine:
                     model=model, created_at=utc_now(), reference_x=empty,
                     fingerprint=None, status="served", slices=[batch.slice])
         self.tree.add(node)
-        log.info("served model: %s (%d parameters)", arch.model_dump(), sum(p.numel() for p in model.parameters()))
+        log.info("served model: %s (%d parameters)", arch.model_dump(), parameter_count(model))
         return node
 
     def _grow_reference(self, node: Node, x: torch.Tensor) -> None:
@@ -405,9 +405,8 @@ class Engine:
         """Held-out accuracy per slice of ``model`` (default: the served model)."""
         with self.lock:
             root = self.root
-            model = model or root.model
-            sets = self.buffers.heldout_sets()
-            return {name: round(accuracy(model, model_input(x, root.data_type), y), 4) for name, (x, y) in sets.items()}
+            return _heldout_accuracy(root.model if model is None else model, root.data_type,
+                                     self.buffers.heldout_sets())
 
     # --- merging -----------------------------------------------------------------------------------------
     def plan_merge(self) -> MergeOutcome | None:
@@ -435,7 +434,8 @@ class Engine:
                 return None  # nothing learned since the last attempt: the same merge again
             self._last_merge_signature = signature
             snapshot = {
-                "base": {k: v.clone() for k, v in self.base_state.items()},
+                # no copy: base_state is only ever replaced (bootstrap, rebase, restore), never written in place
+                "base": self.base_state,
                 "served": self.served_state(),
                 "children": [_cpu_state(c.model) for c in children],
                 "weights": [float(max(c.samples, 1)) for c in children],
@@ -613,7 +613,12 @@ class _Evaluator:
 
     def __call__(self, state: dict[str, torch.Tensor], sets) -> dict[str, float]:
         self.model.load_state_dict(state)
-        return {name: round(accuracy(self.model, model_input(x, self.data_type), y), 4) for name, (x, y) in sets.items()}
+        return _heldout_accuracy(self.model, self.data_type, sets)
+
+
+def _heldout_accuracy(model: torch.nn.Module, data_type: str, sets) -> dict[str, float]:
+    """Accuracy per slice on ``{slice: (x, y)}``, rounded as metrics and merge records report it."""
+    return {name: round(accuracy(model, model_input(x, data_type), y), 4) for name, (x, y) in sets.items()}
 
 
 def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -26,9 +26,6 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-DATA_TYPES = ("image", "sequence", "tabular")
-
-
 class Architecture(BaseModel):
     """What a manifest stores so that any follower can rebuild the model."""
 

@@ -269,11 +269,10 @@ class MergedTaskVectors:
         return self._cache[cache_key]
 
     def state(self, plan: MergePlan) -> dict[str, torch.Tensor]:
-        out = {k: t.clone() for k, t in self.base.items()}
-        for unit, keys in plan.assignments(self.keys):
-            for k in keys:
-                out[k] = (self.base[k].float() + unit.lam * self.get(unit, k)).to(self.base[k].dtype)
-        return out
+        merged = {k: (self.base[k].float() + unit.lam * self.get(unit, k)).to(self.base[k].dtype)
+                  for unit, keys in plan.assignments(self.keys) for k in keys}
+        # clone only what no unit merges (a search assembles a state per candidate): as merge_state
+        return {k: merged[k] if k in merged else t.clone() for k, t in self.base.items()}
 
 
 def apply_plan(plan: MergePlan, base_state: StateDict, child_states: Sequence[StateDict],

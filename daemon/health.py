@@ -33,8 +33,8 @@ class HealthState:
         self._stopped = False
         self._last_tick: float | None = None
 
-    def dependency(self, name: str, problem: str | None) -> bool:
-        """Record a probe: ``problem`` None when ``name`` answered. Returns True when this changed it."""
+    def dependency(self, name: str, problem: str | None) -> None:
+        """Record a probe: ``problem`` None when ``name`` answered."""
         with self._lock:
             before = self._deps.get(name)
             changed = before != problem
@@ -44,7 +44,12 @@ class HealthState:
                 log.warning("%s is back", name)
             else:
                 log.warning("%s unavailable (%s): degraded, retrying with backoff", name, problem)
-        return changed
+
+    def available(self, name: str) -> bool:
+        """Whether ``name`` answered its last probe (False before the first one). Cheap: the service
+        asks on every batch."""
+        with self._lock:
+            return self._deps.get(name) is None
 
     def started(self) -> None:
         with self._lock:

@@ -5,7 +5,7 @@ Tchenko et al. 2025 (arXiv 2508.09743); the formulas follow the authors' runnabl
 Transfer → Mixture (ETM):
 
 - **Extraction**: which parent stage outputs the child inherits (:attr:`HKTSettings.stages`,
-  indices into ``model.stages``; default per family in :data:`DEFAULT_STAGES`).
+  indices into ``model.stages``; default :data:`DEFAULT_STAGES`, or a user model's ``hkt_stages``).
 - **Transfer**: align each extracted parent output to the child's shape at the same stage
   (:class:`Align`: 1x1 conv for ``(N, C, H, W)`` maps, ``Linear`` for ``(N, C)`` embeddings and
   for the channel axis of ``(N, T, C)`` sequences, adaptive pooling / interpolation where spatial
@@ -48,29 +48,26 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Callable, Iterator, Sequence, get_args
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from daemon.families import Architecture, FAMILIES, ImageCNN, SequenceGRU, TabularMLP
-from daemon.training import GradHook, minibatches, train_epochs
+from daemon.child_tuning import child_tuning_hook
+from daemon.families import FAMILIES, Architecture
+from daemon.policy import SpawnMethod
+from daemon.training import GradHook, _autocast, minibatches, predict_logits, train_epochs
 
-# Extraction defaults per family (indices into ``model.stages``; negative counts from the end).
+# Extraction default for every family (indices into ``model.stages``; negative counts from the end).
 # The penultimate embedding, where the authors mix (their GA acts on the pooled (N, C) feature);
 # `filial bench hkt` with ``hkt:stages=all`` measured no consistent gain from mixing every stage.
-DEFAULT_STAGES: dict[type, tuple[int, ...]] = {
-    ImageCNN: (-1,),
-    SequenceGRU: (-1,),
-    TabularMLP: (-1,),
-}
-FALLBACK_STAGES: tuple[int, ...] = (-1,)
+# A user model may name its own with an ``hkt_stages`` attribute.
+DEFAULT_STAGES: tuple[int, ...] = (-1,)
 
-SpawnMethod = Literal["hkt", "copy", "scratch"]
-SPAWN_METHODS: tuple[str, ...] = ("hkt", "copy", "scratch")
+SPAWN_METHODS: tuple[str, ...] = get_args(SpawnMethod)
 INHERIT_MODES: tuple[str, ...] = ("none", "stages", "all", "auto")
 
 
@@ -223,10 +220,7 @@ def stage_outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def default_stages(model: nn.Module) -> tuple[int, ...]:
-    for cls, stages in DEFAULT_STAGES.items():
-        if isinstance(model, cls):
-            return stages
-    return getattr(model, "hkt_stages", FALLBACK_STAGES)
+    return getattr(model, "hkt_stages", DEFAULT_STAGES)
 
 
 def resolve_stages(parent: nn.Module, child: nn.Module, stages: Sequence[int] | None) -> tuple[int, ...]:
@@ -338,10 +332,6 @@ class HKTTrainer(nn.Module):
 
 GATE_LR_FACTOR = 10.0
 EpochHook = Callable[[int, nn.Module, dict[str, float]], None]
-
-
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 def train_hkt(parent: nn.Module, child: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int,
@@ -543,8 +533,6 @@ def spawn_child(parent: nn.Module, child_arch: Architecture | None, x: torch.Ten
         inherit_for_spawn(parent, child, x, y, settings)
     if child_tuning is not None:
         # after the inheritance: the Fisher mask must rank the weights the child starts from
-        from daemon.child_tuning import child_tuning_hook
-
         before_step = child_tuning_hook(child, x.to(device), y.to(device), mode=child_tuning,
                                         p=child_tuning_p, batch_size=batch_size, generator=generator)
     if method == "hkt":
@@ -566,8 +554,6 @@ def known_classes(parent: nn.Module, x: torch.Tensor, y: torch.Tensor, min_recal
     """Share of the classes present in ``y`` that the parent recognises at all (recall on ``x`` of at
     least ``min_recall``). Low on a class-incremental slice (the parent's head has only ever pushed
     those classes down), high on a covariate shift of known classes even when accuracy is poor."""
-    from daemon.training import predict_logits
-
     with frozen(parent):
         predicted = predict_logits(parent, x).argmax(1)
     classes = y.unique()

@@ -50,11 +50,11 @@ class PublishJob:
 
 class Publisher:
     def __init__(self, versions: VersionStore, *, backoff_cap: float = 30.0,
-                 on_attempt: Callable[[bool, str], None] | None = None,
+                 on_failure: Callable[[str], None] | None = None,
                  observe_latency: Callable[[str, float], None] | None = None) -> None:
         self.versions = versions
         self.backoff_cap = backoff_cap
-        self._on_attempt = on_attempt or (lambda ok, reason: None)
+        self._on_failure = on_failure or (lambda reason: None)
         self._observe = observe_latency or (lambda reason, seconds: None)
         self._jobs: queue.Queue[PublishJob | None] = queue.Queue()
         self._stop = threading.Event()
@@ -117,13 +117,12 @@ class Publisher:
                                                       reason=job.reason, **job.manifest_fields)
                 except redis.RedisError as exc:
                     wait = backoff.failed()
-                    self._on_attempt(False, job.reason)
+                    self._on_failure(job.reason)
                     log.warning("publish of %s (%s) failed: %s; retrying in %.1fs (attempt %d)", job.reason,
                                 job.publish_id, exc, wait, backoff.failures)
                     backoff.sleep(self._stop)
                     continue
                 chaos_hooks.pause("publish")  # written, not yet adopted: a crash here must not double it
-                self._on_attempt(True, job.reason)
                 self._observe(job.reason, time.monotonic() - job.submitted_at)
                 if not published.created:
                     log.info("publish %s was already written as v%d (a retried publish): not announcing it "

@@ -27,6 +27,7 @@ import time
 from collections import Counter as Tally
 from concurrent.futures import Future, TimeoutError as FutureTimeout
 from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -139,9 +140,11 @@ class Service:
         self.metrics = ServiceMetrics()
         self.health = HealthState(settings.health_stall_seconds)
         self.publisher = Publisher(self.versions, backoff_cap=settings.backoff_max_seconds,
-                                   on_attempt=self._publish_attempted,
+                                   on_failure=lambda reason: self.metrics.publish_failures.labels(reason).inc(),
                                    observe_latency=lambda reason, sec: self.metrics.publish_seconds.labels(reason)
                                    .observe(sec))
+        # read from the publisher's own count at scrape time, so no submit/abandon path can skew it
+        self.metrics.publish_pending.set_function(lambda: self.publisher.pending)
         self.stop_event = threading.Event()
         self.idle = threading.Event()  # set while the consumer has nothing to do
         self.on_result = on_result
@@ -195,12 +198,13 @@ class Service:
         while latest is not None and (engine.served_version or 0) < latest and engine.root is not None:
             served = engine.served_version
             candidates = range((served or 0) + 1, latest + 1)
-            manifest = next((m for m in (self._own_manifest(v) for v in candidates)
-                             if m is not None and m.parent_version == served
-                             and m.reason == ("bootstrap" if served is None else "merge")), None)
-            if manifest is None:
+            found = next(((m, w) for m, w in filter(None, map(self._verified_version, candidates))
+                          if m.parent_version == served
+                          and m.reason == ("bootstrap" if served is None else "merge")), None)
+            if found is None:
                 return
-            state = st_load(self.versions.weights(line, manifest.version))
+            manifest, weights = found
+            state = st_load(weights)  # the bytes already checked: the blob is not fetched twice
             with engine.lock:
                 root = engine.root
                 if manifest.architecture != root.architecture.model_dump():
@@ -218,7 +222,8 @@ class Service:
             log.warning("v%d (%s of v%s) was written before the last crash but not checkpointed: serving it "
                         "instead of re-deriving it", manifest.version, manifest.reason, served)
 
-    def _own_manifest(self, version: int):
+    def _verified_version(self, version: int):
+        """``(manifest, weights)`` of ``version`` when both are there and the weights match, else None."""
         try:
             manifest = self.versions.manifest(self.s.line, version)
             weights = self.versions.weights(self.s.line, version)
@@ -227,7 +232,7 @@ class Service:
         if sha256_hex(weights) != manifest.weights_sha256:
             log.error("v%d's weights do not match its manifest: not adopting it", version)
             return None
-        return manifest
+        return manifest, weights
 
     def run(self) -> None:
         """Consume until :meth:`stop`; returns after the final checkpoint and commit."""
@@ -336,7 +341,7 @@ class Service:
 
     @property
     def redis_available(self) -> bool:
-        return not any(p.startswith("redis") for p in self.health.problems())
+        return self.health.available("redis")
 
     def _update_lag(self) -> None:
         if time.monotonic() < self._next_lag_at or self._consumer is None:
@@ -424,7 +429,7 @@ class Service:
              on_published: Callable[[Published], None]) -> PublishJob:
         """Everything a publish needs, computed now (under the engine lock) so the publisher thread
         never touches the engine until the version is written."""
-        weights = st_save({k: v.contiguous() for k, v in state.items()})
+        weights, digest = _serialize(state)
         engine = self.engine
         with engine.lock:
             root = engine.root
@@ -437,17 +442,10 @@ class Service:
             architecture = root.architecture.model_dump()
             parent_version = engine.served_version
         # deterministic: the same state published from the same parent is the same publish
-        publish_id = f"{reason}:{parent_version}:{sha256_hex(weights)[:24]}"
+        publish_id = f"{reason}:{parent_version}:{digest}"
         fields = dict(architecture=architecture, base_version=base_version, parent_version=parent_version,
                       lineage=lineage, metrics=metrics, merge=merge)
-        self.metrics.publish_pending.inc()
         return PublishJob(self.s.line, reason, weights, publish_id, fields, on_published)
-
-    def _publish_attempted(self, ok: bool, reason: str) -> None:
-        if ok:
-            self.metrics.publish_pending.dec()
-        else:
-            self.metrics.publish_failures.labels(reason).inc()
 
     def _published(self, version: int) -> None:
         self.published.append(version)
@@ -530,11 +528,10 @@ class Service:
         """Compact children trained since their last release, each on its own line ``{line}.{node_id}``
         (same publisher, same guarantees: one transaction, idempotent publish id)."""
         for release in self.engine.compact_children_to_publish():
-            weights = st_save({k: v.contiguous() for k, v in release.state.items()})
-            publish_id = f"child:{release.node_id}:{release.updates}:{sha256_hex(weights)[:24]}"
+            weights, digest = _serialize(release.state)
+            publish_id = f"child:{release.node_id}:{release.updates}:{digest}"
             fields = dict(architecture=release.architecture.model_dump(), parent_version=release.parent_version,
                           parent_line=self.s.line, lineage=release.lineage, metrics=release.metrics)
-            self.metrics.publish_pending.inc()
             job = PublishJob(f"{self.s.line}.{release.node_id}", "retrain", weights, publish_id, fields,
                              on_published=lambda _published, r=release: self.engine.child_published(r))
             if self._await(self.publisher.submit(job)) is None:
@@ -588,7 +585,11 @@ class Service:
             "prequential_accuracy": self.engine.prequential_accuracy(), "served_version": self.engine.served_version})
 
 
-def _now():
-    from datetime import datetime, timezone
+def _serialize(state) -> tuple[bytes, str]:
+    """A state's safetensors bytes and the digest prefix that makes its publish id deterministic."""
+    weights = st_save({k: v.contiguous() for k, v in state.items()})
+    return weights, sha256_hex(weights)[:24]
 
+
+def _now() -> datetime:
     return datetime.now(timezone.utc)

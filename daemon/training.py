@@ -68,7 +68,9 @@ def train_epochs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: 
     x_dev, y_dev = _to_device(x, device), _to_device(y, device)
     last = 0.0
     for _ in range(epochs):
-        total, count = 0.0, 0
+        # summed on the device in float64 (what ``loss.item()`` would give, bit for bit), read once
+        # per epoch: an ``.item()`` per step would make every step wait for the GPU
+        total, count = torch.zeros((), dtype=torch.float64, device=device), 0
         for idx in minibatches(len(x_dev), batch_size, generator):
             idx = idx.to(device)
             optimizer.zero_grad(set_to_none=True)
@@ -78,9 +80,9 @@ def train_epochs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: 
             if before_step is not None:
                 before_step(model)
             optimizer.step()
-            total += loss.item() * len(idx)
+            total += loss.detach().double() * len(idx)
             count += len(idx)
-        last = total / max(count, 1)
+        last = total.item() / max(count, 1)
     model.eval()
     return last
 

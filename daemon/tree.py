@@ -108,7 +108,7 @@ class ModelTree:
             tensors[f"node.{node.node_id}.ref_x"] = node.reference_x
             if node.fingerprint is not None:
                 tensors.update(node.fingerprint.to_tensors(f"node.{node.node_id}.fp"))
-        return {"next_child": self.next_child, "nodes": [n.describe() for n in self.nodes.values()]}, tensors
+        return {"next_child": self.next_child, **self.describe()}, tensors
 
     @classmethod
     def from_checkpoint(cls, meta: dict, tensors: dict[str, torch.Tensor], device: torch.device) -> "ModelTree":

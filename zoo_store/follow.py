@@ -64,13 +64,12 @@ class Follower:
         """Yield events for versions ``>= from_version`` ("latest": the newest one first; "next":
         only versions published from now on), blocking for new ones until ``stop`` is set."""
         if from_version == "latest":
-            newest = self.latest_version()
-            last_id = event_id(newest - 1) if newest and newest > 1 else "0-0"
+            first = self.latest_version() or 1
         elif from_version == "next":
-            newest = self.latest_version() or 0
-            last_id = event_id(newest) if newest else "0-0"
+            first = (self.latest_version() or 0) + 1
         else:
-            last_id = event_id(from_version - 1) if from_version > 1 else "0-0"
+            first = from_version
+        last_id = event_id(max(first - 1, 0))  # XREAD returns entries after last_id; "0-0" = all
         stream = self.keys.line(self.line).events
         backoff = CappedBackoff(base=0.2, cap=10.0)
         while stop is None or not stop.is_set():
@@ -110,11 +109,8 @@ class Follower:
                                     "to check it with")
 
     def manifest(self, version: int) -> Manifest:
-        raw = self.client.get(self.keys.line(self.line).manifest(version))
-        if raw is None:
-            raise VersionNotFound(f"{self.line} v{version} has no manifest (never published or expired)")
         try:
-            manifest = Manifest.model_validate_json(raw)
+            manifest = self.store.manifest(self.line, version)
         except ValidationError as exc:
             raise VerificationError(f"{self.line} v{version}: manifest is not a valid manifest "
                                     f"({exc.error_count()} errors, first: {exc.errors()[0]['msg']})") from None

@@ -18,13 +18,13 @@ rate, and the detection rate of each shift at kl_threshold 0.5. Figures: mean ±
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import torch
 
 from consumers.datasets import load_dataset
 from consumers.scenarios import parse_phase
+from daemon.bench import progress
 from daemon.drift import Fingerprint, calibrate_threshold, feature_kl
 from daemon.families import infer_architecture
 from daemon.training import embed, model_input, train_epochs
@@ -43,8 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def _log(msg: str) -> None:
-    print(f"[bench drift] {msg}", file=sys.stderr, flush=True)
+_log = progress("drift")
 
 
 def pixel_histogram_kl(batch: torch.Tensor, reference: torch.Tensor, bins: int = 16) -> float:

@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +57,7 @@ from torch import nn
 
 from consumers.datasets import load_dataset
 from consumers.scenarios import Slice, continual_stream, parse_phase
+from daemon.bench import progress
 from daemon.distill import hinton_loss, tempered_softmax
 from daemon.drift import Fingerprint, feature_kl
 from daemon.families import Architecture, parameter_count
@@ -74,8 +74,7 @@ TASKS = {"mnist5k": ("mnist5k", "image_cnn", 16), "digits": ("digits", "tabular_
          "digits_cnn": ("digits", "image_cnn", 16)}
 
 
-def log(msg: str) -> None:
-    print(f"[bench hkt] {msg}", file=sys.stderr, flush=True)
+log = progress("hkt")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -31,7 +31,6 @@ import argparse
 import copy
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -39,6 +38,7 @@ import torch
 
 from consumers.datasets import load_dataset
 from consumers.scenarios import continual_stream
+from daemon.bench import progress
 from daemon.families import ImageCNN
 from daemon.granularity import AUTO, MergePlan, UnitPlan, apply_plan, choose_plan
 from daemon.merge import METHODS, merge_state
@@ -48,8 +48,7 @@ STREAMS = ("split", "permuted", "rotated")
 GRANULARITIES = ("model", "group", "layer")
 
 
-def log(msg: str) -> None:
-    print(f"[bench merge] {msg}", file=sys.stderr, flush=True)
+log = progress("merge")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import threading
 import time
 
@@ -27,6 +26,7 @@ from consumers.connection import KafkaConnection
 from consumers.datasets import load_dataset
 from consumers.produce import produce_phases
 from consumers.scenarios import parse_phase
+from daemon.bench import progress
 from daemon.embedded import EmbeddedKafka, EmbeddedRedis
 from daemon.engine import BatchResult
 from daemon.service import Service
@@ -41,12 +41,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
 
 
-def _log(msg: str) -> None:
-    print(f"[bench pause] {msg}", file=sys.stderr, flush=True)
+_log = progress("pause")
 
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 1)
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    return sorted(xs)[min(len(xs) - 1, int(q * len(xs)))]
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -94,11 +97,10 @@ def main(args: argparse.Namespace) -> dict:
     outside = [b[1] - b[0] for b in batches if not overlaps(b)]
     gaps = [nxt[1] - prev[1] for prev, nxt in zip(batches, batches[1:]) if overlaps(nxt)]
     merge_times = [end - start for start, end, _ in merges]
-    quantile = (lambda xs, q: sorted(xs)[min(len(xs) - 1, int(q * len(xs)))]) if outside else None
     return {
         "bench": "pause", "batches": len(batches), "merges": len(merges),
         "merges_accepted": sum(ok for *_, ok in merges),
-        "batch_ms_outside_merges": {"median": _ms(statistics.median(outside)), "p95": _ms(quantile(outside, 0.95)),
+        "batch_ms_outside_merges": {"median": _ms(statistics.median(outside)), "p95": _ms(_quantile(outside, 0.95)),
                                     "max": _ms(max(outside))} if outside else None,
         "batch_ms_during_merges": {"max": _ms(max(b[1] - b[0] for b in during)), "count": len(during)}
         if during else None,

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import threading
 import time
 from pathlib import Path
 
+from daemon.bench import progress
 
-def log(msg: str) -> None:
-    print(f"[bench soak] {msg}", file=sys.stderr, flush=True)
+
+log = progress("soak")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,8 +83,6 @@ def _produce(bootstrap: str, topic: str, n: int, rows: int, phase_batches: int, 
 
 
 def main(args: argparse.Namespace) -> dict:
-    from kafka.admin import KafkaAdminClient, NewTopic
-
     from daemon.embedded import EmbeddedKafka, EmbeddedRedis
     from daemon.service import Service
     from daemon.settings import load_settings
@@ -100,9 +98,7 @@ def main(args: argparse.Namespace) -> dict:
 
     with EmbeddedKafka() as kafka, EmbeddedRedis() as redis_server:
         name = f"soak{int(time.time())}"
-        admin = KafkaAdminClient(bootstrap_servers=kafka.address)
-        admin.create_topics([NewTopic(f"{name}.in", 1, 1), NewTopic(f"{name}.dlq", 1, 1)])
-        admin.close()
+        kafka.create_topics({f"{name}.in": 1, f"{name}.dlq": 1})
         settings = load_settings(
             kafka_bootstrap=kafka.address, redis_url=redis_server.address, topic=f"{name}.in",
             dead_letter_topic=f"{name}.dlq", group_id=name, redis_prefix=name, kafka_session_timeout_ms=6000,

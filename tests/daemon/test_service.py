@@ -9,7 +9,6 @@ import threading
 
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.admin import KafkaAdminClient, NewTopic
 
 from consumers.connection import KafkaConnection
 from consumers.datasets import load_dataset
@@ -40,9 +39,7 @@ def mnist():
 
 def test_end_to_end_with_dead_letters_and_restart(kafka, redis_server, unique, mnist, capsys):
     settings = _settings(kafka, redis_server, unique)
-    admin = KafkaAdminClient(bootstrap_servers=kafka.address)
-    admin.create_topics([NewTopic(settings.topic, 1, 1), NewTopic(settings.dead_letter_topic, 1, 1)])
-    admin.close()
+    kafka.create_topics({settings.topic: 1, settings.dead_letter_topic: 1})
 
     service = Service(settings)
     thread = run_in_thread(service)
@@ -127,9 +124,7 @@ def test_a_compact_child_is_published_on_its_own_line_and_followed(kafka, redis_
                                                                   capsys):
     settings = service_settings(kafka.address, redis_server.address, unique, child_size_ratio=0.5,
                                 bootstrap_batches=3, bootstrap_accuracy=0.8, accuracy_threshold=0.7)
-    admin = KafkaAdminClient(bootstrap_servers=kafka.address)
-    admin.create_topics([NewTopic(settings.topic, 1, 1), NewTopic(settings.dead_letter_topic, 1, 1)])
-    admin.close()
+    kafka.create_topics({settings.topic: 1, settings.dead_letter_topic: 1})
     service = Service(settings)
     thread = run_in_thread(service)
     try:
