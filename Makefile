@@ -1,4 +1,6 @@
-# Two commands on a fresh machine: `make demo` and `make test`. Both build .venv first.
+# Two commands on a fresh machine: `make demo` and `make test`. Both build .venv first: the project with
+# the `dev` extra (pytest) and the `tools` extra (bundled datasets and plots for tools/ and benchmarks/,
+# which the demo, the benchmarks, `make chaos` and the tests use; the daemon itself does not need them).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -9,7 +11,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,tools]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -20,7 +22,7 @@ test: $(STAMP)
 
 # SIGKILL the daemon at >= 10 random dangerous moments, restart it, audit Redis (last line: JSON)
 chaos: $(STAMP)
-	$(BIN)/python -m daemon.chaos
+	$(BIN)/python -m tools.chaos
 
 bench-soak: $(STAMP)
 	$(BIN)/filial bench soak

@@ -23,15 +23,18 @@ class UserError(Exception):
 # --- settings flags ---------------------------------------------------------------------------------
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     from consumers.wire import WireLimits
-    from daemon.settings import Settings
+    from daemon.service.settings import FLAT_NAMES, GROUPS
 
-    group = parser.add_argument_group("settings (each also FILIAL_<NAME> in the environment or .env)")
-    for name, field in Settings.model_fields.items():
-        if name == "limits":
-            continue
-        default = "unset" if field.default is None else field.default
-        group.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, metavar="VALUE",
-                           help=f"{field.description or ''} [default: {default}]".strip())
+    for group_name, model in GROUPS.items():
+        group = parser.add_argument_group(f"{group_name} settings (each also FILIAL_<FLAG> or "
+                                          f"FILIAL_{group_name.upper()}__<FIELD> in the environment or .env)")
+        for flat, (owner, name) in FLAT_NAMES.items():
+            if owner != group_name:
+                continue
+            field = model.model_fields[name]
+            default = "unset" if field.default is None else field.default
+            group.add_argument(f"--{flat.replace('_', '-')}", dest=flat, default=None, metavar="VALUE",
+                               help=f"{field.description or ''} [default: {default}]".strip())
     limits = parser.add_argument_group("input limits (FILIAL_LIMITS__<NAME>)")
     for name, field in WireLimits.model_fields.items():
         if name == "num_classes":  # follows --num-classes
@@ -41,9 +44,8 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _settings_from(args: argparse.Namespace):
-    from daemon.settings import Settings, SettingsError, load_settings
+    from daemon.service.settings import FLAT_NAMES, SettingsError, load_settings
 
-    names = set(Settings.model_fields)
     flags: dict[str, Any] = {}
     limits: dict[str, Any] = {}
     for key, value in vars(args).items():
@@ -51,7 +53,7 @@ def _settings_from(args: argparse.Namespace):
             continue
         if key.startswith("limits."):
             limits[key[7:]] = value
-        elif key in names:
+        elif key in FLAT_NAMES:
             flags[key] = value
     if limits:
         flags["limits"] = limits
@@ -63,12 +65,12 @@ def _settings_from(args: argparse.Namespace):
 
 # --- run ---------------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    from daemon.embedded import EmbeddedInfrastructure
-    from daemon.logs import setup_logging
-    from daemon.service import Service
+    from daemon.service.embedded import EmbeddedInfrastructure
+    from daemon.service.logs import setup_logging
+    from daemon.service.service import Service
 
     settings = _settings_from(args)
-    setup_logging(settings.log_level, settings.log_format)
+    setup_logging(settings.ops.log_level, settings.ops.log_format)
     with EmbeddedInfrastructure(settings) as live:
         service = Service(live)
 
@@ -83,15 +85,51 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 # --- produce -------------------------------------------------------------------------------------------
+# produce, demo and bench run code from tools/ and benchmarks/, outside the runtime, imported only here
+# and only inside those subcommands. Their dependencies are the optional ``tools`` extra; when it (or
+# the packages themselves) is missing, the subcommand says so in one line and exits 2.
+TOOLS_HINT = "pip install 'filial[tools]' (in a checkout: pip install -e '.[tools]')"
+# top-level modules whose absence means "the tools are not installed": tools.EXTRA_MODULES and the packages
+_TOOLS_MODULES = {"tools": "the tools package", "benchmarks": "the benchmarks package", "mlxtend": "mlxtend",
+                  "sklearn": "scikit-learn", "matplotlib": "matplotlib"}
+
+
+def _tools_problem(what: str, exc: ImportError) -> str | None:
+    """One line saying what to install when ``exc`` is a missing tools module; None for any other error."""
+    top = (exc.name or "").split(".")[0] if isinstance(exc, ModuleNotFoundError) else ""
+    if top not in _TOOLS_MODULES:
+        return None
+    return f"{what} needs {_TOOLS_MODULES[top]}, which is not installed here; install the tools: {TOOLS_HINT}"
+
+
+class _ToolsNeeded:
+    """``with _ToolsNeeded("the demo"):`` turns a missing tools module into a :class:`UserError`."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        problem = _tools_problem(self.what, exc) if isinstance(exc, ImportError) else None
+        if problem is not None:
+            raise UserError(problem) from None
+        return False
+
+
 def cmd_produce(args: argparse.Namespace) -> int:
     from consumers.connection import KafkaConnection
-    from consumers.datasets import load_dataset
-    from consumers.produce import produce_phases
-    from consumers.scenarios import parse_phase
+
+    with _ToolsNeeded("filial produce"):
+        from tools.datasets import load_dataset
+        from tools.produce import produce_phases
+        from tools.scenarios import parse_phase
 
     try:
         phases = [parse_phase(p) for p in (args.phase or ["all=identity"])]
-        data = load_dataset(args.dataset)
+        with _ToolsNeeded(f"the dataset {args.dataset!r}"):
+            data = load_dataset(args.dataset)
     except ValueError as exc:
         raise UserError(str(exc)) from None
 
@@ -110,7 +148,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
 def cmd_watch(args: argparse.Namespace) -> int:
     import threading
 
-    from daemon.families import Architecture, parameter_count
+    from daemon.learn.families import Architecture, parameter_count
     from zoo_store.connection import connect
     from zoo_store.follow import Follower, VerificationError
 
@@ -189,11 +227,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # --- demo and bench ------------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
-    from daemon.demo import run_demo
-    from daemon.logs import setup_logging
+    from daemon.service.logs import setup_logging
 
-    setup_logging("INFO", "text")
-    summary = run_demo(phases=args.phase, samples_per_phase=args.samples_per_phase, batch_size=args.batch_size)
+    with _ToolsNeeded("the demo"):  # the dataset is loaded before any server starts
+        from tools.demo import run_demo
+
+        setup_logging("INFO", "text")
+        summary = run_demo(phases=args.phase, samples_per_phase=args.samples_per_phase,
+                           batch_size=args.batch_size)
     print(json.dumps(summary), flush=True)
     return 0 if "watcher_error" not in summary else 1
 
@@ -202,10 +243,24 @@ BENCHES = ("merge", "hkt", "drift", "pause", "soak")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from daemon.logs import setup_logging
+    what = f"the benchmark {args.bench!r}"
+    if args.bench_main is None:  # its module did not import: --help explains, anything else fails here
+        if {"-h", "--help"} & set(args.bench_arguments):
+            args.bench_parser.print_help()
+            args.bench_parser.exit(0)
+        raise UserError(args.bench_problem)
+    with _ToolsNeeded(what):
+        from tools import missing_dependencies
+
+        missing = missing_dependencies()  # checked first: a plot must not fail after an hour of work
+    if missing:
+        raise UserError(f"{what} needs {', '.join(missing)}, which is not installed here; "
+                        f"install the tools: {TOOLS_HINT}")
+    from daemon.service.logs import setup_logging
 
     setup_logging("INFO", "text")
-    summary = args.bench_main(args)
+    with _ToolsNeeded(what):
+        summary = args.bench_main(args)
     print(json.dumps(summary), flush=True)
     return 0
 
@@ -214,13 +269,25 @@ def _add_bench(sub) -> None:
     import importlib
 
     bench = sub.add_parser("bench", help="benchmarks; each prints one JSON object as its last line",
-                           description="Benchmarks. Each prints progress on stderr and one JSON object as the "
-                                       "last line of stdout; plots go to --out-dir.")
+                           description="Benchmarks (they need the tools extra: " + TOOLS_HINT + "). Each prints "
+                                       "progress on stderr and one JSON object as the last line of stdout; plots "
+                                       "go to --out-dir.")
     kinds = bench.add_subparsers(dest="bench", required=True, metavar="{" + ",".join(BENCHES) + "}")
     for name in BENCHES:
         try:
-            module = importlib.import_module(f"daemon.bench.{name}")
-        except ImportError:
+            module = importlib.import_module(f"benchmarks.{name}")
+        except ImportError as exc:
+            # listed all the same; --help and running it say why it cannot run here
+            what = f"the benchmark {name!r}"
+            problem = _tools_problem(what, exc)
+            short = "unavailable: the tools are not installed" if problem else "unavailable: its import fails"
+            problem = problem or f"{what} cannot be imported ({type(exc).__name__}: {exc})"
+            p = kinds.add_parser(name, help=f"({short}; --help says more)", prefix_chars="+", add_help=False,
+                                 description=f"Unavailable here.\n\n{problem}",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+            # no options are parsed: whatever follows (--help included) reaches cmd_bench, which says why
+            p.add_argument("bench_arguments", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+            p.set_defaults(func=cmd_bench, bench_main=None, bench_problem=problem, bench_parser=p)
             continue
         p = kinds.add_parser(name, help=module.__doc__.strip().splitlines()[0] if module.__doc__ else name,
                              description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -244,9 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     produce = sub.add_parser("produce", help="stream a dataset into a topic as batches",
                              description="Stream a dataset into the topic in phases, each a named slice with its "
-                                         "own shift. Datasets: mnist5k, digits (bundled), "
-                                         "torchvision:<Class>[:<root>], npz:<path>. Phases: name=transform[,..] "
-                                         "with rotate:<deg>, permute:<seed>, noise:<std>, classes:<a>-<b>, identity.",
+                                         "own shift. Datasets: mnist5k, digits (bundled with the tools extra: "
+                                         + TOOLS_HINT + "), torchvision:<Class>[:<root>], npz:<path>. "
+                                         "Phases: name=transform[,..] with rotate:<deg>, permute:<seed>, "
+                                         "noise:<std>, classes:<a>-<b>, identity.",
                              formatter_class=argparse.RawDescriptionHelpFormatter,
                              epilog="example: filial produce --kafka-bootstrap localhost:9092 --dataset mnist5k "
                                     "--phase upright=identity --phase rot90=rotate:90 --rate 5")
@@ -287,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the whole path on embedded servers (what `make demo` runs)",
                           description="Start an embedded broker and Redis, run the daemon, stream drifting "
                                       "phases of MNIST-5k, follow the versions, stop cleanly; the last line of "
-                                      "stdout is a JSON summary.")
+                                      "stdout is a JSON summary. Needs the tools extra: " + TOOLS_HINT + ".")
     demo.add_argument("--phase", action="append", help="override the phases (name=transform, repeatable)")
     demo.add_argument("--samples-per-phase", type=int, default=1600)
     demo.add_argument("--batch-size", type=int, default=100)

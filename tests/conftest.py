@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from daemon.embedded import EmbeddedKafka, EmbeddedRedis
+from daemon.service.embedded import EmbeddedKafka, EmbeddedRedis
 from zoo_store.connection import connect
 
 
@@ -49,7 +49,7 @@ class PersistentRedis(EmbeddedRedis):
         self.data_dir = data_dir
 
     def command(self) -> list[str]:
-        from daemon.embedded import _valkey_binary
+        from daemon.service.embedded import _valkey_binary
 
         return [_valkey_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "yes", "--appendfsync", "always", "--protected-mode", "no",
@@ -113,7 +113,7 @@ def produce_tabular(digits_tabular):
 def service_settings(kafka_address: str, redis_address: str, name: str, **extra):
     """Settings for a fast service under test: tabular MLP on CPU, small bootstrap, eager children
     (accuracy threshold 0.99), every merge accepted, frequent checkpoints, health on a free port."""
-    from daemon.settings import load_settings
+    from daemon.service.settings import load_settings
 
     base = dict(kafka_bootstrap=kafka_address, redis_url=redis_address, topic=f"{name}.in",
                 dead_letter_topic=f"{name}.dlq", group_id=name, redis_prefix=name, kafka_session_timeout_ms=6000,

@@ -33,7 +33,7 @@ def test_invalid_setting_names_the_field_and_exits_2(capsys):
     assert main(["run", "--merge-method", "median", "--kafka-bootstrap", "127.0.0.1:1",
                  "--redis-url", "redis://127.0.0.1:1"]) == 2
     err = capsys.readouterr().err
-    assert "merge_method" in err and "magmax" in err and "filial run --help" in err
+    assert "--merge-method" in err and "magmax" in err and "filial run --help" in err
 
 
 def test_bad_phase_says_how_to_write_one(capsys):

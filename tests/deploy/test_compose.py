@@ -198,7 +198,7 @@ def test_gpu_daemon_reserves_an_nvidia_gpu(config):
 @pytest.mark.parametrize("name", ["daemon", "daemon-gpu"])
 def test_daemon_environment_is_valid_settings(config, name, monkeypatch, tmp_path):
     """Every FILIAL_* variable in the file is a setting with a valid value (no .env, no stray env)."""
-    from daemon.settings import load_settings
+    from daemon.service.settings import load_settings
 
     env = config["services"][name]["environment"]
     monkeypatch.chdir(tmp_path)
@@ -208,20 +208,23 @@ def test_daemon_environment_is_valid_settings(config, name, monkeypatch, tmp_pat
     for key, value in env.items():
         monkeypatch.setenv(key, str(value))
     settings = load_settings()
-    assert settings.kafka_bootstrap == "kafka:9092" and settings.redis_url == "redis://redis:6379/0"
-    assert settings.device == env["FILIAL_DEVICE"]
-    from daemon.settings import Settings
+    assert settings.kafka.bootstrap == "kafka:9092" and settings.redis.url == "redis://redis:6379/0"
+    assert settings.model.device == env["FILIAL_DEVICE"]
+    from daemon.service.settings import Settings
 
-    unknown = {k for k in env if k.startswith("FILIAL_") and k[7:].lower().split("__")[0] not in Settings.model_fields}
+    from daemon.service.settings import FLAT_NAMES
+
+    known = set(Settings.model_fields) | set(FLAT_NAMES)
+    unknown = {k for k in env if k.startswith("FILIAL_") and k[7:].lower().split("__")[0] not in known}
     assert not unknown, f"not settings: {unknown}"
-    health_port = getattr(settings, "health_port", 8080)
+    health_port = settings.ops.health_port
     assert [p["target"] for p in config["services"][name]["ports"]] == [health_port]
 
 
 def test_producer_runs_the_demos_stream(config):
     """`filial produce` with the demo's dataset, phases, samples per phase and batch size."""
     from daemon.cli import build_parser, cmd_produce
-    from daemon.demo import DEFAULT_PHASES
+    from tools.demo import DEFAULT_PHASES
 
     producer = config["services"]["producer"]
     daemon_env = config["services"]["daemon"]["environment"]

@@ -1,0 +1,15 @@
+"""Benchmarks behind ``filial bench``. Each prints progress on stderr and one JSON object last on stdout."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+def progress(bench: str) -> Callable[[str], None]:
+    """The progress printer of one bench: ``[bench <name>] ...`` on stderr, so stdout keeps only the JSON
+    (print, not logging: ``python -m benchmarks.<name>`` configures no logging, and soak quiets ``filial``)."""
+    def log(msg: str) -> None:
+        print(f"[bench {bench}] {msg}", file=sys.stderr, flush=True)
+
+    return log

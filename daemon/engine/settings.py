@@ -1,0 +1,103 @@
+"""The settings the engine reads: the served model, the learner and the merge.
+
+They live here, not in the service, because the engine is built from them and imports nothing
+above it; the service's :class:`daemon.service.settings.Settings` nests them as the groups
+``model``, ``learner`` and ``merge`` (environment ``FILIAL_LEARNER__KL_THRESHOLD``, or the flat
+``FILIAL_KL_THRESHOLD`` documented before the groups existed).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class ModelSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    num_classes: int = Field(10, ge=2, le=100_000, description="labels are 0..num_classes-1")
+    family: Literal["image_cnn", "sequence_gru", "tabular_mlp"] | None = Field(
+        None, description="unset: chosen from the first batch's data_type")
+    factory: str | None = Field(None, description="user model 'package.module:factory' (see README)")
+    width: int | None = Field(None, ge=1, description="width of the served model (family default if unset)")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value not in ("auto", "cpu", "cuda") and not (value.startswith("cuda:") and value[5:].isdigit()):
+            raise ValueError(f"{value!r} is not a device (allowed: auto, cpu, cuda, cuda:N)")
+        return value
+
+
+class LearnerSettings(BaseModel):
+    """Drift, decisions, bootstrap, child training and the per-slice buffers."""
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    kl_threshold: float = Field(0.5, gt=0, description="drift when KL(batch || reference) >= this")
+    kl_false_alarm_rate: float | None = Field(None, gt=0, lt=0.5, description="set to calibrate "
+                                              "kl_threshold on the reference at this false-alarm rate")
+    accuracy_threshold: float = Field(0.70, gt=0, le=1, description="served model must reach this accuracy")
+    bootstrap_batches: int = Field(8, ge=1, description="batches that train the first served model")
+    bootstrap_epochs: int = Field(5, ge=1, description="epochs per bootstrap batch")
+    bootstrap_accuracy: float = Field(0.8, gt=0, le=1, description="held-out accuracy the first served model "
+                                      "must reach (bootstrap stops trying after 4x bootstrap_batches)")
+    child_epochs: int = Field(2, ge=1, description="epochs per child update (seed: 2)")
+    learning_rate: float = Field(1e-3, gt=0, le=1, description="Adam learning rate (seed: 1e-3)")
+    train_batch_size: int = Field(64, ge=1, description="rows per optimizer step")
+    heldout_fraction: float = Field(0.2, ge=0.05, lt=1, description="share of each batch kept for evaluation")
+    replay_per_slice: int = Field(1000, ge=0, description="replay buffer size per slice (reservoir)")
+    heldout_per_slice: int = Field(500, ge=10, description="held-out buffer size per slice")
+    replay_ratio: float = Field(1.0, ge=0, description="replayed samples per new sample in a child update")
+    reference_size: int = Field(512, ge=32, description="samples in each model's reference fingerprint")
+    max_children: int = Field(32, ge=1, description="cap on active children (oldest merged one is retired)")
+    child_size_ratio: float = Field(1.0, gt=0, le=1, description="width of a child relative to the served model; "
+                                    "< 1: compact children, trained by hereditary knowledge transfer, published "
+                                    "on their own model lines and merged into the served model by distillation")
+    spawn_method: Literal["auto", "hkt", "copy", "scratch"] = Field(
+        "auto", description="how a child inherits: auto (the measured table in the README) | hkt | copy | scratch")
+    child_tuning: Literal["none", "fisher", "bernoulli"] = Field(
+        "none", description="Child-Tuning gradient masks for same-size children: fisher (task-driven) | "
+                            "bernoulli (task-free)")
+    child_tuning_p: float = Field(0.3, gt=0, le=1, description="share of weights Child-Tuning updates")
+
+
+class MergeSettings(BaseModel):
+    """How children are merged into the served model and when a merge is due by count. The service
+    extends this group with the merge job's clock (interval, cron)."""
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    method: str = Field("auto", description="auto (the granularity controller searches every method) | "
+                        "average | task_arithmetic | ties | magmax (pinned)")
+    level: Literal["auto", "model", "group", "layer"] = Field(
+        "auto", description="auto (the controller picks up to layer) | model | group | layer (pinned)")
+    groups: dict[str, list[str]] | None = Field(
+        None, description="layer groups by parameter-name prefix, JSON, e.g. "
+                          "'{\"features\": [\"stages.\"], \"head\": [\"head.\"]}' (default: these two)")
+    max_evaluations: int = Field(100, ge=1, description="cap on candidate merges the controller scores")
+    min_gain: float = Field(0.02, ge=0, le=1, description="mean held-out gain a finer or other candidate "
+                            "needs to replace the incumbent (guards against selecting noise)")
+    tolerance: float = Field(0.02, ge=0, le=1, description="max held-out accuracy drop on any slice")
+    after_child_updates: int = Field(8, ge=1, description="also merge after this many child updates")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from daemon.learn.merge import METHODS
+
+        if value != "auto" and value not in METHODS:
+            raise ValueError(f"unknown merge method {value!r} (allowed: auto, {', '.join(sorted(METHODS))})")
+        return value
+
+    @field_validator("groups", mode="before")
+    @classmethod
+    def _groups_from_json(cls, value: Any) -> Any:
+        if isinstance(value, str):  # a CLI flag or a flat environment variable
+            import json
+
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not JSON ({exc.msg}); e.g. '{{\"features\": [\"stages.\"]}}'") from None
+        return value

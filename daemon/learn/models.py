@@ -1,0 +1,202 @@
+"""Model families: the architectures filial trains, named so a follower can rebuild them.
+
+Every family builds a model with the same shape of interface, which is what drift
+(features), merging (named parameter groups) and hereditary transfer (stage outputs) rely on:
+
+- ``model.stages``: an ``nn.ModuleList`` run in order; the output of the last stage is the
+  penultimate embedding (``model.features(x)``, shape ``(N, D)``);
+- ``model.head``: the classifier on that embedding;
+- ``model.forward(x) == model.head(model.features(x))``;
+- ``model.stage_outputs(x)``: the output of every stage, for hereditary knowledge transfer.
+
+Parameter names therefore start with ``stages.<i>.`` or ``head.``: the default layer groups
+of a merge plan are "feature extractor" (``stages.``) and "head" (``head.``).
+
+An :class:`Architecture` (family name + constructor parameters) is what a manifest records.
+A user model is named by import path, ``package.module:factory``; the factory receives the
+parameters as keyword arguments and must return a module with the interface above.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+
+class Architecture(BaseModel):
+    """What a manifest stores so that any follower can rebuild the model."""
+
+    model_config = ConfigDict(frozen=True)
+
+    family: str = Field(description="registered family name, or 'custom' for a user factory")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    def build(self) -> nn.Module:
+        return build_model(self)
+
+    def with_params(self, **changes: Any) -> "Architecture":
+        return Architecture(family=self.family, params={**self.params, **changes})
+
+
+class StagedModel(nn.Module):
+    """Base for the built-in families: stages → embedding → head."""
+
+    stages: nn.ModuleList
+    head: nn.Module
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outputs = []
+        h = self.prepare(x)
+        for stage in self.stages:
+            h = stage(h)
+            outputs.append(h)
+        return outputs
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.prepare(x)
+        for stage in self.stages:
+            h = stage(h)
+        return h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class ImageCNN(StagedModel):
+    """Two conv blocks, a dense embedding, a linear head. ``width`` scales every layer."""
+
+    def __init__(self, in_channels: int = 1, image_size: int = 28, num_classes: int = 10,
+                 width: int = 16) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        pooled = max(image_size // 4, 1)
+        self.stages = nn.ModuleList([
+            nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)),
+            nn.Sequential(nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveMaxPool2d(pooled)),
+            nn.Sequential(nn.Flatten(), nn.Linear(2 * width * pooled * pooled, 4 * width), nn.ReLU()),
+        ])
+        self.head = nn.Linear(4 * width, num_classes)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:  # (N, H, W) grey images
+            x = x.unsqueeze(1)
+        return x
+
+
+class _LastHidden(nn.Module):
+    """GRU over an embedded sequence; returns the last layer's final hidden state."""
+
+    def __init__(self, embed_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gru = nn.GRU(embed_dim, hidden, batch_first=True)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        _, last = self.gru(h)
+        return last[-1]
+
+
+class SequenceGRU(StagedModel):
+    """Token sequences: embedding → GRU (last hidden state) → linear head."""
+
+    def __init__(self, vocab_size: int = 256, num_classes: int = 10, embed_dim: int = 32,
+                 width: int = 64) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList([nn.Embedding(vocab_size, embed_dim), _LastHidden(embed_dim, width)])
+        self.head = nn.Linear(width, num_classes)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x.long()
+
+
+class TabularMLP(StagedModel):
+    """Tabular features: two dense blocks → linear head."""
+
+    def __init__(self, in_features: int = 64, num_classes: int = 10, width: int = 64) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList([
+            nn.Sequential(nn.Linear(in_features, 2 * width), nn.ReLU()),
+            nn.Sequential(nn.Linear(2 * width, width), nn.ReLU()),
+        ])
+        self.head = nn.Linear(width, num_classes)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+
+FAMILIES: dict[str, Callable[..., nn.Module]] = {
+    "image_cnn": ImageCNN,
+    "sequence_gru": SequenceGRU,
+    "tabular_mlp": TabularMLP,
+}
+
+# The family a data type gets when the settings do not name one.
+DEFAULT_FAMILY = {"image": "image_cnn", "sequence": "sequence_gru", "tabular": "tabular_mlp"}
+
+
+def load_factory(path: str) -> Callable[..., nn.Module]:
+    """Resolve ``package.module:factory``; the error says what form is expected."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"model factory {path!r} must look like 'package.module:factory'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"model factory {path!r}: cannot import {module_name!r} ({exc})") from exc
+    try:
+        factory = getattr(module, attr)
+    except AttributeError as exc:
+        raise ValueError(f"model factory {path!r}: {module_name!r} has no attribute {attr!r}") from exc
+    if not callable(factory):
+        raise ValueError(f"model factory {path!r} is not callable")
+    return factory
+
+
+def build_model(arch: Architecture) -> nn.Module:
+    if arch.family == "custom":
+        params = dict(arch.params)
+        factory = load_factory(params.pop("factory"))
+        model = factory(**params)
+    elif arch.family in FAMILIES:
+        model = FAMILIES[arch.family](**arch.params)
+    else:
+        raise ValueError(f"unknown model family {arch.family!r}; known: {sorted(FAMILIES)} or 'custom'")
+    for attr in ("stages", "head", "features"):
+        if not hasattr(model, attr):
+            raise TypeError(f"model built from {arch.family!r} has no {attr!r}: see daemon/learn/models.py")
+    return model
+
+
+def infer_architecture(data_type: str, sample_x: torch.Tensor, num_classes: int, width: int | None,
+                       family: str | None = None, factory: str | None = None) -> Architecture:
+    """Pick the architecture for a stream from its first batch's shape."""
+    if factory:
+        return Architecture(family="custom", params={"factory": factory, "num_classes": num_classes})
+    family = family or DEFAULT_FAMILY[data_type]
+    params: dict[str, Any] = {"num_classes": num_classes}
+    if family == "image_cnn":
+        shape = sample_x.shape[1:]
+        if len(shape) == 2:
+            params.update(in_channels=1, image_size=int(shape[-1]))
+        elif len(shape) == 3:
+            params.update(in_channels=int(shape[0]), image_size=int(shape[-1]))
+        else:
+            raise ValueError(f"image batches must be (N,H,W) or (N,C,H,W), got {tuple(sample_x.shape)}")
+    elif family == "sequence_gru":
+        params.update(vocab_size=max(int(sample_x.max().item()) + 1, 256))
+    elif family == "tabular_mlp":
+        params.update(in_features=int(sample_x[0].numel()))
+    if width is not None:
+        params["width"] = width
+    return Architecture(family=family, params=params)
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,91 @@
+"""The per-batch decision: keep the served model, retrain the nearest child, or spawn one.
+
+A pure function of what was measured (no model, no I/O), so the table below is testable alone
+and documented in the README:
+
+===========================  ==========================  =========================================
+served accuracy on batch     nearest child's KL          action
+===========================  ==========================  =========================================
+>= accuracy_threshold        any                         keep (the served model copes; KL >= kl
+                                                         threshold is still logged as drift)
+<  accuracy_threshold        <  kl_threshold             retrain that child
+<  accuracy_threshold        >= kl_threshold, or none    spawn a child that inherits from the
+                                                         served model (seed rule when the served
+                                                         KL < kl_threshold; for KL >= threshold
+                                                         inheriting measured better than scratch)
+===========================  ==========================  =========================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Action = Literal["bootstrap", "keep", "retrain", "spawn"]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    kl: float = 0.5
+    accuracy: float = 0.70
+
+
+@dataclass(frozen=True)
+class Observation:
+    accuracy: float                 # served model's accuracy on the batch (before training)
+    kl: float                       # KL(batch || served reference), served model's features
+    nearest_child: str | None = None
+    nearest_kl: float | None = None  # KL(batch || that child's reference), child's features
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: Action
+    reason: str
+    drift: bool
+    child: str | None = None
+
+
+def decide(obs: Observation, th: Thresholds) -> Verdict:
+    drift = obs.kl >= th.kl
+    if obs.accuracy >= th.accuracy:
+        why = "drift but the served model copes" if drift else "in distribution"
+        return Verdict("keep", f"{why}: accuracy {obs.accuracy:.3f} >= {th.accuracy}", drift)
+    if obs.nearest_child is not None and obs.nearest_kl is not None and obs.nearest_kl < th.kl:
+        return Verdict("retrain", f"accuracy {obs.accuracy:.3f} < {th.accuracy}; child {obs.nearest_child} "
+                                  f"is near (KL {obs.nearest_kl:.3f} < {th.kl})", drift, child=obs.nearest_child)
+    near = "no child" if obs.nearest_child is None else f"nearest child {obs.nearest_child} at KL {obs.nearest_kl:.3f}"
+    return Verdict("spawn", f"accuracy {obs.accuracy:.3f} < {th.accuracy}; {near}; served KL {obs.kl:.3f}",
+                   drift)
+
+
+SpawnMethod = Literal["hkt", "copy", "scratch"]
+
+
+def spawn_method(setting: str, *, compact: bool) -> SpawnMethod:
+    """How a new child inherits from the served model (``spawn_method`` setting; ``auto`` is the
+    table measured by ``filial bench hkt`` and the engine tests, README "Hereditary knowledge transfer").
+
+    ==========  =====================================================================
+    child size  auto
+    ==========  =====================================================================
+    compact     hkt (inherits leading channels, and the head only when the parent knows
+                the slice's classes; then trains with HKT)
+    full size   copy (the served weights, fine-tuned)
+    ==========  =====================================================================
+
+    Whether the served model recognises the slice's classes
+    (:func:`daemon.learn.inherit.spawn.known_classes`) decides what an isolated child learns
+    fastest: when it does not (class-incremental or permuted slices), a full-size child from
+    scratch beats a copy at 2 epochs. But a child from scratch shares no base with the served
+    model, so it can only be merged by distillation, and measured end to end (served accuracy
+    after the merge) the copy wins: on MNIST rotated 90° (the parent knows 0.3-0.4 of the classes)
+    the served model reaches 0.69 on the slice through a copy and a weight-space merge, 0.59
+    through a scratch child and distillation (test_engine's merge scenario, gate rows, one seed).
+    So the table does not depend on it; ``scratch`` stays available as a setting.
+    """
+    if setting != "auto":
+        if setting == "copy" and compact:
+            raise ValueError("spawn_method 'copy' needs child_size_ratio 1 (use hkt for compact children)")
+        return setting  # type: ignore[return-value]
+    return "hkt" if compact else "copy"

@@ -1,0 +1,208 @@
+"""The one training loop (:func:`fit`), its plugins, and the evaluation helpers.
+
+Every optimiser step filial takes goes through :func:`fit`: the served model's bootstrap, children
+(cross-entropy, hereditary knowledge transfer), distillation and the benchmarks differ only in the
+:class:`Loss` they pass and the :class:`Hook` objects that watch the loop. So device, precision,
+batching and the optimiser are decided here, once: the model's own device; on CUDA pinned host
+memory, non-blocking copies and bf16 autocast; Adam; one ``torch.randperm`` per epoch drawn from
+the caller's generator (the only randomness the loop consumes, so a run is reproducible from it).
+
+Inputs arrive as they travel on the wire (uint8 pixels, float features, integer tokens);
+:func:`model_input` is the one place that turns them into what a model eats.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+Terms = dict[str, torch.Tensor]
+History = list[dict[str, float]]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def model_input(x: torch.Tensor, data_type: str) -> torch.Tensor:
+    """Wire tensor → model tensor: uint8 images/features scale to [0, 1], tokens stay integers."""
+    if data_type == "sequence":
+        return x.long()
+    if x.dtype == torch.uint8:
+        return x.float().div_(255.0)
+    return x.float()
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA, nothing elsewhere (CPU runs stay float32, bit for bit)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def minibatches(n: int, batch_size: int, generator: torch.Generator | None = None,
+                shuffle: bool = True) -> Iterator[torch.Tensor]:
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for start in range(0, n, batch_size):
+        yield order[start:start + batch_size]
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """A teacher for the duration: eval mode, ``requires_grad=False``; both restored afterwards."""
+    flags = [p.requires_grad for p in model.parameters()]
+    was_training = model.training
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+        yield model
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plugins
+
+
+class Loss:
+    """What :func:`fit` minimises. ``loss(model, x, y)`` returns named terms; ``"total"`` is the one
+    minimised, every term is reported per epoch.
+
+    :meth:`bind` runs once per fit, before the optimiser exists, and stays open for the whole fit:
+    a loss with trainable parts of its own (HKT's alignment modules) builds them there and yields
+    them (parameters, or optimiser param-group dicts); a loss with teachers freezes them there.
+    """
+
+    @contextmanager
+    def bind(self, model: nn.Module, x: torch.Tensor) -> Iterator[list]:
+        yield []
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Terms:
+        raise NotImplementedError
+
+
+class CrossEntropy(Loss):
+    """Plain supervised training: ``CE(model(x), y)``."""
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Terms:
+        return {"total": F.cross_entropy(model(x), y)}
+
+
+class Hook:
+    """Watches :func:`fit`. ``before_step`` runs between ``backward`` and the optimiser step (where
+    Child-Tuning masks gradients); ``after_epoch`` after each epoch, 1-based, with the model in
+    eval mode and the epoch's mean loss terms (where the benchmarks evaluate)."""
+
+    def before_step(self, model: nn.Module) -> None:
+        pass
+
+    def after_epoch(self, epoch: int, model: nn.Module, losses: dict[str, float]) -> None:
+        pass
+
+
+class EpochCallback(Hook):
+    """``fn(epoch, model, losses)`` after every epoch."""
+
+    def __init__(self, fn: Callable[[int, nn.Module, dict[str, float]], None]) -> None:
+        self.fn = fn
+
+    def after_epoch(self, epoch: int, model: nn.Module, losses: dict[str, float]) -> None:
+        self.fn(epoch, model, losses)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, batch_size: int = 64,
+        loss: Loss | None = None, hooks: Sequence[Hook] = (),
+        generator: torch.Generator | None = None) -> History:
+    """Train ``model`` in place on ``(x, y)`` (model inputs, see :func:`model_input`) with Adam.
+
+    ``loss`` defaults to :class:`CrossEntropy`. The model stays on its device; ``x`` and ``y`` are
+    moved there once. Each epoch draws one permutation from ``generator`` and takes one step per
+    mini-batch. Returns each epoch's mean of every loss term; the model is left in eval mode.
+    """
+    if epochs < 0:
+        raise ValueError("epochs must be >= 0")
+    loss = loss if loss is not None else CrossEntropy()
+    device = next(model.parameters()).device
+    x_dev, y_dev = to_device(x, device), to_device(y, device)
+    history: History = []
+    with loss.bind(model, x_dev) as extra:
+        groups = [{"params": [*model.parameters(), *(p for p in extra if not isinstance(p, dict))]},
+                  *(g for g in extra if isinstance(g, dict))]
+        optimizer = torch.optim.Adam(groups, lr=lr)
+        for epoch in range(1, epochs + 1):
+            model.train()
+            # summed on the device in float64 (what ``.item()`` per step would give, bit for bit) and
+            # read once per epoch: an ``.item()`` per step would make every step wait for the GPU
+            sums: dict[str, torch.Tensor] = {}
+            count = 0
+            for idx in minibatches(len(x_dev), batch_size, generator):
+                idx = idx.to(device)
+                optimizer.zero_grad(set_to_none=True)
+                with autocast(device):
+                    terms = loss(model, x_dev[idx], y_dev[idx])
+                terms["total"].backward()
+                for hook in hooks:
+                    hook.before_step(model)
+                optimizer.step()
+                for name, value in terms.items():
+                    weighted = value.detach().double() * len(idx)
+                    sums[name] = sums[name] + weighted if name in sums else weighted
+                count += len(idx)
+            model.eval()
+            history.append({name: total.item() / count for name, total in sums.items()} or {"total": 0.0})
+            for hook in hooks:
+                hook.after_epoch(epoch, model, history[-1])
+    model.eval()
+    return history
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    device = next(model.parameters()).device
+    model.eval()
+    outs = []
+    for start in range(0, len(x), batch_size):
+        with autocast(device):
+            outs.append(model(to_device(x[start:start + batch_size], device)).float().cpu())
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+@torch.no_grad()
+def embed(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Penultimate features (``model.features``), on the CPU as float32."""
+    device = next(model.parameters()).device
+    model.eval()
+    outs = []
+    for start in range(0, len(x), batch_size):
+        with autocast(device):
+            outs.append(model.features(to_device(x[start:start + batch_size], device)).float().cpu())
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    if len(x) == 0:
+        return float("nan")
+    return (predict_logits(model, x).argmax(1) == y).float().mean().item()

@@ -1,0 +1,142 @@
+"""Health and metrics over HTTP (stdlib, one thread per request):
+
+- ``GET /healthz``: 200 while the consume loop is alive (it ticked within ``health_stall_seconds``),
+  body ``{"status": "ok" | "degraded", ...}``; 503 when the loop is stuck or stopped. An outage of
+  Redis or Kafka is ``degraded``, not dead: the daemon is riding it out, restarting it would not help.
+- ``GET /readyz``: 200 only when Redis and the broker answer and the loop is consuming; 503 with
+  the reasons otherwise (``starting``, ``redis unreachable``, ``kafka unreachable``, ...).
+- ``GET /metrics``: Prometheus text format (daemon.service.metrics).
+
+The state is written by the service (its dependency probes and loop ticks) and only read here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST
+
+log = logging.getLogger("filial.health")
+
+
+class HealthState:
+    def __init__(self, stall_seconds: float = 300.0) -> None:
+        self.stall_seconds = stall_seconds
+        self._lock = threading.Lock()
+        self._deps: dict[str, str | None] = {"redis": "not probed yet", "kafka": "not probed yet"}
+        self._started = False
+        self._stopped = False
+        self._last_tick: float | None = None
+
+    def dependency(self, name: str, problem: str | None) -> None:
+        """Record a probe: ``problem`` None when ``name`` answered."""
+        with self._lock:
+            before = self._deps.get(name)
+            changed = before != problem
+            self._deps[name] = problem
+        if changed and (problem is not None or before != "not probed yet"):
+            if problem is None:
+                log.warning("%s is back", name)
+            else:
+                log.warning("%s unavailable (%s): degraded, retrying with backoff", name, problem)
+
+    def available(self, name: str) -> bool:
+        """Whether ``name`` answered its last probe (False before the first one). Cheap: the service
+        asks on every batch."""
+        with self._lock:
+            return self._deps.get(name) is None
+
+    def started(self) -> None:
+        with self._lock:
+            self._started = True
+
+    def stopped(self) -> None:
+        with self._lock:
+            self._stopped = True
+
+    def tick(self) -> None:
+        with self._lock:
+            self._last_tick = time.monotonic()
+
+    def problems(self) -> list[str]:
+        with self._lock:
+            problems = [f"{name} unavailable: {p}" for name, p in sorted(self._deps.items()) if p]
+            if not self._started:
+                problems.insert(0, "starting (restoring the checkpoint, joining the group)")
+            if self._stopped:
+                problems.insert(0, "stopped")
+            return problems
+
+    def alive(self) -> bool:
+        with self._lock:
+            if self._stopped:
+                return False
+            return self._last_tick is None or time.monotonic() - self._last_tick < self.stall_seconds
+
+    def report(self) -> dict:
+        problems = self.problems()
+        with self._lock:
+            age = None if self._last_tick is None else round(time.monotonic() - self._last_tick, 3)
+        return {"status": "ok" if not problems else "degraded", "problems": problems, "loop_tick_age_s": age}
+
+
+class HealthServer:
+    """Serve ``state`` and ``exposition()`` on ``host:port`` from a daemon thread (port 0: any free port)."""
+
+    def __init__(self, state: HealthState, exposition: Callable[[], bytes], host: str = "0.0.0.0",
+                 port: int = 8080) -> None:
+        handler = _handler(state, exposition)
+        self._server = ThreadingHTTPServer((host, port), handler)
+        self._server.daemon_threads = True
+        self.host, self.port = self._server.server_address[:2]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="filial-health", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self) -> "HealthServer":
+        self._thread.start()
+        log.info("health and metrics on %s (/healthz /readyz /metrics)", self.url)
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _handler(state: HealthState, exposition: Callable[[], bytes]):
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (stdlib name)
+            path = self.path.split("?", 1)[0]
+            if path == "/healthz":
+                report = state.report()
+                self._json(200 if state.alive() else 503, report)
+            elif path == "/readyz":
+                report = state.report()
+                self._json(200 if report["status"] == "ok" and state.alive() else 503, report)
+            elif path == "/metrics":
+                self._send(200, exposition(), CONTENT_TYPE_LATEST)
+            else:
+                self._json(404, {"error": f"no such endpoint {path}; try /healthz /readyz /metrics"})
+
+        def _json(self, code: int, body: dict) -> None:
+            self._send(code, json.dumps(body).encode(), "application/json")
+
+        def _send(self, code: int, body: bytes, content_type: str) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, fmt, *args) -> None:  # probes every few seconds: keep them out of the log
+            log.debug("%s " + fmt, self.address_string(), *args)
+
+    return Handler

@@ -1,0 +1,56 @@
+"""Prometheus metrics of one service, in their own registry (several services per process in
+tests; no global state). Served at ``/metrics`` by daemon.service.health.
+
+Rates are left to PromQL (``rate(filial_batches_total[1m])`` = batches per second).
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.batches = Counter("filial_batches", "Batches applied by the engine", ["slice"], registry=r)
+        self.samples = Counter("filial_samples", "Samples (rows) applied by the engine", ["slice"], registry=r)
+        self.duplicates = Counter("filial_duplicate_batches", "Replayed batches skipped (already applied)",
+                                  registry=r)
+        self.decode_failures = Counter("filial_decode_failures", "Messages dead-lettered, by reason", ["reason"],
+                                       registry=r)
+        self.lag = Gauge("filial_consumer_lag", "Messages behind the log end", ["partition"], registry=r)
+        self.kl = Gauge("filial_kl", "Last KL(batch || served reference) per slice", ["slice"], registry=r)
+        self.prequential = Gauge("filial_prequential_accuracy", "Test-then-train accuracy of the served model "
+                                 "per slice (cumulative)", ["slice"], registry=r)
+        self.decisions = Counter("filial_drift_decisions", "Per-batch decisions by action", ["action"], registry=r)
+        self.children = Gauge("filial_children", "Children in the model tree by status", ["status"], registry=r)
+        self.merges = Counter("filial_merges", "Merges planned, by result", ["result"], registry=r)
+        self.publish_seconds = Histogram("filial_publish_seconds", "Time from publish request to the version "
+                                         "being written (includes retries through outages)", ["reason"],
+                                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+                                                  120, 300), registry=r)
+        self.publish_failures = Counter("filial_publish_failures", "Failed publish attempts (each is retried)",
+                                        ["reason"], registry=r)
+        self.publish_pending = Gauge("filial_publish_pending", "Publishes queued or being retried", registry=r)
+        self.served_version = Gauge("filial_served_version", "Version the engine serves", registry=r)
+        self.checkpoint_age = Gauge("filial_last_checkpoint_age_seconds", "Seconds since the last durable "
+                                    "checkpoint (offsets are committed only up to it)", registry=r)
+        self.checkpoint_failures = Counter("filial_checkpoint_failures", "Checkpoints that could not be saved",
+                                           registry=r)
+        self.dependency_up = Gauge("filial_dependency_up", "1 when the dependency answered its last probe",
+                                   ["dependency"], registry=r)
+        self.log_resets = Counter("filial_partition_log_resets", "Partitions whose broker log was found reset "
+                                  "(e.g. a memory-only broker restarted)", ["partition"], registry=r)
+        self._last_checkpoint: float | None = None
+        self.checkpoint_age.set_function(self._checkpoint_age)
+
+    def checkpoint_saved(self) -> None:
+        self._last_checkpoint = time.monotonic()
+
+    def _checkpoint_age(self) -> float:
+        return float("nan") if self._last_checkpoint is None else time.monotonic() - self._last_checkpoint
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,139 @@
+"""The publisher thread: writes versions to Redis in order, retrying through outages.
+
+Why a thread: a publish must survive a Redis outage (it retries until written) but ingest must
+not wait for it longer than ``publish_block_seconds``. Callers hand over a fully prepared job
+(weights bytes, manifest fields, a deterministic ``publish_id``) and get a Future; the thread
+retries the job with capped exponential backoff, and on success runs the job's
+``on_published(version)`` hook (which is where the engine adopts the version) before resolving
+the future.
+
+Safety comes from zoo_store.versions: one transaction per publish (never half-written) and the
+``publish_id`` (a retry after an ambiguous failure, e.g. EXEC sent but the reply lost, returns
+the version already written instead of announcing another).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import redis
+
+from daemon.service import failpoints as chaos_hooks
+from zoo_store.connection import CappedBackoff
+from zoo_store.versions import Published, VersionStore
+
+log = logging.getLogger("filial.publisher")
+
+
+class PublishAbandoned(Exception):
+    """The service stopped before the job could be written; nothing of it is in Redis unless the
+    last attempt's reply was lost (then the publish id makes the next run's retry a no-op)."""
+
+
+@dataclass
+class PublishJob:
+    line: str
+    reason: str
+    weights: bytes
+    publish_id: str
+    manifest_fields: dict[str, Any]
+    on_published: Callable[[Published], None] | None = None
+    future: Future = field(default_factory=Future)
+    submitted_at: float = field(default_factory=time.monotonic)
+
+
+class Publisher:
+    def __init__(self, versions: VersionStore, *, backoff_cap: float = 30.0,
+                 on_failure: Callable[[str], None] | None = None,
+                 observe_latency: Callable[[str, float], None] | None = None) -> None:
+        self.versions = versions
+        self.backoff_cap = backoff_cap
+        self._on_failure = on_failure or (lambda reason: None)
+        self._observe = observe_latency or (lambda reason, seconds: None)
+        self._jobs: queue.Queue[PublishJob | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="filial-publisher", daemon=True)
+        self._pending = 0
+        self._lock = threading.Lock()
+
+    def start(self) -> "Publisher":
+        self._thread.start()
+        return self
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return self._pending
+
+    def submit(self, job: PublishJob) -> Future:
+        if self._stop.is_set():
+            job.future.set_exception(PublishAbandoned("publisher stopped"))
+            return job.future
+        with self._lock:
+            self._pending += 1
+        self._jobs.put(job)
+        return job.future
+
+    def stop(self, drain_seconds: float) -> None:
+        """Let queued jobs finish for up to ``drain_seconds`` (a Redis outage may outlast it), then
+        abandon the rest: their futures fail with :class:`PublishAbandoned`."""
+        deadline = time.monotonic() + drain_seconds
+        while self.pending and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._stop.set()
+        self._jobs.put(None)
+        self._thread.join(timeout=max(1.0, deadline - time.monotonic()) + 10)
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None and not job.future.done():
+                job.future.set_exception(PublishAbandoned(f"{job.reason} {job.publish_id} not published"))
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                self._publish(job)
+            finally:
+                with self._lock:
+                    self._pending -= 1
+
+    def _publish(self, job: PublishJob) -> None:
+        backoff = CappedBackoff(base=0.2, cap=self.backoff_cap)
+        while not self._stop.is_set():
+            with chaos_hooks.phase("publish"):
+                try:
+                    published = self.versions.publish(job.line, job.weights, publish_id=job.publish_id,
+                                                      reason=job.reason, **job.manifest_fields)
+                except redis.RedisError as exc:
+                    wait = backoff.failed()
+                    self._on_failure(job.reason)
+                    log.warning("publish of %s (%s) failed: %s; retrying in %.1fs (attempt %d)", job.reason,
+                                job.publish_id, exc, wait, backoff.failures)
+                    backoff.sleep(self._stop)
+                    continue
+                chaos_hooks.pause("publish")  # written, not yet adopted: a crash here must not double it
+                self._observe(job.reason, time.monotonic() - job.submitted_at)
+                if not published.created:
+                    log.info("publish %s was already written as v%d (a retried publish): not announcing it "
+                             "again", job.publish_id, published.manifest.version)
+                try:
+                    if job.on_published is not None:
+                        job.on_published(published)
+                except Exception as exc:  # the version is durable either way; the caller learns of the failure
+                    log.exception("after publishing v%d: %s", published.manifest.version, exc)
+                    job.future.set_exception(exc)
+                    return
+            job.future.set_result(published)
+            return
+        job.future.set_exception(PublishAbandoned(f"{job.reason} {job.publish_id} not published (stopping)"))

@@ -1,0 +1,258 @@
+"""Settings: environment (``FILIAL_*``), a ``.env`` file, then CLI flags, in rising priority.
+
+Settings are grouped: ``kafka``, ``redis``, ``model``, ``learner``, ``merge``, ``publish``,
+``checkpoint``, ``ops`` and ``limits``. Each field has two spellings:
+
+- nested, ``FILIAL_<GROUP>__<FIELD>`` (``FILIAL_LEARNER__KL_THRESHOLD=0.3``);
+- flat, the name documented before the groups existed and still the CLI flag
+  (``FILIAL_KL_THRESHOLD=0.3``, ``--kl-threshold 0.3``). :data:`FLAT_NAMES` is that table.
+
+Invalid values stop the daemon at start with the field's names and what is allowed
+(:func:`load_settings` raises :class:`SettingsError`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (BaseSettings, DotEnvSettingsSource, PydanticBaseSettingsSource,
+                               SettingsConfigDict)
+
+from consumers.wire import WireLimits
+from daemon.engine.settings import LearnerSettings, MergeSettings, ModelSettings
+
+_GROUP = ConfigDict(extra="forbid", validate_default=True)
+
+
+class KafkaSettings(BaseModel):
+    model_config = _GROUP
+
+    bootstrap: str | None = Field(None, description="Kafka bootstrap servers host:port[,...]; "
+                                  "unset: start the embedded broker")
+    topic: str = Field("filial.batches", min_length=1, description="topic the batches arrive on")
+    dead_letter_topic: str = Field("filial.dead-letter", min_length=1,
+                                   description="where undecodable batches go, with a filial-reason header")
+    group_id: str = Field("filial", min_length=1, description="Kafka consumer group")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    sasl_password_file: Path | None = Field(None, description="file holding the Kafka SASL password")
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    session_timeout_ms: int = Field(10_000, ge=1000, description="consumer group session timeout")
+
+    @model_validator(mode="after")
+    def _sasl(self) -> "KafkaSettings":
+        if self.sasl_mechanism and not self.security_protocol.startswith("SASL"):
+            raise ValueError("kafka_sasl_mechanism needs kafka_security_protocol SASL_PLAINTEXT or SASL_SSL")
+        return self
+
+
+class RedisSettings(BaseModel):
+    model_config = _GROUP
+
+    url: str | None = Field(None, description="redis:// or rediss:// URL; unset: start the embedded server")
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = Field(None, description="file holding the Redis password")
+    ssl_cafile: Path | None = Field(None, description="CA bundle for rediss://")
+    ssl_certfile: Path | None = Field(None, description="client certificate for rediss:// (mutual TLS)")
+    ssl_keyfile: Path | None = Field(None, description="client key for rediss:// (mutual TLS)")
+    prefix: str = Field("filial", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$",
+                        description="prefix of every Redis key")
+
+
+class MergeJobSettings(MergeSettings):
+    """The engine's merge settings plus the merge job's clock."""
+    interval_seconds: float = Field(60.0, gt=0, description="interval trigger of the merge job")
+    cron: str | None = Field(None, description="crontab trigger, e.g. '*/10 * * * *'")
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value:
+            from apscheduler.triggers.cron import CronTrigger
+
+            try:
+                CronTrigger.from_crontab(value)
+            except ValueError as exc:
+                raise ValueError(f"{value!r} is not a crontab expression ({exc})") from None
+        return value
+
+
+class PublishSettings(BaseModel):
+    model_config = _GROUP
+
+    line: str = Field("main", pattern=r"^[A-Za-z0-9_.\-]+$", description="model line the served model publishes to")
+    keep_versions: int = Field(10, ge=1, description="versions kept per line; older are deleted")
+    signing_key: SecretStr | None = Field(None, description="HMAC-SHA256 key for manifests")
+    signing_key_file: Path | None = Field(None, description="file holding the manifest HMAC key")
+    block_seconds: float = Field(2.0, ge=0, description="longest a publish may hold up ingest; "
+                                 "after it the publish goes on retrying in the background")
+    drain_seconds: float = Field(30.0, ge=0, description="on stop, how long queued publishes may "
+                                 "still retry before they are abandoned (redone after restart)")
+
+
+class CheckpointSettings(BaseModel):
+    model_config = _GROUP
+
+    every_batches: int = Field(20, ge=1, description="checkpoint (and commit offsets) after this many batches")
+    every_seconds: float = Field(30.0, gt=0, description="... or after this many seconds with changes")
+
+
+class OpsSettings(BaseModel):
+    model_config = _GROUP
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    health_host: str = Field("0.0.0.0", description="address of the /healthz /readyz /metrics server")
+    health_port: int = Field(8080, ge=-1, le=65535, description="port of /healthz /readyz /metrics; "
+                             "0: any free port; -1: no server")
+    health_stall_seconds: float = Field(300.0, gt=0, description="/healthz fails when the consume loop has "
+                                        "not ticked for this long")
+    health_probe_seconds: float = Field(1.0, gt=0, description="how often Redis and the broker are probed")
+    backoff_max_seconds: float = Field(30.0, gt=0, description="cap of the exponential backoff when "
+                                       "reconnecting and retrying publishes and checkpoints")
+
+
+GROUPS: dict[str, type[BaseModel]] = {
+    "kafka": KafkaSettings, "redis": RedisSettings, "model": ModelSettings, "learner": LearnerSettings,
+    "merge": MergeJobSettings, "publish": PublishSettings, "checkpoint": CheckpointSettings, "ops": OpsSettings,
+}
+
+# The flat name of each field where it is not "<group>_<field>" nor the bare field name.
+_FLAT_EXCEPTIONS = {
+    ("kafka", "topic"): "topic", ("kafka", "dead_letter_topic"): "dead_letter_topic",
+    ("kafka", "group_id"): "group_id", ("redis", "ssl_cafile"): "redis_ssl_ca_file",
+    ("model", "num_classes"): "num_classes", ("model", "device"): "device",
+    ("publish", "line"): "line", ("publish", "keep_versions"): "keep_versions",
+    ("publish", "signing_key"): "signing_key", ("publish", "signing_key_file"): "signing_key_file",
+}
+_BARE_GROUPS = {"learner", "ops"}  # their fields were documented without a prefix
+
+
+def _flat_names() -> dict[str, tuple[str, str]]:
+    table = {}
+    for group, model in GROUPS.items():
+        for field in model.model_fields:
+            flat = _FLAT_EXCEPTIONS.get((group, field)) or (field if group in _BARE_GROUPS else f"{group}_{field}")
+            table[flat] = (group, field)
+    return table
+
+
+FLAT_NAMES: dict[str, tuple[str, str]] = _flat_names()
+"""flat name (CLI flag ``--flat-name``, ``FILIAL_FLAT_NAME``) -> (group, field)."""
+_NESTED_TO_FLAT = {nested: flat for flat, nested in FLAT_NAMES.items()}
+
+
+def nest(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat names (``kl_threshold``) into their groups; group names and ``limits`` pass through."""
+    nested: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in FLAT_NAMES:
+            group, field = FLAT_NAMES[key]
+            nested.setdefault(group, {})
+            if isinstance(nested[group], dict):
+                nested[group][field] = value
+        elif isinstance(value, dict) and isinstance(nested.get(key), dict):
+            nested[key] = {**value, **nested[key]}
+        else:
+            nested[key] = value
+    return nested
+
+
+class _FlatVariables(PydanticBaseSettingsSource):
+    """``FILIAL_<FLAT_NAME>`` variables (environment or .env) as nested values."""
+
+    def __init__(self, settings_cls: type[BaseSettings], variables: Mapping[str, str | None]) -> None:
+        super().__init__(settings_cls)
+        self.variables = {k.upper(): v for k, v in variables.items() if v is not None}
+
+    def get_field_value(self, field, field_name):  # whole groups are returned by __call__
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return nest({flat: self.variables[f"FILIAL_{flat.upper()}"] for flat in FLAT_NAMES
+                     if f"FILIAL_{flat.upper()}" in self.variables})
+
+
+class _NestedDotEnv(DotEnvSettingsSource):
+    """The .env file's nested names; its flat names are read by :class:`_FlatVariables`."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+        self.flat = {k: v for k, v in self.env_vars.items() if k.upper().removeprefix("FILIAL_") in
+                     {f.upper() for f in FLAT_NAMES}}
+        self.env_vars = {k: v for k, v in self.env_vars.items() if k not in self.flat}
+
+
+class SettingsError(ValueError):
+    """Raised with one line per invalid field: ``field (--flag, FILIAL_NAME): problem (got ...)``."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FILIAL_", env_file=".env", env_file_encoding="utf-8",
+                                      env_nested_delimiter="__", extra="forbid", validate_default=True)
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    learner: LearnerSettings = Field(default_factory=LearnerSettings)
+    merge: MergeJobSettings = Field(default_factory=MergeJobSettings)
+    publish: PublishSettings = Field(default_factory=PublishSettings)
+    checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings)
+    ops: OpsSettings = Field(default_factory=OpsSettings)
+    limits: WireLimits = Field(default_factory=WireLimits, description="input size limits")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        dotenv = _NestedDotEnv(settings_cls)
+        return (init_settings, env_settings, _FlatVariables(settings_cls, os.environ), dotenv,
+                _FlatVariables(settings_cls, dotenv.flat), file_secret_settings)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
+        if self.learner.spawn_method == "copy" and self.learner.child_size_ratio < 1:
+            raise ValueError("spawn_method 'copy' needs child_size_ratio 1: a compact child cannot copy the "
+                             "served weights (use auto or hkt)")
+        if self.limits.num_classes != self.model.num_classes:
+            self.limits = self.limits.model_copy(update={"num_classes": self.model.num_classes})
+        return self
+
+    def with_servers(self, kafka_bootstrap: str | None = None, redis_url: str | None = None) -> "Settings":
+        """A copy with these server addresses filled in (embedded servers, tests)."""
+        kafka = self.kafka.model_copy(update={"bootstrap": kafka_bootstrap or self.kafka.bootstrap})
+        redis = self.redis.model_copy(update={"url": redis_url or self.redis.url})
+        return self.model_copy(update={"kafka": kafka, "redis": redis})
+
+    def public_dict(self) -> dict[str, Any]:
+        """Settings as logged at start: secrets masked."""
+        return self.model_dump(mode="json")
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        field = ".".join(loc) or "settings"
+        flat = _NESTED_TO_FLAT.get(tuple(loc[:2])) if len(loc) >= 2 else None
+        if flat is not None:
+            field += f" (--{flat.replace('_', '-')}, FILIAL_{flat.upper()})"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{field}: {msg} (got {err.get('input')!r})")
+    return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from env/.env plus ``overrides`` (CLI flags: flat names or groups); raise
+    SettingsError naming the fields."""
+    try:
+        return Settings(**nest({k: v for k, v in overrides.items() if v is not None}))
+    except ValidationError as exc:
+        raise SettingsError(_explain(exc)) from None

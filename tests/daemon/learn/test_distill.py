@@ -1,0 +1,101 @@
+"""Bidirectional ensemble distillation moves students toward their teachers."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from daemon.learn.distill import distill_into, ensemble_probs, hinton_loss, kd_kl
+from daemon.learn.training import train_epochs
+
+
+def mlp(hidden, seed, classes=4):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+
+
+def data(n=192, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
+    return x, y
+
+
+def test_hinton_loss_matches_the_formula():
+    z_s = torch.tensor([[1.0, 0.0, -1.0]])
+    z_t = torch.tensor([[0.0, 2.0, 0.0]])
+    y = torch.tensor([1])
+    T = 2.0
+    p_t = F.softmax(z_t / T, -1)
+    p_s = F.softmax(z_s / T, -1)
+    kl = float((p_t * (p_t.log() - p_s.log())).sum())
+    ce = float(-F.log_softmax(z_s, -1)[0, 1])
+    assert kd_kl(z_s, p_t, T).item() == pytest.approx(kl, rel=1e-6)
+    assert hinton_loss(z_s, y, p_t, T, 0.3, 0.7).item() == pytest.approx(0.3 * ce + 0.7 * T * T * kl, rel=1e-6)
+
+
+def test_ensemble_teacher_is_the_mean_of_tempered_softmaxes():
+    a, b = mlp(8, 1), mlp(5, 2)
+    x, _ = data(10)
+    expected = (F.softmax(a(x) / 3.0, -1) + F.softmax(b(x) / 3.0, -1)) / 2
+    assert torch.allclose(ensemble_probs([a, b], x, 3.0), expected, atol=1e-6)
+
+
+def test_distillation_moves_served_and_children_toward_their_teachers():
+    x, y = data()
+    served = mlp(16, 0)
+    children = [mlp(32, 1), mlp(8, 2)]           # other architectures than the served model
+    for c in children:                           # confident teachers: far from the untrained student
+        train_epochs(c, x, y, epochs=15, lr=1e-2, generator=torch.Generator().manual_seed(1))
+    child_before = [{k: v.clone() for k, v in c.state_dict().items()} for c in children]
+    report = distill_into(served, children, x, y, temperature=4.0, alpha=0.0, beta=1.0, epochs=4, lr=2e-2,
+                          batch_size=32, generator=torch.Generator().manual_seed(0))
+    assert report.served_kl_after < 0.2 * report.served_kl_before
+    assert all(a < 0.5 * b for a, b in zip(report.child_kl_after, report.child_kl_before))
+    assert all(not torch.equal(c.state_dict()[k], before[k]) for c, before in zip(children, child_before)
+               for k in before)
+    assert not served.training and not any(c.training for c in children)
+    d = report.to_dict()
+    assert d["method"] == "distill" and d["samples"] == 192 and len(d["child_kl_after"]) == 2
+
+
+def test_peer_term_and_one_way_mode():
+    x, y = data(96)
+    served, children = mlp(16, 0), [mlp(16, 3), mlp(16, 4)]
+    frozen = [{k: v.clone() for k, v in c.state_dict().items()} for c in children]
+    report = distill_into(served, children, x, y, epochs=1, child_epochs=0,
+                          generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(c.state_dict()[k], f[k]) for c, f in zip(children, frozen) for k in f)
+    assert all(math.isnan(v) for v in report.child_loss)
+    report = distill_into(served, children, x, y, epochs=1, peer=True,
+                          generator=torch.Generator().manual_seed(0))
+    assert report.peer and all(math.isfinite(v) for v in report.child_loss)
+
+
+def test_rejects_mismatched_outputs():
+    x, y = data(8)
+    with pytest.raises(ValueError, match="same classes"):
+        distill_into(mlp(4, 0, classes=4), [mlp(4, 1, classes=3)], x, y)
+    with pytest.raises(ValueError, match="at least one child"):
+        distill_into(mlp(4, 0), [], x, y)
+
+
+def test_served_model_learns_a_slice_only_a_child_of_another_architecture_knows():
+    from daemon.learn.training import accuracy
+
+    x, y = data(400)
+    old = y < 2                                   # slice the served model knows: classes 0, 1
+    served = mlp(16, 0)
+    train_epochs(served, x[old], y[old], epochs=20, lr=1e-2, generator=torch.Generator().manual_seed(0))
+    child = mlp(48, 5)                            # wider: its weights cannot be merged by task vectors
+    train_epochs(child, x, y, epochs=20, lr=1e-2, generator=torch.Generator().manual_seed(1))
+    new = ~old
+    before_new = accuracy(served, x[new], y[new])
+    # labels unused (alpha 0): everything the served model learns about classes 2, 3 comes from the child
+    distill_into(served, [child], x, y, temperature=2.0, alpha=0.0, beta=1.0, epochs=10, lr=1e-2,
+                 child_epochs=0, generator=torch.Generator().manual_seed(2))
+    assert before_new < 0.1
+    assert accuracy(served, x[new], y[new]) > 0.6
+    assert accuracy(served, x[old], y[old]) > 0.8

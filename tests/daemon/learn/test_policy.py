@@ -1,0 +1,39 @@
+"""The decision table of daemon/policy.py, row by row."""
+
+import pytest
+
+from daemon.learn.policy import Observation, Thresholds, decide
+
+TH = Thresholds(kl=0.5, accuracy=0.7)
+
+
+@pytest.mark.parametrize("obs, action, child, drift", [
+    (Observation(accuracy=0.9, kl=0.1), "keep", None, False),
+    (Observation(accuracy=0.9, kl=3.0), "keep", None, True),                      # drift, but copes
+    (Observation(accuracy=0.7, kl=0.1), "keep", None, False),                     # threshold is inclusive
+    (Observation(accuracy=0.5, kl=0.2), "spawn", None, False),                    # seed rule: low KL, low acc
+    (Observation(accuracy=0.5, kl=4.0), "spawn", None, True),                     # no child yet
+    (Observation(accuracy=0.5, kl=4.0, nearest_child="c1", nearest_kl=0.3), "retrain", "c1", True),
+    (Observation(accuracy=0.5, kl=4.0, nearest_child="c1", nearest_kl=0.5), "spawn", None, True),  # KL not < thr
+    (Observation(accuracy=0.1, kl=0.2, nearest_child="c2", nearest_kl=2.0), "spawn", None, False),
+])
+def test_decision_table(obs, action, child, drift):
+    verdict = decide(obs, TH)
+    assert (verdict.action, verdict.child, verdict.drift) == (action, child, drift)
+    assert verdict.reason  # every decision says why
+
+
+def test_spawned_children_inherit():
+    assert decide(Observation(accuracy=0.1, kl=9.0), TH).inherit is True
+
+
+def test_spawn_method_table():
+    from daemon.learn.policy import spawn_method
+
+    assert spawn_method("auto", compact=True, parent_knows_classes=True) == "hkt"
+    assert spawn_method("auto", compact=True, parent_knows_classes=False) == "hkt"
+    assert spawn_method("auto", compact=False, parent_knows_classes=True) == "copy"
+    assert spawn_method("auto", compact=False, parent_knows_classes=False) == "copy"   # merges in weight space
+    assert spawn_method("scratch", compact=False, parent_knows_classes=True) == "scratch"
+    with pytest.raises(ValueError, match="copy"):
+        spawn_method("copy", compact=True, parent_knows_classes=True)

@@ -1,0 +1,74 @@
+"""/healthz, /readyz and /metrics of a running service on real servers; /readyz flips when Redis
+goes away and comes back; JSON logs are one object per line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import urllib.error
+import urllib.request
+
+from daemon.service.logs import JsonFormatter
+from daemon.service.service import Service
+from tests.conftest import service_settings, wait_until
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=3) as reply:
+            return reply.status, reply.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_health_ready_and_metrics_follow_redis(kafka, restartable_redis, unique, produce_tabular):
+    settings = service_settings(kafka.address, restartable_redis.address, unique)
+    service = Service(settings)
+    thread = threading.Thread(target=service.run, daemon=True)
+    thread.start()
+    assert wait_until(lambda: service.health_server is not None)
+    base = service.health_server.url
+    assert _get(base + "/healthz")[0] == 200
+    assert wait_until(lambda: _get(base + "/readyz")[0] == 200)
+
+    produce_tabular(kafka.address, settings.kafka.topic, "a", 3, "a")
+    assert wait_until(lambda: service.engine.counters.batches == 3)
+    status, body = _get(base + "/metrics")
+    text = body.decode()
+    assert status == 200
+    for name in ("filial_batches_total", "filial_samples_total", "filial_consumer_lag", "filial_decode_failures",
+                 "filial_prequential_accuracy", "filial_drift_decisions_total", "filial_children",
+                 "filial_merges", "filial_publish_seconds", "filial_last_checkpoint_age_seconds",
+                 "filial_dependency_up"):
+        assert name in text, name
+    assert 'filial_batches_total{slice="a"} 3.0' in text
+    assert 'filial_samples_total{slice="a"} 96.0' in text
+    assert "filial_publish_seconds_count{reason=\"bootstrap\"} 1.0" in text, [l for l in text.splitlines() if "publish" in l]
+
+    restartable_redis.stop()
+    assert wait_until(lambda: _get(base + "/readyz")[0] == 503, timeout=10)
+    status, body = _get(base + "/readyz")
+    report = json.loads(body)
+    assert report["status"] == "degraded" and any(p.startswith("redis unavailable") for p in report["problems"])
+    status, body = _get(base + "/healthz")  # alive, riding the outage out: not a reason to restart it
+    assert status == 200 and json.loads(body)["status"] == "degraded"
+    assert 'filial_dependency_up{dependency="redis"} 0.0' in _get(base + "/metrics")[1].decode()
+
+    restartable_redis.start()
+    assert wait_until(lambda: _get(base + "/readyz")[0] == 200, timeout=10)
+    report = json.loads(_get(base + "/readyz")[1])
+    assert report["status"] == "ok" and report["problems"] == []
+    service.stop()
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+
+
+def test_json_logs_are_one_object_per_line():
+    record = logging.LogRecord("filial.service", logging.WARNING, __file__, 1, "redis unavailable (%s)",
+                               ("refused",), None)
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    payload = json.loads(line)
+    assert payload["level"] == "WARNING" and payload["logger"] == "filial.service"
+    assert payload["message"] == "redis unavailable (refused)"

@@ -1,0 +1,352 @@
+"""``make chaos``: SIGKILL the daemon at random dangerous moments, restart it, then audit Redis.
+
+1. Starts an embedded broker and Redis (this process owns them; the daemon is a subprocess).
+2. A producer thread streams a known sequence of tabular batches (scikit-learn digits, three
+   slices: as-is and two feature permutations, so there is drift, children and merges), each
+   with a ``batch_id`` header ``chaos-<n>``, at ``--rate`` batches per second.
+3. ``filial run`` runs as a subprocess with ``FILIAL_CHAOS_TRACE`` (daemon.service.failpoints), so it
+   appends ``begin/at/end <phase>`` lines around training a batch, planning a merge, writing a
+   version and saving a checkpoint, and ``FILIAL_CHAOS_PAUSE`` holds each "at" point open. For
+   each kill a target phase is drawn (train, merge, publish, checkpoint, or any moment), the
+   driver waits for that marker and sends SIGKILL. Which moment was actually interrupted is read
+   back from the trace after the kill (the last ``begin``/``at`` without its ``end``), not assumed.
+4. After the last kill the daemon runs until every produced batch is in a durable checkpoint,
+   then is stopped with SIGTERM.
+5. The audit reads only Redis: the final checkpoint's applied batch ids and batch counter
+   (applied = produced ids present; applied twice = batches counted minus distinct ids; lost =
+   produced ids absent), and every version: numbers 1..latest without gaps, one publish id each,
+   no two versions with the same (reason, parent, weights), and every event's manifest and
+   weights present and verified (sha256 + HMAC).
+
+The last stdout line is one JSON object; it and the driver's log go to ``<out-dir>/chaos.json``
+and ``<out-dir>/chaos.log``. Run: ``python -m tools.chaos`` (``make chaos``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+log = logging.getLogger("filial.chaos")
+
+PHASES = ("train", "merge", "publish", "checkpoint")
+SIGNING_KEY = "chaos-signing-key"
+RISKY_POINT = {"train": "batch applied in memory", "merge": "planned and gated, not yet published",
+               "publish": "version written, not yet adopted or checkpointed",
+               "checkpoint": "checkpoint saved, offsets not yet committed"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kills", type=int, default=12, help="SIGKILLs to deliver (default 12)")
+    parser.add_argument("--batches", type=int, default=600, help="batches to produce (default 600)")
+    parser.add_argument("--rows", type=int, default=64, help="rows per batch (default 64)")
+    parser.add_argument("--rate", type=float, default=5.0, help="batches per second produced (default 5)")
+    parser.add_argument("--pause", type=float, default=0.3, help="seconds each risky point is held open")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out-dir", default="bench-results")
+
+
+# --- the stream -------------------------------------------------------------------------------------
+def _stream(n: int, rows: int, seed: int):
+    import torch
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.from_numpy(bunch.data).float() / 16.0
+    y = torch.from_numpy(bunch.target).long()
+    gen = torch.Generator().manual_seed(seed)
+    slices = {"plain": torch.arange(64), "perm1": torch.randperm(64, generator=gen),
+              "perm2": torch.randperm(64, generator=gen)}
+    names = list(slices)
+    for i in range(n):
+        name = names[min(i * len(names) // n, len(names) - 1)]
+        lo = (i * rows) % (len(y) - rows)
+        yield f"chaos-{i}", name, x[lo:lo + rows][:, slices[name]].contiguous(), y[lo:lo + rows].contiguous()
+
+
+class Producer(threading.Thread):
+    def __init__(self, bootstrap: str, topic: str, n: int, rows: int, rate: float, seed: int) -> None:
+        super().__init__(name="chaos-producer", daemon=True)
+        self.bootstrap, self.topic, self.n, self.rows, self.rate, self.seed = bootstrap, topic, n, rows, rate, seed
+        self.ids: list[str] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        from kafka import KafkaProducer
+
+        from consumers.wire import encode_batch
+
+        try:
+            producer = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=2)
+            started = time.monotonic()
+            for i, (batch_id, name, x, y) in enumerate(_stream(self.n, self.rows, self.seed)):
+                value, headers = encode_batch(x, y, name, "tabular", batch_id)
+                producer.send(self.topic, value=value, headers=headers).get(timeout=30)
+                self.ids.append(batch_id)
+                time.sleep(max(0.0, (i + 1) / self.rate - (time.monotonic() - started)))
+            producer.close(timeout=10)
+        except BaseException as exc:  # reported by the driver
+            self.error = exc
+
+
+# --- the daemon under test -----------------------------------------------------------------------------
+class Daemon:
+    def __init__(self, kafka: str, redis_url: str, name: str, trace: Path, log_path: Path, pause: float) -> None:
+        self.trace, self.log_path = trace, log_path
+        self.args = [sys.executable, "-m", "daemon.cli", "run", "--kafka-bootstrap", kafka, "--redis-url", redis_url,
+                     "--topic", f"{name}.in", "--dead-letter-topic", f"{name}.dlq", "--group-id", name,
+                     "--redis-prefix", name, "--kafka-session-timeout-ms", "6000", "--model-family", "tabular_mlp",
+                     "--device", "cpu", "--bootstrap-batches", "4", "--bootstrap-epochs", "3",
+                     "--bootstrap-accuracy", "0.5", "--accuracy-threshold", "0.9", "--child-epochs", "3",
+                     "--train-batch-size", "16", "--merge-after-child-updates", "6",
+                     "--merge-interval-seconds", "5", "--merge-tolerance", "0.05", "--checkpoint-every-batches", "5",
+                     "--checkpoint-every-seconds", "2", "--keep-versions", "100000", "--signing-key", SIGNING_KEY,
+                     "--health-port", "0", "--publish-drain-seconds", "5", "--backoff-max-seconds", "2"]
+        self.env = {**os.environ, "FILIAL_CHAOS_TRACE": str(trace), "FILIAL_CHAOS_PAUSE": str(pause),
+                    "PYTHONUNBUFFERED": "1"}
+        self.proc: subprocess.Popen | None = None
+        self.life = 0
+
+    def start(self) -> int:
+        """Start a new life; returns the trace position it starts from."""
+        self.life += 1
+        with open(self.trace, "a") as fh:
+            fh.write(f"{time.monotonic():.6f} life {self.life}\n")
+        logfile = open(self.log_path, "a")
+        logfile.write(f"\n===== life {self.life} =====\n")
+        logfile.flush()
+        self.proc = subprocess.Popen(self.args, env=self.env, stdout=logfile, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+        logfile.close()
+        return self.trace.stat().st_size
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def terminate(self, timeout: float = 120.0) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def _trace_lines(trace: Path, since: int) -> list[str]:
+    with open(trace) as fh:
+        fh.seek(since)
+        return fh.read().splitlines()
+
+
+def _interrupted(lines: list[str]) -> str:
+    """The phase the process was inside when it died: the innermost begin/at without its end."""
+    open_phases: list[str] = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) != 3:
+            continue
+        _, kind, phase = parts
+        if kind == "begin":
+            open_phases.append(phase)
+        elif kind == "at":
+            open_phases = [p for p in open_phases if p != phase] + [f"{phase} ({RISKY_POINT[phase]})"]
+        elif kind == "end":
+            open_phases = [p for p in open_phases if not p.startswith(phase)]
+    return open_phases[-1] if open_phases else "between phases"
+
+
+def _wait_for_marker(trace: Path, since: int, target: str, timeout: float, alive) -> bool:
+    """Poll the trace (1 ms) for ``at <target>`` (or ``begin train``) after ``since``."""
+    want = "begin train" if target == "train" else f"at {target}"
+    deadline = time.monotonic() + timeout
+    with open(trace) as fh:
+        fh.seek(since)
+        buffer = ""
+        while time.monotonic() < deadline and alive():
+            chunk = fh.read()
+            if chunk:
+                buffer += chunk
+                lines = buffer.split("\n")
+                buffer = lines[-1]
+                if any(line.endswith(want) for line in lines[:-1]):
+                    return True
+            else:
+                time.sleep(0.001)
+    return False
+
+
+def _wait_ready(daemon: Daemon, since_log: int, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and daemon.running():
+        with open(daemon.log_path) as fh:
+            fh.seek(since_log)
+            if "consuming " in fh.read():
+                return True
+        time.sleep(0.1)
+    return False
+
+
+# --- the audit ----------------------------------------------------------------------------------------
+def audit(redis_url: str, prefix: str, produced: list[str]) -> dict:
+    from zoo_store.connection import connect
+    from zoo_store.follow import Follower, VerificationError
+    from zoo_store.keys import Keys
+    from zoo_store.versions import VersionNotFound
+
+    client = connect(redis_url)
+    keys = Keys(prefix)
+    meta = json.loads(client.get(keys.checkpoint_meta))
+    ids = meta["recent_batch_ids"]
+    applied = set(ids) & set(produced)
+    follower = Follower(client, line="main", prefix=prefix, signing_key=SIGNING_KEY.encode())
+    versions = follower.store.versions("main")
+    latest = follower.latest_version() or 0
+    without_data, manifests = [], []
+    for v in versions:
+        try:
+            manifest = follower.manifest(v)
+            follower.verify(manifest, follower.store.weights("main", v))
+            manifests.append(manifest)
+        except (VersionNotFound, VerificationError) as exc:
+            without_data.append({"version": v, "why": str(exc)})
+    same_publish = Counter((m.reason, m.parent_version, m.weights_sha256) for m in manifests)
+    parents = Counter(m.parent_version for m in manifests if m.parent_version is not None)
+    return {
+        "batches_produced": len(produced),
+        "batches_applied": len(applied),
+        "batches_lost": len(set(produced) - applied),
+        "batches_applied_twice": meta["counters"]["batches"] - len(set(ids)),
+        "versions": versions,
+        "version_gaps": len(set(range(1, latest + 1)) - set(versions)),
+        "duplicate_versions": (sum(n - 1 for n in same_publish.values())
+                               + sum(n - 1 for n in Counter(m.publish_id for m in manifests).values())),
+        "events_without_data": len(without_data),
+        "served_version": meta["served_version"],
+        "latest_version": latest,
+        "publish_ids": client.hlen(keys.line("main").publish_ids),
+        # written, then a crash hit before the engine adopted and checkpointed it; the restarted daemon
+        # published a different state from the same parent (the orphan stays valid, verifiable data)
+        "orphaned_versions": [m.version for m in manifests
+                              if m.version != meta["served_version"] and m.version not in parents],
+        "duplicates_skipped": meta["counters"]["duplicates_skipped"],
+        "merges_accepted": meta["counters"]["merges_accepted"],
+        "children_spawned": meta["counters"]["children_spawned"],
+        "problems": without_data,
+    }
+
+
+# --- the run ------------------------------------------------------------------------------------------
+def main(args: argparse.Namespace) -> dict:
+    from daemon.service.embedded import EmbeddedKafka, EmbeddedRedis
+    from zoo_store.connection import connect
+    from zoo_store.keys import Keys
+
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out / "chaos.log", mode="w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+    rng = random.Random(args.seed)
+    work = Path(tempfile.mkdtemp(prefix="filial-chaos-"))
+    trace, daemon_log = work / "trace.txt", out / "chaos-daemon.log"
+    trace.touch()
+    daemon_log.write_text("")
+    started = time.monotonic()
+    name = f"chaos{int(time.time())}"
+    with EmbeddedKafka() as kafka, EmbeddedRedis() as redis_server:
+        kafka.create_topics({f"{name}.in": 2, f"{name}.dlq": 1})
+        daemon = Daemon(kafka.address, redis_server.address, name, trace, daemon_log, args.pause)
+        producer = Producer(kafka.address, f"{name}.in", args.batches, args.rows, args.rate, args.seed)
+        producer.start()
+        kills = []
+        targets = [PHASES[i % len(PHASES)] for i in range(args.kills)]
+        rng.shuffle(targets)
+        for i, target in enumerate(targets):
+            if rng.random() < 0.15:
+                target = "any"
+            log_size = daemon_log.stat().st_size
+            since = daemon.start()
+            if not _wait_ready(daemon, log_size):
+                raise RuntimeError(f"daemon did not start; see {daemon_log}")
+            time.sleep(rng.uniform(0.5, 3.0))  # somewhere into its life, not always at the first chance
+            if target == "any":
+                time.sleep(rng.uniform(0.0, 2.0))
+            else:
+                found = _wait_for_marker(trace, since, target, timeout=25.0, alive=daemon.running)
+                if not found:
+                    target = f"{target} (not reached in 25s: any moment)"
+            if not daemon.running():
+                raise RuntimeError(f"daemon exited by itself (code {daemon.proc.returncode}); see {daemon_log}")
+            daemon.kill()
+            moment = _interrupted(_trace_lines(trace, since))
+            kills.append({"kill": i + 1, "target": target, "interrupted": moment,
+                          "at_s": round(time.monotonic() - started, 1), "produced_so_far": len(producer.ids)})
+            log.info("kill %d: target %s, interrupted %s (%d batches produced so far)", i + 1, target, moment,
+                     len(producer.ids))
+        producer.join()
+        if producer.error:
+            raise RuntimeError(f"producer failed: {producer.error}")
+        # last life: run until every batch is in a durable checkpoint, then stop cleanly
+        log_size = daemon_log.stat().st_size
+        daemon.start()
+        _wait_ready(daemon, log_size)
+        client = connect(redis_server.address)
+        meta_key = Keys(name).checkpoint_meta
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            raw = client.get(meta_key)
+            if raw and set(producer.ids) <= set(json.loads(raw)["recent_batch_ids"]):
+                break
+            time.sleep(1.0)
+        code = daemon.terminate()
+        log.info("final life stopped with exit code %d", code)
+        summary = audit(redis_server.address, name, producer.ids)
+    moments = Counter(k["interrupted"].split(" ")[0] for k in kills)
+    result = {"kills": len(kills), **{k: summary[k] for k in (
+        "batches_produced", "batches_applied", "batches_lost", "batches_applied_twice", "versions", "version_gaps",
+        "duplicate_versions", "events_without_data")},
+              "interrupted": dict(moments), "served_version": summary["served_version"],
+              "orphaned_versions": summary["orphaned_versions"], "duplicates_skipped": summary["duplicates_skipped"],
+              "merges_accepted": summary["merges_accepted"], "seconds": round(time.monotonic() - started, 1),
+              "kill_log": kills, "problems": summary["problems"]}
+    (out / "chaos.json").write_text(json.dumps(result, indent=2))
+    log.info("result: %s", json.dumps({k: v for k, v in result.items() if k != "kill_log"}))
+    return result
+
+
+def cli() -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.chaos", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s [chaos] %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+    for noisy in ("kafka", "filial.embedded"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    result = main(args)
+    order = ["kills", "batches_produced", "batches_applied", "batches_lost", "batches_applied_twice", "versions",
+             "version_gaps", "duplicate_versions", "events_without_data"]
+    last = {k: result[k] for k in order}
+    print(json.dumps(last), flush=True)
+    ok = all(result[k] == 0 for k in ("batches_lost", "batches_applied_twice", "version_gaps", "duplicate_versions",
+                                      "events_without_data"))
+    return 0 if ok and result["kills"] >= 10 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
