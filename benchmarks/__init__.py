@@ -1,4 +1,9 @@
-"""Benchmarks behind ``filial bench``. Each prints progress on stderr and one JSON object last on stdout."""
+"""Benchmarks behind ``filial bench``. Each prints progress on stderr and one JSON object last on stdout.
+
+Outside the runtime, like tools/: they need the ``tools`` extra (``pip install 'filial[tools]'``) and
+only the CLI's ``bench`` subcommand imports them. Each module has ``add_arguments(parser)`` and
+``main(args) -> dict``.
+"""
 
 from __future__ import annotations
 

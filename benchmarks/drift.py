@@ -5,8 +5,8 @@ A CNN is trained on upright MNIST-5k (the "served model"); its reference fingerp
 reference; 512 is the default ``reference_size``). Batches of ``--batch-size`` rows from held-out
 data under each shift (none, rotation 30/90°, gaussian noise, pixel permutation) are scored with
 
-- ``feature``: the project's estimator (daemon/drift.py: diagonal-Gaussian KL(batch || reference)
-  on the top-8 principal axes of the model's penultimate features);
+- ``feature``: the project's detector (:class:`daemon.learn.drift.FeatureKL`: diagonal-Gaussian
+  KL(batch || reference) on the top-8 principal axes of the model's penultimate features);
 - ``pixel_histogram``: mean over pixels of a 16-bin histogram KL(batch || reference) with add-one
   smoothing, the usual raw-data baseline (what Evidently/Frouros-style detectors do per column).
 
@@ -25,9 +25,9 @@ import torch
 from tools.datasets import load_dataset
 from tools.scenarios import parse_phase
 from benchmarks import progress
-from daemon.learn.drift import Fingerprint, calibrate_threshold, feature_kl
-from daemon.learn.families import infer_architecture
-from daemon.learn.training import embed, model_input, train_epochs
+from daemon.learn.drift import FeatureKL, calibrate_threshold
+from daemon.learn.models import infer_architecture
+from daemon.learn.training import embed, fit, model_input
 
 SHIFTS = ("same=identity", "rot30=rotate:30", "rot90=rotate:90", "noise100=noise:100", "permuted=permute:7")
 
@@ -72,8 +72,8 @@ def main(args: argparse.Namespace) -> dict:
     arch = infer_architecture(ds.data_type, ds.x[:1], ds.num_classes, None)
     model = arch.build()
     _log(f"training the served model on {half} upright rows for {args.epochs} epochs")
-    train_epochs(model, model_input(ds.x[train_idx], ds.data_type), ds.y[train_idx], epochs=args.epochs, lr=1e-3,
-                 batch_size=64, generator=gen)
+    fit(model, model_input(ds.x[train_idx], ds.data_type), ds.y[train_idx], epochs=args.epochs, lr=1e-3,
+        batch_size=64, generator=gen)
     model.eval()
 
     results: dict[str, dict] = {}
@@ -81,7 +81,7 @@ def main(args: argparse.Namespace) -> dict:
     for ref_size in args.reference_sizes:
         ref_x = ds.x[train_idx[torch.randperm(half, generator=gen)[:ref_size]]]
         ref_features = embed(model, model_input(ref_x, ds.data_type))
-        fingerprint = Fingerprint.of(ref_features)
+        detector = FeatureKL.fit(ref_features)
         calibrated[str(ref_size)] = round(calibrate_threshold(ref_features, args.batch_size, 0.01), 3)
         for spec in SHIFTS:
             phase = parse_phase(spec)
@@ -89,7 +89,7 @@ def main(args: argparse.Namespace) -> dict:
             for _ in range(args.trials):
                 pick = held_idx[torch.randperm(len(held_idx), generator=gen)[:args.batch_size]]
                 x, _ = phase.apply(ds.x[pick], ds.y[pick])
-                feature.append(feature_kl(embed(model, model_input(x, ds.data_type)), fingerprint))
+                feature.append(detector.score(embed(model, model_input(x, ds.data_type))))
                 pixel.append(pixel_histogram_kl(x, ref_x))
             entry = results.setdefault(phase.name, {})
             entry[f"ref{ref_size}"] = {

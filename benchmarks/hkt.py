@@ -9,9 +9,10 @@ stream of small rotations / pixel noise so that low-KL slices exist too), a pare
 is trained on slice 0. For every later slice, children are trained on that slice's training part
 with the SAME budget (same epochs, batch size, mini-batch order, Adam lr):
 
-- ``hkt``: a child of width ``W * ratio`` (default half) from :func:`daemon.learn.hkt.spawn_child` with
-  the default :class:`daemon.learn.hkt.HKTSettings` (the authors' Genetic Attention and three-term
-  loss, alpha 0.6, penultimate stage; started from the parent's leading channels, ``inherit=auto``);
+- ``hkt``: a child of width ``W * ratio`` (default half) from :func:`daemon.learn.inherit.spawn.spawn_child`
+  as the engine spawns it (the authors' Genetic Attention and three-term loss, alpha 0.6,
+  penultimate stage, :class:`daemon.learn.inherit.hkt.HKTLoss`; started from the parent's leading
+  channels, the head only for classes the parent knows: ``inherit=auto``);
 - ``scratch``: the same compact child, cross-entropy only;
 - ``kd``: the same compact child, Hinton KD from the parent (T = 4, 0.5 CE + 0.5 T² KL);
 - ``ct``: Child-Tuning (task-driven, Fisher top 30 %) of a full-size copy of the parent;
@@ -23,14 +24,17 @@ Variants are written ``name:key=value,...``, e.g. ``hkt:alpha=0.9``, ``hkt:stage
 ``ct:mode=bernoulli,p=0.3``, ``kd:t=2,alpha=0.9,beta=0.1``, ``scratch:inherit=auto`` (HKT's
 weight inheritance without its loss), ``copy:inherit=auto`` (copy; the head only for known
 classes). Defaults: ``hkt, hkt:weights=1/1/0, scratch, scratch:inherit=auto, kd, ct, copy,
-copy:inherit=auto, scratch_full``.
+copy:inherit=auto, scratch_full``. The variants (loss weights, learned gates, inheritance modes)
+live here, not in the daemon: :class:`HKTVariant` and :func:`inherit_variant` build them from the
+daemon's parts, and every method trains through the daemon's one loop,
+:func:`daemon.learn.training.fit`.
 
 Reported per slice and method: held-out (test split) accuracy after each of ``--eval-epochs``
 (default 1, 2, 5) as mean ± std over ``--seeds`` seeds; per method the parameter count and CPU
 inference latency of its architecture (1 thread; batch-1 median and a batch of 256, best of 3).
 Per slice: the parent's accuracy before any training, the share of the slice's classes the parent
-knows (:func:`daemon.learn.hkt.known_classes`) and the drift KL of the slice against the parent's
-reference with the project's estimator (:mod:`daemon.learn.drift`: parent penultimate features, 8 PCA
+knows (:func:`daemon.learn.inherit.spawn.known_classes`) and the drift KL of the slice against the parent's
+reference with the project's detector (:class:`daemon.learn.drift.FeatureKL`: parent penultimate features, 8 PCA
 components, reference = 512 rows of slice 0, batches of 100 rows, mean over the slice's batches).
 
 The spawn-policy table groups slices by what the engine can measure at spawn time (KL below or
@@ -41,6 +45,9 @@ Subsampled to stay within ~12 min on a shared 2-core machine: 3 slices per strea
 500 training rows per slice, 3 seeds (``--slices 5 --max-train 0`` for the full streams). The last
 stdout line is one JSON object; ``<out-dir>/hkt.json`` and the learning-curve plot
 ``<out-dir>/hkt.png`` are written. Run: ``filial bench hkt`` (or ``python -m benchmarks.hkt``).
+
+Over 300 lines because it is one experiment end to end: the method variants it ablates, the
+streams, the runs, the spawn-policy table and the plot read best together.
 """
 
 from __future__ import annotations
@@ -49,8 +56,10 @@ import argparse
 import json
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -58,11 +67,13 @@ from torch import nn
 from tools.datasets import load_dataset
 from tools.scenarios import Slice, continual_stream, parse_phase
 from benchmarks import progress
-from daemon.learn.distill import hinton_loss, tempered_softmax
-from daemon.learn.drift import Fingerprint, feature_kl
-from daemon.learn.families import Architecture, parameter_count
-from daemon.learn.hkt import HKTSettings, compact_architecture, inherit_for_spawn, known_classes, spawn_child
-from daemon.learn.training import accuracy, embed, minibatches, model_input, train_epochs
+from daemon.learn.drift import FeatureKL
+from daemon.learn.inherit.hkt import HKTLoss, channels_and_size
+from daemon.learn.inherit.spawn import (compact_architecture, fresh_like, inherit_for_spawn, inherit_weights,
+                                        known_classes, spawn_child)
+from daemon.learn.merging.distill import KnowledgeDistillation
+from daemon.learn.models import Architecture, parameter_count
+from daemon.learn.training import EpochCallback, accuracy, embed, fit, model_input
 
 STREAMS = ("split", "permuted", "rotated", "mild")
 DEFAULT_METHODS = ("hkt,hkt:weights=1/1/0,scratch,scratch:inherit=auto,kd,ct,copy,copy:inherit=auto,"
@@ -144,20 +155,93 @@ def _split_plain(text: str) -> list[str]:
     return out
 
 
-def hkt_settings(spec: MethodSpec, n_stages: int) -> HKTSettings:
+INHERIT_MODES = ("none", "stages", "all", "auto")
+GATE_LR_FACTOR = 10.0   # a spawn trains for a few epochs only: gates at the base lr barely leave alpha0
+
+
+class ChannelGates(nn.Module):
+    """Learned per-channel alpha in (0, 2*alpha0), starting at alpha0 (``hkt:gates=1``)."""
+
+    def __init__(self, channels: int, alpha: float, ndim: int) -> None:
+        super().__init__()
+        self.alpha0 = alpha
+        self.logit = nn.Parameter(torch.zeros(channels))
+        self.ndim = ndim
+
+    def forward(self) -> torch.Tensor:
+        a = 2 * self.alpha0 * torch.sigmoid(self.logit)
+        if self.ndim == 4:
+            return a.view(1, -1, 1, 1)
+        if self.ndim == 3:
+            return a.view(1, 1, -1)
+        return a.view(1, -1)
+
+
+class HKTVariant(HKTLoss):
+    """The daemon's HKT loss with the knobs this bench ablates: the three terms' ``weights`` (a zero
+    reverse weight drops the reverse-mix pass and its projections) and learned per-channel
+    ``gates`` in place of the fixed alpha (trained at ``lr * GATE_LR_FACTOR``)."""
+
+    def __init__(self, parent: nn.Module, *, stages: tuple[int, ...] | None, alpha: float,
+                 weights: tuple[float, ...], gates: bool, lr: float) -> None:
+        super().__init__(parent, stages=stages, alpha=alpha)
+        if len(weights) != 3 or any(w < 0 for w in weights):
+            raise SystemExit(f"HKT weights must be three non-negative numbers, got {weights!r}")
+        self.weights, self.reverse, self.gates, self.lr = weights, weights[2] > 0, gates, lr
+
+    @contextmanager
+    def bind(self, model: nn.Module, x: torch.Tensor) -> Iterator[list]:
+        with super().bind(model, x) as params:
+            if self.gates:
+                p_shapes, c_shapes = self.shapes
+                device = next(model.parameters()).device
+                self.gates_fwd = nn.ModuleDict({str(k): ChannelGates(channels_and_size(c_shapes[k])[0], self.alpha,
+                                                                     len(c_shapes[k]) + 1)
+                                                for k in self.stages}).to(device)
+                self.gates_rev = nn.ModuleDict({str(k): ChannelGates(channels_and_size(p_shapes[k])[0], self.alpha,
+                                                                     len(p_shapes[k]) + 1)
+                                                for k in self.stages}).to(device)
+                params = params + [{"params": [*self.gates_fwd.parameters(), *self.gates_rev.parameters()],
+                                    "lr": self.lr * GATE_LR_FACTOR}]
+            yield params
+
+    def alpha_at(self, direction: str, stage: int) -> float | torch.Tensor:
+        if not self.gates:
+            return self.alpha
+        return (self.gates_fwd if direction == "fwd" else self.gates_rev)[str(stage)]()
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.terms(model, x, y)
+        w = self.weights
+        out["total"] = w[0] * out["child"] + w[1] * out["mix"] + (w[2] * out["reverse"] if "reverse" in out else 0)
+        return out
+
+
+def hkt_variant(spec: MethodSpec, parent: nn.Module, lr: float) -> HKTVariant:
     """``stages``: ``default`` | ``all`` | indices joined by ``/``; ``weights``: three numbers joined
     by ``/`` (a zero reverse weight drops the reverse-mix pass)."""
     stages = spec.opt("stages", "default")
     if stages == "default":
         chosen = None
     elif stages == "all":
-        chosen = tuple(range(n_stages))
+        chosen = tuple(range(len(parent.stages)))
     else:
         chosen = tuple(int(s) for s in stages.split("/"))
     weights = tuple(float(w) for w in spec.opt("weights", "1/1/1").split("/"))
-    return HKTSettings(stages=chosen, alpha=float(spec.opt("alpha", "0.6")), weights=weights,
-                       gates=spec.opt("gates", "0") in ("1", "true"), reverse=weights[2] > 0,
-                       inherit=spec.opt("inherit", HKTSettings.inherit))
+    return HKTVariant(parent, stages=chosen, alpha=float(spec.opt("alpha", "0.6")), weights=weights,
+                      gates=spec.opt("gates", "0") in ("1", "true"), lr=lr)
+
+
+def inherit_variant(parent: nn.Module, child: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str) -> list[str]:
+    """A new child's start: ``none``, ``stages`` (the parent's feature blocks), ``all`` (blocks and
+    head) or ``auto`` (the daemon's :func:`inherit_for_spawn`: the head only for known classes)."""
+    if mode not in INHERIT_MODES:
+        raise SystemExit(f"inherit must be one of {', '.join(INHERIT_MODES)}, got {mode!r}")
+    if mode == "none":
+        return []
+    if mode == "auto":
+        return inherit_for_spawn(parent, child, x, y)
+    return inherit_weights(parent, child, ("stages.",) if mode == "stages" else ("stages.", "head."))
 
 
 # ---------------------------------------------------------------------------- data
@@ -224,25 +308,6 @@ def build_task(task: str, stream: str, args) -> Task:
 
 # ---------------------------------------------------------------------------- training
 
-def train_kd(parent: nn.Module, child: nn.Module, x, y, *, epochs: int, lr: float, batch_size: int,
-             generator: torch.Generator, on_epoch, temperature: float = 4.0, alpha: float = 0.5,
-             beta: float = 0.5) -> None:
-    """Hinton KD (daemon.learn.distill.hinton_loss), teacher under no_grad, same batches as the others."""
-    optimizer = torch.optim.Adam(child.parameters(), lr=lr)
-    parent.eval()
-    for epoch in range(1, epochs + 1):
-        child.train()
-        for idx in minibatches(len(x), batch_size, generator):
-            with torch.no_grad():
-                teacher = tempered_softmax(parent(x[idx]), temperature)
-            loss = hinton_loss(child(x[idx]), y[idx], teacher, temperature, alpha, beta)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        child.eval()
-        on_epoch(epoch, child, {})
-
-
 def run_method(spec: MethodSpec, parent: nn.Module, task: Task, sl: SliceData, args, seed: int,
                eval_epochs: list[int]) -> tuple[dict[int, float], nn.Module, float]:
     """Train one child; returns held-out accuracy after each eval epoch, the child, and seconds."""
@@ -257,34 +322,40 @@ def run_method(spec: MethodSpec, parent: nn.Module, task: Task, sl: SliceData, a
 
     compact = compact_architecture(task.arch, args.ratio)
     start = time.perf_counter()
-    common = dict(epochs=epochs, lr=args.lr, batch_size=args.batch_size, generator=gen, on_epoch=on_epoch)
-    if spec.kind == "hkt":
-        settings = hkt_settings(spec, len(parent.stages))
-        child = spawn_child(parent, compact, sl.x, sl.y, method="hkt", settings=settings, **common)
+    hooks = [EpochCallback(on_epoch)]
+    common = dict(epochs=epochs, lr=args.lr, batch_size=args.batch_size, generator=gen)
+    if spec.kind == "hkt" and not spec.options:
+        child = spawn_child(parent, compact, sl.x, sl.y, method="hkt", hooks=hooks, **common)
+    elif spec.kind == "hkt":
+        # as spawn_child's "hkt" does, with this bench's variant of the start and of the loss
+        child = compact.build().to(next(parent.parameters()).device)
+        inherit_variant(parent, child, sl.x, sl.y, spec.opt("inherit", "auto"))
+        fit(child, sl.x, sl.y, loss=hkt_variant(spec, parent, args.lr), hooks=hooks, **common)
     elif spec.kind == "scratch" and spec.opt("inherit", "none") != "none":
         # ablation: HKT's weight inheritance without its loss (compact child, cross-entropy only)
         child = compact.build()
-        inherit_for_spawn(parent, child, sl.x, sl.y, HKTSettings(inherit=spec.opt("inherit")))
-        optimizer = torch.optim.Adam(child.parameters(), lr=args.lr)
-        for epoch in range(1, epochs + 1):
-            train_epochs(child, sl.x, sl.y, epochs=1, lr=args.lr, batch_size=args.batch_size, generator=gen,
-                         optimizer=optimizer)
-            on_epoch(epoch, child, {})
+        inherit_variant(parent, child, sl.x, sl.y, spec.opt("inherit"))
+        fit(child, sl.x, sl.y, hooks=hooks, **common)
     elif spec.kind == "scratch":
-        child = spawn_child(parent, compact, sl.x, sl.y, method="scratch", **common)
+        child = spawn_child(parent, compact, sl.x, sl.y, method="scratch", hooks=hooks, **common)
     elif spec.kind == "scratch_full":
-        child = spawn_child(parent, task.arch, sl.x, sl.y, method="scratch", **common)
+        child = spawn_child(parent, task.arch, sl.x, sl.y, method="scratch", hooks=hooks, **common)
+    elif spec.kind == "copy" and spec.opt("inherit", "all") != "all":
+        # a full-size child that takes from the parent only what the inheritance mode says
+        child = fresh_like(parent)
+        inherit_variant(parent, child, sl.x, sl.y, spec.opt("inherit"))
+        fit(child, sl.x, sl.y, hooks=hooks, **common)
     elif spec.kind == "copy":
-        inherit = spec.opt("inherit")
-        child = spawn_child(parent, None, sl.x, sl.y, method="copy",
-                            settings=HKTSettings(inherit=inherit) if inherit else None, **common)
+        child = spawn_child(parent, None, sl.x, sl.y, method="copy", hooks=hooks, **common)
     elif spec.kind == "ct":
         child = spawn_child(parent, None, sl.x, sl.y, method="copy", child_tuning=spec.opt("mode", "fisher"),
-                            child_tuning_p=float(spec.opt("p", "0.3")), **common)
+                            child_tuning_p=float(spec.opt("p", "0.3")), hooks=hooks, **common)
     elif spec.kind == "kd":
+        # Hinton KD from the parent (T 4, 0.5 CE + 0.5 T^2 KL), the same batches as the others
         child = compact.build()
-        train_kd(parent, child, sl.x, sl.y, temperature=float(spec.opt("t", "4")),
-                 alpha=float(spec.opt("alpha", "0.5")), beta=float(spec.opt("beta", "0.5")), **common)
+        loss = KnowledgeDistillation([parent], temperature=float(spec.opt("t", "4")),
+                                     alpha=float(spec.opt("alpha", "0.5")), beta=float(spec.opt("beta", "0.5")))
+        fit(child, sl.x, sl.y, loss=loss, hooks=hooks, **common)
     else:  # pragma: no cover - parse_methods rejects it
         raise ValueError(spec.kind)
     return accs, child, time.perf_counter() - start
@@ -312,9 +383,9 @@ def latency(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
 
 def slice_kl(parent: nn.Module, reference_x: torch.Tensor, x: torch.Tensor, batch: int = 100) -> float:
     """KL(batch || parent reference) as the engine measures it, mean over the slice's batches."""
-    fp = Fingerprint.of(embed(parent, reference_x[:512]))
+    detector = FeatureKL.fit(embed(parent, reference_x[:512]))
     feats = embed(parent, x)
-    values = [feature_kl(feats[i:i + batch], fp) for i in range(0, len(feats) - batch + 1, batch)]
+    values = [detector.score(feats[i:i + batch]) for i in range(0, len(feats) - batch + 1, batch)]
     return float(sum(values) / max(len(values), 1))
 
 
@@ -339,7 +410,7 @@ def size_of(label: str) -> str:
 def policy_table(slices: list[dict], labels: list[str], kl_threshold: float, epochs: list[str]) -> dict:
     """The spawn decision by evidence. Slices are grouped by what the engine can measure at spawn
     time: drift KL (``< kl_threshold`` / ``>=``) and whether the parent knows the slice's classes
-    (``known`` >= 0.5, :func:`daemon.learn.hkt.known_classes`). Per group and child size: every method's
+    (``known`` >= 0.5, :func:`daemon.learn.inherit.spawn.known_classes`). Per group and child size: every method's
     mean accuracy, the best one, and inherit-vs-fresh win counts (hkt vs scratch; copy vs
     scratch_full)."""
     groups: dict[str, list[dict]] = {}
@@ -413,8 +484,8 @@ def run_task(task: Task, specs: list[MethodSpec], args, eval_epochs: list[int]) 
         torch.manual_seed(seed)
         parent = task.arch.build()
         first = task.slices[0]
-        train_epochs(parent, first.x, first.y, epochs=args.parent_epochs, lr=args.lr, batch_size=args.batch_size,
-                     generator=torch.Generator().manual_seed(1000 + seed))
+        fit(parent, first.x, first.y, epochs=args.parent_epochs, lr=args.lr, batch_size=args.batch_size,
+            generator=torch.Generator().manual_seed(1000 + seed))
         parent_acc0 = accuracy(parent, first.x_test, first.y_test)
         log(f"{task.name} seed {seed}: parent {task.arch.params} acc on {first.name} {parent_acc0:.3f}")
         for sl in task.slices[1:]:

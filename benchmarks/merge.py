@@ -9,7 +9,7 @@ the base itself). Reported per row: average accuracy over slices after the last 
 (``mean_j R[T-1][j]``), the worst slice, forgetting (``mean_{j<T-1} max_{i<T-1} R[i][j] - R[T-1][j]``),
 backward transfer (``mean_{j<T-1} R[T-1][j] - R[j][j]``) and the merge wall time.
 
-Rows, each made by :func:`daemon.learn.granularity.choose_plan` as the engine would call it:
+Rows, each made by :func:`daemon.learn.merging.controller.choose_plan` as the engine would call it:
 ``<method>@model`` (``method=<method>, level="model"``: the method at its defaults, no search);
 ``<method>@group`` / ``<method>@layer`` (that method only, its lambda per group / per layer
 searched over the scale grid); ``controller`` (``method="auto", level="auto"``: all methods,
@@ -17,12 +17,16 @@ scales and levels); ``seq_finetune`` (the last child, no merge: the forgetting r
 choice is made on VALIDATION data (a split of each slice's training part, slices seen so far
 only); every reported figure is on the test split, which no choice ever sees.
 
-Scale: 10 children of a ~10M-parameter state dict (random tensors); each method's ``merge_state``
-time over the ratio to one elementwise pass over the same 10 task vectors
-(``torch.stack(taus).sum(0)`` per tensor), the memory-bound floor.
+Scale: 10 children of a ~10M-parameter state dict (random tensors); each method's time to merge
+them (:func:`daemon.learn.merging.plans.apply_plan`, a model-level plan) as a ratio to one
+elementwise pass over the same 10 task vectors (``torch.stack(taus).sum(0)`` per tensor), the
+memory-bound floor.
 
 The last stdout line is one JSON object; a bar chart is written to ``<out-dir>/merge.png`` and the
 JSON to ``<out-dir>/merge.json``. Run: ``python -m benchmarks.merge`` (or ``filial bench merge``).
+
+Over 300 lines because it is one experiment end to end: the streams, the rows, the scale test and
+the chart read best together.
 """
 
 from __future__ import annotations
@@ -39,10 +43,11 @@ import torch
 from tools.datasets import load_dataset
 from tools.scenarios import continual_stream
 from benchmarks import progress
-from daemon.learn.families import ImageCNN
-from daemon.learn.granularity import AUTO, MergePlan, UnitPlan, apply_plan, choose_plan
-from daemon.learn.merge import METHODS, merge_state
-from daemon.learn.training import accuracy, model_input, train_epochs
+from daemon.learn.merging.controller import AUTO, choose_plan
+from daemon.learn.merging.methods import METHODS
+from daemon.learn.merging.plans import MODEL_UNIT, MergePlan, UnitPlan, apply_plan
+from daemon.learn.models import ImageCNN
+from daemon.learn.training import accuracy, fit, model_input
 
 STREAMS = ("split", "permuted", "rotated")
 GRANULARITIES = ("model", "group", "layer")
@@ -81,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------- metrics
 
 def cl_metrics(R: list[list[float]], names: list[str]) -> dict:
-    """Average accuracy, worst slice, forgetting and BWT from the accuracy matrix (DESIGN.md)."""
+    """Average accuracy, worst slice, forgetting and BWT from the accuracy matrix (module docstring)."""
     T = len(R)
     last = R[-1]
     worst = min(range(T), key=lambda j: last[j])
@@ -130,13 +135,12 @@ def train_sequence(stream: Stream, args, num_classes: int) -> tuple[torch.nn.Mod
     gen = torch.Generator().manual_seed(args.seed)
     model = ImageCNN(num_classes=num_classes, width=args.width)
     x, y = stream.train[0]
-    train_epochs(model, x, y, epochs=args.base_epochs, lr=args.lr, batch_size=args.batch_size, generator=gen)
+    fit(model, x, y, epochs=args.base_epochs, lr=args.lr, batch_size=args.batch_size, generator=gen)
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     children = []
     for t in range(1, len(stream.names)):
         x, y = stream.train[t]
-        train_epochs(model, x, y, epochs=args.child_epochs, lr=args.lr, batch_size=args.batch_size,
-                     generator=gen)
+        fit(model, x, y, epochs=args.child_epochs, lr=args.lr, batch_size=args.batch_size, generator=gen)
         children.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     return model, base, children
 
@@ -242,7 +246,8 @@ def run_scale(args, methods: list[str]) -> dict:
     out = {"params": n_params, "children": args.scale_children, "threads": torch.get_num_threads(),
            "elementwise_pass_s": round(floor, 4), "methods": {}}
     for m in methods:
-        s = best_of(lambda: merge_state(m, base, children), args.repeats)
+        plan = MergePlan("model", {MODEL_UNIT: UnitPlan(m)})
+        s = best_of(lambda: apply_plan(plan, base, children), args.repeats)
         out["methods"][m] = {"merge_s": round(s, 4), "ratio": round(s / floor, 2)}
         log(f"scale    {m:16s} {s:.3f} s  = {s / floor:.1f} x one elementwise pass ({floor:.3f} s)")
     # a mixed layer-level plan (what the controller may pick) costs the sum of its units

@@ -22,15 +22,15 @@ import time
 
 import torch
 
+from benchmarks import progress
 from consumers.connection import KafkaConnection
+from daemon.engine.records import BatchResult
+from daemon.service.embedded import EmbeddedKafka, EmbeddedRedis
+from daemon.service.service import Service
+from daemon.service.settings import load_settings
 from tools.datasets import load_dataset
 from tools.produce import produce_phases
 from tools.scenarios import parse_phase
-from benchmarks import progress
-from daemon.service.embedded import EmbeddedKafka, EmbeddedRedis
-from daemon.engine.engine import BatchResult
-from daemon.service.service import Service
-from daemon.service.settings import load_settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -31,11 +31,11 @@ log = logging.getLogger("filial.consumer")
 
 
 class AppliedLog(Protocol):
-    """What the consumer asks the engine (the checkpoint's view of what was applied)."""
+    """What the consumer asks the ledger (the checkpoint's view of what was applied; consumers.ledger)."""
 
     def applied_offset(self, partition_key: str) -> int: ...
 
-    def knows_batch(self, batch_id: str) -> bool: ...
+    def knows_batch(self, partition_key: str, batch_id: str) -> bool: ...
 
     def forget_partition(self, partition_key: str, reason: str) -> None: ...
 
@@ -130,7 +130,7 @@ class BatchConsumer:
         expected = self._verify.pop(tp)
         first = batch[0]
         batch_id = record_batch_id(first)
-        if batch_id is not None and self.applied.knows_batch(batch_id):
+        if batch_id is not None and self.applied.knows_batch(partition_key(tp), batch_id):
             return [r for r in batch if r.offset > expected]  # the last applied record itself is skipped
         if batch_id is None and first.offset == expected:
             return batch[1:]  # a producer without batch ids: the offsets are all there is to trust

@@ -66,13 +66,14 @@ def _settings_from(args: argparse.Namespace):
 # --- run ---------------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     from daemon.service.embedded import EmbeddedInfrastructure
+    from daemon.service.failpoints import Failpoints
     from daemon.service.logs import setup_logging
     from daemon.service.service import Service
 
     settings = _settings_from(args)
     setup_logging(settings.ops.log_level, settings.ops.log_format)
     with EmbeddedInfrastructure(settings) as live:
-        service = Service(live)
+        service = Service(live, failpoints=Failpoints.from_env())  # make chaos's markers; inert otherwise
 
         def stop(signum, _frame):
             log.info("received %s: finishing the batch in hand, then stopping", signal.Signals(signum).name)
@@ -148,7 +149,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
 def cmd_watch(args: argparse.Namespace) -> int:
     import threading
 
-    from daemon.learn.families import Architecture, parameter_count
+    from daemon.learn.models import Architecture, parameter_count
     from zoo_store.connection import connect
     from zoo_store.follow import Follower, VerificationError
 
@@ -244,10 +245,7 @@ BENCHES = ("merge", "hkt", "drift", "pause", "soak")
 
 def cmd_bench(args: argparse.Namespace) -> int:
     what = f"the benchmark {args.bench!r}"
-    if args.bench_main is None:  # its module did not import: --help explains, anything else fails here
-        if {"-h", "--help"} & set(args.bench_arguments):
-            args.bench_parser.print_help()
-            args.bench_parser.exit(0)
+    if args.bench_main is None:  # its module did not import (_BenchParser says why)
         raise UserError(args.bench_problem)
     with _ToolsNeeded(what):
         from tools import missing_dependencies
@@ -265,34 +263,70 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_bench(sub) -> None:
-    import importlib
+class _BenchParser(argparse.ArgumentParser):
+    """``filial bench <name>``: filled in from ``benchmarks.<name>`` only when that subcommand is parsed,
+    so no other command imports the benchmarks. A module that does not import is still listed:
+    ``--help`` says why, and running it fails in one line (exit 2)."""
 
+    bench_name: str | None = None
+    bench_problem: str | None = None
+
+    def _load(self) -> None:
+        import importlib
+
+        name, self.bench_name = self.bench_name, None
+        if name is None:
+            return  # loaded already
+        what = f"the benchmark {name!r}"
+        try:
+            module = importlib.import_module(f"benchmarks.{name}")
+        except ImportError as exc:
+            self.bench_problem = (_tools_problem(what, exc)
+                                  or f"{what} cannot be imported ({type(exc).__name__}: {exc})")
+            self.description = f"Unavailable here.\n\n{self.bench_problem}"
+            return
+        self.description = module.__doc__
+        module.add_arguments(self)
+        self.set_defaults(bench_main=module.main)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._load()
+        if self.bench_problem is None:
+            return super().parse_known_args(args, namespace)
+        if {"-h", "--help"} & set(args or ()):
+            self.print_help()
+            self.exit(0)
+        namespace = namespace or argparse.Namespace()
+        namespace.func, namespace.bench_main, namespace.bench_problem = cmd_bench, None, self.bench_problem
+        return namespace, []  # its options are unknown: whatever was given, cmd_bench says why it cannot run
+
+
+def _bench_summary(name: str) -> str:
+    """The first line of ``benchmarks/<name>.py``'s docstring, read without importing anything."""
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    try:
+        spec = importlib.util.find_spec("benchmarks")  # finds the package without running it
+        path = Path(next(iter(spec.submodule_search_locations))) / f"{name}.py"
+        doc = ast.get_docstring(ast.parse(path.read_text()))
+    except (AttributeError, TypeError, StopIteration, OSError, SyntaxError, ValueError, ImportError):
+        return "(unavailable here: 'filial bench " + name + " --help' says why)"
+    return doc.strip().splitlines()[0] if doc else name
+
+
+def _add_bench(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks; each prints one JSON object as its last line",
                            description="Benchmarks (they need the tools extra: " + TOOLS_HINT + "). Each prints "
                                        "progress on stderr and one JSON object as the last line of stdout; plots "
                                        "go to --out-dir.")
-    kinds = bench.add_subparsers(dest="bench", required=True, metavar="{" + ",".join(BENCHES) + "}")
+    kinds = bench.add_subparsers(dest="bench", required=True, metavar="{" + ",".join(BENCHES) + "}",
+                                 parser_class=_BenchParser)
     for name in BENCHES:
-        try:
-            module = importlib.import_module(f"benchmarks.{name}")
-        except ImportError as exc:
-            # listed all the same; --help and running it say why it cannot run here
-            what = f"the benchmark {name!r}"
-            problem = _tools_problem(what, exc)
-            short = "unavailable: the tools are not installed" if problem else "unavailable: its import fails"
-            problem = problem or f"{what} cannot be imported ({type(exc).__name__}: {exc})"
-            p = kinds.add_parser(name, help=f"({short}; --help says more)", prefix_chars="+", add_help=False,
-                                 description=f"Unavailable here.\n\n{problem}",
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-            # no options are parsed: whatever follows (--help included) reaches cmd_bench, which says why
-            p.add_argument("bench_arguments", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-            p.set_defaults(func=cmd_bench, bench_main=None, bench_problem=problem, bench_parser=p)
-            continue
-        p = kinds.add_parser(name, help=module.__doc__.strip().splitlines()[0] if module.__doc__ else name,
-                             description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(p)
-        p.set_defaults(func=cmd_bench, bench_main=module.main)
+        p = kinds.add_parser(name, help=_bench_summary(name), formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.bench_name = name
+        p.set_defaults(func=cmd_bench, bench_main=None, bench_problem=None)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,7 @@
-"""DESIGN invariant 4: no pickle anywhere in the package. Weights travel as safetensors, everything
-else as JSON; a pickle (or a torch.load that may unpickle) would let a tampered blob run code."""
+"""No pickle anywhere in the code (docs/architecture.md, "Invariants": no pickle). Weights travel as
+safetensors, everything else as JSON; a pickle (or a torch.load that may unpickle) would let a
+tampered blob run code. The runtime packages are checked, and tools/ and benchmarks/ too: they read
+datasets (``npz:<path>``) that a user hands them."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("daemon", "consumers", "zoo_store")
+PACKAGES = ("daemon", "consumers", "zoo_store", "tools", "benchmarks")
 # modules that deserialise arbitrary objects (pickle and its relatives)
 FORBIDDEN = re.compile(r"\b(pickle|cPickle|cloudpickle|dill|joblib|shelve|marshal)\b")
 TORCH_LOAD = re.compile(r"torch\.load\(([^()]|\([^()]*\))*\)", re.S)

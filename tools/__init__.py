@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 
-INSTALL_HINT = "pip install 'filial[tools]' (in a checkout: pip install -e '.[tools]')"
-
 # What the ``tools`` extra in pyproject.toml installs: import name -> distribution name.
 EXTRA_MODULES = {"mlxtend": "mlxtend", "sklearn": "scikit-learn", "matplotlib": "matplotlib"}
 

@@ -202,6 +202,11 @@ def _wait_ready(daemon: Daemon, since_log: int, timeout: float = 60.0) -> bool:
 
 
 # --- the audit ----------------------------------------------------------------------------------------
+def applied_batch_ids(meta: dict) -> list[str]:
+    """The batch ids a checkpoint's ledger (consumers.ledger) records, over all partitions."""
+    return [i for entry in meta["ledger"].values() for i in entry["batch_ids"]]
+
+
 def audit(redis_url: str, prefix: str, produced: list[str]) -> dict:
     from zoo_store.connection import connect
     from zoo_store.follow import Follower, VerificationError
@@ -211,7 +216,7 @@ def audit(redis_url: str, prefix: str, produced: list[str]) -> dict:
     client = connect(redis_url)
     keys = Keys(prefix)
     meta = json.loads(client.get(keys.checkpoint_meta))
-    ids = meta["recent_batch_ids"]
+    ids = applied_batch_ids(meta)
     applied = set(ids) & set(produced)
     follower = Follower(client, line="main", prefix=prefix, signing_key=SIGNING_KEY.encode())
     versions = follower.store.versions("main")
@@ -310,7 +315,7 @@ def main(args: argparse.Namespace) -> dict:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             raw = client.get(meta_key)
-            if raw and set(producer.ids) <= set(json.loads(raw)["recent_batch_ids"]):
+            if raw and set(producer.ids) <= set(applied_batch_ids(json.loads(raw))):
                 break
             time.sleep(1.0)
         code = daemon.terminate()

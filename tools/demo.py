@@ -15,14 +15,13 @@ from typing import Any
 import torch
 
 from consumers.connection import KafkaConnection
+from daemon.learn.models import Architecture
+from daemon.service.embedded import EmbeddedKafka, EmbeddedRedis
+from daemon.service.service import Service
+from daemon.service.settings import load_settings
 from tools.datasets import load_dataset
 from tools.produce import produce_phases
 from tools.scenarios import parse_phase
-from daemon.service.embedded import EmbeddedKafka, EmbeddedRedis
-from daemon.learn.families import Architecture
-from daemon.service.service import Service
-from daemon.service.settings import load_settings
-from daemon.learn.training import accuracy, model_input
 from zoo_store.connection import connect
 from zoo_store.follow import Follower
 
@@ -104,10 +103,7 @@ def run_demo(phases: list[str] | None = None, samples_per_phase: int = 1600, bat
         watcher.join(timeout=10)
 
         manifest, state = watcher.follower.load(final_version)
-        model = Architecture.model_validate(manifest.architecture).build()
-        model.load_state_dict(state)
-        final_accuracy = {name: round(accuracy(model, model_input(x, "image"), y), 4)
-                          for name, (x, y) in service.engine.buffers.heldout_sets().items()}
+        final_accuracy = service.engine.metrics(state)  # the version followers hold, on the held-out rows
         c = service.engine.counters
         summary = {
             "batches": c.batches, "drift_events": c.drift_events, "children_spawned": c.children_spawned,

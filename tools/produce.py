@@ -11,9 +11,9 @@ from typing import Callable
 from kafka import KafkaProducer
 
 from consumers.connection import KafkaConnection
+from consumers.wire import encode_batch
 from tools.datasets import Dataset
 from tools.scenarios import Phase, split_into_phases
-from consumers.wire import encode_batch
 
 log = logging.getLogger("filial.produce")
 

@@ -1,4 +1,4 @@
-"""Durable checkpoints of the engine's own state (DESIGN invariant 1: nothing lost).
+"""Durable checkpoints of the engine's own state (docs/architecture.md, invariant 1: nothing lost).
 
 A checkpoint is two keys written in one transaction: JSON metadata (offsets applied, counters,
 tree structure, a sequence number and the tensors' sha256) and one safetensors blob with every

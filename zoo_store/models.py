@@ -37,7 +37,7 @@ class Manifest(BaseModel):
     version: int = Field(ge=1)
     created_at: str
     reason: str = Field(description="bootstrap | merge | spawn | retrain | rollback")
-    architecture: dict[str, Any] = Field(description="{family, params}: daemon.learn.families.Architecture")
+    architecture: dict[str, Any] = Field(description="{family, params}: daemon.learn.models.Architecture")
     base_version: int | None = Field(None, description="version the task vectors were measured from")
     parent_version: int | None = Field(None, description="served version this one replaces")
     parent_line: str | None = Field(None, description="line of the parent (compact children)")

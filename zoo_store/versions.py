@@ -1,4 +1,4 @@
-"""Publishing versions: atomic, monotonic, gap-free, idempotent (DESIGN invariant 2).
+"""Publishing versions: atomic, monotonic, gap-free, idempotent (docs/architecture.md, invariant 2).
 
 One optimistic transaction (WATCH latest + publish ids, MULTI ... EXEC) writes the weights, the
 manifest, the new ``latest`` and the stream event together, so a follower can never see an

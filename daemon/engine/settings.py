@@ -84,7 +84,7 @@ class MergeSettings(BaseModel):
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        from daemon.learn.merge import METHODS
+        from daemon.learn.merging.methods import METHODS
 
         if value != "auto" and value not in METHODS:
             raise ValueError(f"unknown merge method {value!r} (allowed: auto, {', '.join(sorted(METHODS))})")

@@ -14,8 +14,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from daemon.learn.drift import Fingerprint, feature_kl
-from daemon.learn.families import Architecture
+from daemon.learn.drift import FeatureKL
+from daemon.learn.models import Architecture
 from daemon.learn.training import embed, model_input
 
 Status = Literal["served", "active", "retired"]
@@ -32,7 +32,7 @@ class Node:
     model: nn.Module
     created_at: str
     reference_x: torch.Tensor
-    fingerprint: Fingerprint | None  # None until the node has a reference
+    fingerprint: FeatureKL | None  # drift detector on its reference; None until it has one
     status: Status = "active"
     updates: int = 0
     samples: int = 0
@@ -47,10 +47,10 @@ class Node:
         return self.architecture == root.architecture and self.spawn_method == "copy"
 
     def refresh_fingerprint(self) -> None:
-        self.fingerprint = Fingerprint.of(embed(self.model, model_input(self.reference_x, self.data_type)))
+        self.fingerprint = FeatureKL.fit(embed(self.model, model_input(self.reference_x, self.data_type)))
 
     def kl_to(self, x_model: torch.Tensor) -> float:
-        return feature_kl(embed(self.model, x_model), self.fingerprint)
+        return self.fingerprint.score(embed(self.model, x_model))
 
     def describe_lineage(self) -> dict:
         """The node as a manifest's lineage entry."""
@@ -123,7 +123,7 @@ class ModelTree:
             tree.add(Node(node_id=d["node_id"], parent=d["parent"], slice=d["slice"], data_type=d["data_type"],
                           architecture=arch, model=model, created_at=d["created_at"],
                           reference_x=tensors[prefix + "ref_x"],
-                          fingerprint=(Fingerprint.from_tensors(tensors, prefix + "fp")
+                          fingerprint=(FeatureKL.from_tensors(tensors, prefix + "fp")
                                        if prefix + "fp.count" in tensors else None),
                           status=d["status"], updates=d["updates"], samples=d["samples"],
                           base_version=d["base_version"], slices=list(d["slices"]),

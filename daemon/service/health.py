@@ -140,3 +140,31 @@ def _handler(state: HealthState, exposition: Callable[[], bytes]):
             log.debug("%s " + fmt, self.address_string(), *args)
 
     return Handler
+
+
+class DependencyProber:
+    """Probes Redis and the broker every ``every`` seconds from its own thread, so health is current
+    even while the consume loop trains on a batch."""
+
+    def __init__(self, state: HealthState, probes: dict[str, Callable[[], str | None]], every: float,
+                 on_result: Callable[[str, bool], None] = lambda name, up: None) -> None:
+        self.state = state
+        self.probes = probes  # name -> None when up, else the problem
+        self.every = every
+        self.on_result = on_result
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="filial-probe", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for name, probe in self.probes.items():
+                problem = probe()
+                self.state.dependency(name, problem)
+                self.on_result(name, problem is None)
+            self._stop.wait(self.every)

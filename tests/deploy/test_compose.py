@@ -241,6 +241,16 @@ def test_producer_runs_the_demos_stream(config):
     assert producer["healthcheck"]["test"] == ["NONE"]  # no health server in a one-shot job
 
 
+def test_the_producer_image_has_the_tools_extra(config):
+    """`produce --dataset=mnist5k` needs the bundled datasets (the `tools` extra), which the runtime
+    image leaves out: the producer's image is built with it, under its own name."""
+    producer, daemon = config["services"]["producer"], config["services"]["daemon"]
+    assert "--dataset=mnist5k" in producer["command"]
+    assert producer["build"]["dockerfile"] == "deploy/Dockerfile"
+    assert producer["build"].get("args", {}).get("FILIAL_EXTRAS") == "tools"
+    assert producer["image"] != daemon["image"] and "FILIAL_EXTRAS" not in daemon["build"].get("args", {})
+
+
 def test_watcher_follows_every_version_and_loads_it(config):
     from daemon.cli import build_parser, cmd_watch
 
@@ -267,14 +277,38 @@ def _healthcheck_code() -> str:
     return exec_form[2]
 
 
+INSTALL = 'pip install ".${FILIAL_EXTRAS:+[$FILIAL_EXTRAS]}" && rm -rf /src/build'
+
+
 def test_dockerfile_shape():
     ops = _instructions()
     assert ops[0] == ("FROM", "python:3.11-slim")
     users = [arg for op, arg in ops if op == "USER"]
     assert users and users[-1] not in ("root", "0"), "the image must run as a non-root user"
     assert [arg for op, arg in ops if op == "ENTRYPOINT"] == ['["filial"]']
-    assert ("RUN", "pip install . && rm -rf /src/build") in ops
+    assert ("RUN", INSTALL) in ops
     assert "/healthz" in _healthcheck_code() and "FILIAL_HEALTH_PORT" in _healthcheck_code()
+
+
+@pytest.mark.parametrize("extras,command", [("", "pip install ."), ("tools", "pip install .[tools]")],
+                         ids=["runtime", "tools"])
+def test_the_runtime_image_installs_no_extra_unless_asked(extras, command):
+    """By default the image installs the runtime only; ``--build-arg FILIAL_EXTRAS=tools`` adds the tools'
+    dependencies (bundled datasets for `filial produce --dataset mnist5k`). The RUN line is run by
+    /bin/sh with the ARG in its environment, as docker does."""
+    ops = _instructions()
+    assert ("ARG", "FILIAL_EXTRAS=") in ops  # empty default
+    assert ops.index(("ARG", "FILIAL_EXTRAS=")) < ops.index(("RUN", INSTALL))
+    pip = INSTALL.split(" && ")[0]
+    done = subprocess.run(["/bin/sh", "-c", f"echo {pip}"], env={"FILIAL_EXTRAS": extras, "PATH": os.defpath},
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == command
+
+
+def test_the_image_needs_nothing_for_plots():
+    """Plotting (matplotlib) is only the benchmarks' (the tools extra): no MPLCONFIGDIR or the like."""
+    text = DOCKERFILE.read_text()
+    assert "MPLCONFIGDIR" not in text and "matplotlib" not in " ".join(arg for _, arg in _instructions())
 
 
 def test_dockerfile_copies_what_the_build_needs_and_dockerignore_keeps_it():
@@ -286,9 +320,11 @@ def test_dockerfile_copies_what_the_build_needs_and_dockerignore_keeps_it():
     for source in sources:
         assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
         assert source not in ignored, f"COPY {source}: excluded by .dockerignore"
-    # Every package pyproject installs is copied.
+    # Every package pyproject installs is copied, but the benchmarks (run from a checkout, not the image);
+    # tools/ is copied for `filial produce` (its dependencies only with FILIAL_EXTRAS=tools).
     packages = ast.literal_eval(re.search(r'include = (\[.*?\])', (ROOT / "pyproject.toml").read_text()).group(1))
-    assert {p.rstrip("*") for p in packages} <= set(sources)
+    assert {p.rstrip("*") for p in packages} - {"benchmarks"} == set(sources) - {"pyproject.toml", "README.md"}
+    assert "benchmarks" not in sources and "benchmarks" in ignored
     assert ".venv" in ignored and ".git" in ignored
 
 

@@ -1,4 +1,4 @@
-"""Followers refuse what the publisher did not write, and say why (DESIGN invariant 4)."""
+"""Followers refuse what the publisher did not write, and say why (docs/architecture.md, invariant 4)."""
 
 from __future__ import annotations
 

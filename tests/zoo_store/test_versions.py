@@ -16,7 +16,7 @@ ARCH = {"family": "tabular_mlp", "params": {"in_features": 4, "num_classes": 3, 
 
 
 def _weights(seed: int) -> bytes:
-    from daemon.learn.families import Architecture
+    from daemon.learn.models import Architecture
 
     torch.manual_seed(seed)
     return st_save(Architecture.model_validate(ARCH).build().state_dict())

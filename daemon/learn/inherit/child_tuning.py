@@ -9,8 +9,8 @@ subset of the parameters by masking gradients between ``backward`` and ``step``.
 
 Both are step hooks (:class:`daemon.learn.training.Hook`: the mask is applied in ``before_step``,
 between ``backward`` and the optimiser step), for ``fit(..., hooks=[hook])`` with any loss.
-Parameters whose names start with one of ``always`` (default: the head, which a new slice may need to re-learn, like the
-freshly initialised classifier in the paper) are always trained in full.
+Parameters whose names start with one of ``always`` (default: the head, which a new slice may
+need to re-learn, like the freshly initialised classifier in the paper) are always trained in full.
 """
 
 from __future__ import annotations

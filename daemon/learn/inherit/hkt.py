@@ -181,7 +181,8 @@ class HKTLoss(Loss):
         self.parent = parent
         self.wanted = None if stages is None else tuple(stages)
         self.alpha = alpha
-        self.stages: tuple[int, ...] = ()
+        self.stages: tuple[int, ...] = ()                     # resolved, and the rest built, by bind
+        self.shapes: tuple[list, list] = ([], [])               # per-sample stage output shapes: parent, child
         self.down, self.up = nn.ModuleDict(), nn.ModuleDict()
 
     @contextmanager

@@ -9,7 +9,7 @@ from tools.datasets import load_dataset
 from tools.scenarios import parse_phase, split_into_phases
 from consumers.wire import Batch, BatchSource
 from daemon.engine.engine import Engine
-from daemon.service.settings import load_settings
+from daemon.engine.settings import LearnerSettings, MergeSettings, ModelSettings
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +25,10 @@ def _batches(phase, x, y, size=100, offset=0):
                     BatchSource("t", 0, offset + i))
 
 
-def _engine(**overrides):
+def _engine(model=None, merge=None, **learner):
     torch.manual_seed(0)
-    return Engine(load_settings(**{"bootstrap_batches": 6, "merge_after_child_updates": 3, **overrides}),
-                  torch.device("cpu"))
+    return Engine(ModelSettings(**(model or {})), LearnerSettings(**{"bootstrap_batches": 6, **learner}),
+                  MergeSettings(**{"after_child_updates": 3, **(merge or {})}), torch.device("cpu"))
 
 
 def _bootstrap(engine, batches):
@@ -75,7 +75,6 @@ def test_drift_spawns_a_child_then_retrains_it(served, phases):
     assert any(r.action == "retrain" and r.child == first.child for r in results[1:])
     assert engine.counters.drift_events >= 1
     assert any(r.merge_due for r in results)
-    assert engine.applied_offsets == {"t:0": 20}
 
 
 def test_merge_improves_the_drifted_slice_and_passes_the_gate(served, phases):
@@ -83,26 +82,15 @@ def test_merge_improves_the_drifted_slice_and_passes_the_gate(served, phases):
     _, (rot, xr, yr) = phases
     for b in _batches(rot, xr, yr, offset=10):
         engine.process(b)
-    outcome = engine.plan_merge()
+    outcome = engine.merge()
     assert outcome.accepted, outcome.reason
     assert outcome.candidate_metrics["rot90"] > outcome.served_metrics["rot90"] + 0.2
     assert outcome.plan["mode"] == "auto" and outcome.plan["evaluations"] == len(outcome.plan["candidates"]) > 1
     assert outcome.plan["selection_rows"] > 0 and outcome.plan["gate_rows"] > 0
     engine.adopt_merge(outcome, 2)
-    served = engine.root.model.state_dict()
+    served = engine.served_state()
     assert engine.served_version == 2 and all(torch.equal(served[k], v) for k, v in outcome.state.items())
-    assert engine.plan_merge() is None   # nothing learned since: the same merge is not tried again
-
-
-def test_replayed_batches_are_applied_once(phases):
-    engine = _engine()
-    (up, xu, yu), _ = phases
-    batch = next(_batches(up, xu, yu))
-    assert engine.process(batch).action == "bootstrap"
-    assert engine.process(batch).action == "skip"            # same offset
-    moved = Batch(batch.x, batch.y, batch.slice, "image", batch.batch_id, BatchSource("t", 0, 99))
-    assert engine.process(moved).action == "skip"            # same batch id at another offset
-    assert engine.counters.batches == 1 and engine.counters.duplicates_skipped == 2
+    assert engine.merge() is None   # nothing learned since: the same merge is not tried again
 
 
 def test_checkpoint_restores_the_same_engine(served, phases):
@@ -114,7 +102,7 @@ def test_checkpoint_restores_the_same_engine(served, phases):
     meta, tensors = engine.checkpoint()
     twin = _engine()
     twin.restore(meta, tensors)
-    assert twin.counters == engine.counters and twin.applied_offsets == engine.applied_offsets
+    assert twin.counters == engine.counters and twin.served_version == engine.served_version
     assert twin.metrics() == engine.metrics()
     a, b = engine.process(rot_batches[3]), twin.process(rot_batches[3])
     assert (a.action, a.child, round(a.kl, 6)) == (b.action, b.child, round(b.kl, 6))
@@ -129,20 +117,20 @@ def _tabular_batches(name, x, y, size=128, offset=0):
 def test_compact_children_inherit_publish_on_their_own_line_and_merge_by_distillation():
     from sklearn.datasets import load_digits
 
-    from daemon.learn.families import parameter_count
+    from daemon.learn.models import parameter_count
 
     digits = load_digits()
     x, y = torch.from_numpy(digits.data).float() / 16.0, torch.from_numpy(digits.target).long()
     permuted = x[:, torch.randperm(64, generator=torch.Generator().manual_seed(3))]
-    engine = _engine(model_family="tabular_mlp", child_size_ratio=0.5, bootstrap_batches=4, bootstrap_accuracy=0.85)
+    engine = _engine(model={"family": "tabular_mlp"}, child_size_ratio=0.5, bootstrap_batches=4, bootstrap_accuracy=0.85)
     _bootstrap(engine, _tabular_batches("plain", x[:1000], y[:1000]))
     assert engine.served_version == 1 and engine.counters.children_spawned == 0
     results = [engine.process(b) for b in _tabular_batches("perm", permuted[1000:], y[1000:], offset=100)]
     spawned = [r for r in results if r.action == "spawn"]
     assert spawned, [r.action for r in results]
-    child = engine.tree.nodes[spawned[0].child]
-    assert parameter_count(child.model) < parameter_count(engine.root.model) / 2
-    assert child.architecture != engine.root.architecture
+    child = engine._state.tree.nodes[spawned[0].child]
+    assert parameter_count(child.model) < parameter_count(engine._state.root.model) / 2
+    assert child.architecture != engine.architecture
 
     releases = engine.compact_children_to_publish()
     assert [r.node_id for r in releases] == [child.node_id]
@@ -152,25 +140,25 @@ def test_compact_children_inherit_publish_on_their_own_line_and_merge_by_distill
     engine.child_published(releases[0])
     assert engine.compact_children_to_publish() == []
 
-    outcome = engine.plan_merge()
+    outcome = engine.merge()
     assert child.node_id in outcome.plan["distill"]["children"]
     assert outcome.candidate_metrics["perm"] > outcome.served_metrics["perm"]   # served learned from the child
 
 
 def test_gate_rejects_a_merge_with_a_child_trained_on_shuffled_labels(served, phases):
-    from daemon.learn.training import model_input, train_epochs
+    from daemon.learn.training import fit, model_input
 
-    engine = _engine(merge_method="average", merge_level="model")   # the gate is under test, not the search
+    engine = _engine(merge={"method": "average", "level": "model"})   # the gate is under test, not the search
     engine.restore(*served[0])
     (up, xu, yu), (rot, xr, yr) = phases
     first = engine.process(next(_batches(rot, xr, yr, offset=10)))
     assert first.action == "spawn"
-    bad = engine.tree.nodes[first.child]
+    bad = engine._state.tree.nodes[first.child]
     shuffled = yu[torch.randperm(len(yu), generator=torch.Generator().manual_seed(1))]
-    train_epochs(bad.model, model_input(xu, "image"), shuffled, epochs=3, lr=1e-3,   # the planted bad child
+    fit(bad.model, model_input(xu, "image"), shuffled, epochs=3, lr=1e-3,   # the planted bad child
                  generator=torch.Generator().manual_seed(2))
     bad.updates += 1
-    outcome = engine.plan_merge()
+    outcome = engine.merge()
     assert not outcome.accepted
     failing = {r.slice for r in outcome.verdict.regressions}
     assert failing and all(name in outcome.reason for name in failing)

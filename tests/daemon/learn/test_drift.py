@@ -1,10 +1,11 @@
-"""KL estimator: exact on known Gaussians, direction, separation, calibration."""
+"""The feature-KL detector: exact on known Gaussians, direction, separation, calibration (the
+protocol every detector follows is checked in test_conformance.py)."""
 
 import math
 
 import torch
 
-from daemon.learn.drift import Fingerprint, calibrate_threshold, feature_kl, gaussian_kl
+from daemon.learn.drift import FeatureKL, calibrate_threshold, gaussian_kl
 
 
 def test_gaussian_kl_matches_closed_form():
@@ -22,7 +23,7 @@ def test_gaussian_kl_matches_closed_form():
 def test_fingerprint_axes_are_principal_components():
     gen = torch.Generator().manual_seed(0)
     f = torch.randn(4000, 3, generator=gen) * torch.tensor([5.0, 1.0, 0.1])
-    fp = Fingerprint.of(f, components=2)
+    fp = FeatureKL.fit(f, components=2)
     assert fp.basis.shape == (3, 2)
     assert abs(abs(float(fp.basis[0, 0])) - 1.0) < 1e-2   # first axis = the wide dimension
     assert abs(float(fp.var[0]) - 25.0) < 1.5 and abs(float(fp.var[1]) - 1.0) < 0.1
@@ -31,9 +32,9 @@ def test_fingerprint_axes_are_principal_components():
 def test_same_distribution_is_near_zero_and_shift_is_large():
     gen = torch.Generator().manual_seed(1)
     ref = torch.randn(2000, 16, generator=gen)
-    fp = Fingerprint.of(ref)
-    same = feature_kl(torch.randn(500, 16, generator=gen), fp)
-    shifted = feature_kl(torch.randn(500, 16, generator=gen) + 2.0, fp)
+    fp = FeatureKL.fit(ref)
+    same = fp.score(torch.randn(500, 16, generator=gen))
+    shifted = fp.score(torch.randn(500, 16, generator=gen) + 2.0)
     assert same < 0.1
     assert shifted > 5.0
 
@@ -42,7 +43,7 @@ def test_calibrated_threshold_bounds_false_alarms():
     gen = torch.Generator().manual_seed(2)
     ref = torch.randn(1000, 16, generator=gen)
     threshold = calibrate_threshold(ref, batch_size=100, false_alarm_rate=0.05)
-    fp = Fingerprint.of(ref)
-    alarms = sum(feature_kl(torch.randn(100, 16, generator=gen), fp) >= threshold for _ in range(200))
+    fp = FeatureKL.fit(ref)
+    alarms = sum(fp.score(torch.randn(100, 16, generator=gen)) >= threshold for _ in range(200))
     assert threshold > 0
     assert alarms <= 30  # ~5% expected; generous bound for 200 trials

@@ -1,4 +1,4 @@
-"""The decision table of daemon/policy.py, row by row."""
+"""The decision table of daemon/learn/policy.py, row by row, and the spawn-method table."""
 
 import pytest
 
@@ -23,17 +23,12 @@ def test_decision_table(obs, action, child, drift):
     assert verdict.reason  # every decision says why
 
 
-def test_spawned_children_inherit():
-    assert decide(Observation(accuracy=0.1, kl=9.0), TH).inherit is True
-
-
 def test_spawn_method_table():
     from daemon.learn.policy import spawn_method
 
-    assert spawn_method("auto", compact=True, parent_knows_classes=True) == "hkt"
-    assert spawn_method("auto", compact=True, parent_knows_classes=False) == "hkt"
-    assert spawn_method("auto", compact=False, parent_knows_classes=True) == "copy"
-    assert spawn_method("auto", compact=False, parent_knows_classes=False) == "copy"   # merges in weight space
-    assert spawn_method("scratch", compact=False, parent_knows_classes=True) == "scratch"
+    assert spawn_method("auto", compact=True) == "hkt"
+    assert spawn_method("auto", compact=False) == "copy"        # merges in weight space
+    assert spawn_method("scratch", compact=False) == "scratch"
+    assert spawn_method("hkt", compact=False) == "hkt"
     with pytest.raises(ValueError, match="copy"):
-        spawn_method("copy", compact=True, parent_knows_classes=True)
+        spawn_method("copy", compact=True)

@@ -11,7 +11,7 @@ import urllib.request
 
 from daemon.service.logs import JsonFormatter
 from daemon.service.service import Service
-from tests.conftest import service_settings, wait_until
+from tests.helpers import service_settings, wait_until
 
 
 def _get(url: str) -> tuple[int, bytes]:

@@ -13,7 +13,7 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
 from daemon.service.service import Service
-from tests.conftest import run_in_thread, service_settings, wait_until
+from tests.helpers import run_in_thread, service_settings, wait_until
 from zoo_store.connection import connect
 from zoo_store.follow import Follower
 from zoo_store.models import Manifest
@@ -105,8 +105,8 @@ def test_broker_restart_resumes_and_the_checkpoint_sees_the_reset(restartable_ka
     service = Service(settings)
     thread = run_in_thread(service)
     produce_tabular(restartable_kafka.address, settings.kafka.topic, "a", 6, "run1", partition=0)
-    assert wait_until(lambda: service.engine.counters.batches == 6 and service.engine.applied_offset(topic0) == 6)
-    assert wait_until(lambda: service._batches_since_checkpoint == 0)  # durable
+    assert wait_until(lambda: service.engine.counters.batches == 6 and service.ledger.applied_offset(topic0) == 6)
+    assert wait_until(lambda: service.checkpointer.batches_since == 0)  # durable
 
     # 1. the broker restarts under the running daemon: memory-only, so topics and group offsets are gone
     restartable_kafka.restart()
@@ -116,7 +116,7 @@ def test_broker_restart_resumes_and_the_checkpoint_sees_the_reset(restartable_ka
     assert wait_until(lambda: service.metrics.log_resets.labels(topic0)._value.get() >= 1, timeout=90)
     produce_tabular(restartable_kafka.address, settings.kafka.topic, "a", 3, "run2", partition=0)
     assert wait_until(lambda: service.engine.counters.batches == 9, timeout=60), service.engine.counters
-    assert service.engine.applied_offset(topic0) == 3 and thread.is_alive()
+    assert service.ledger.applied_offset(topic0) == 3 and thread.is_alive()
     service.stop()
     thread.join(timeout=60)
 
@@ -133,8 +133,8 @@ def test_broker_restart_resumes_and_the_checkpoint_sees_the_reset(restartable_ka
     assert again.metrics.log_resets.labels(topic0)._value.get() == 1
     again.stop()
     thread.join(timeout=60)
-    assert again.engine.applied_offset(topic0) == 10
-    assert all(again.engine.knows_batch(f"run3-{i}") for i in range(8))
+    assert again.ledger.applied_offset(topic0) == 10
+    assert all(again.ledger.knows_batch(topic0, f"run3-{i}") for i in range(8))
 
 
 def test_restart_serves_versions_written_after_the_last_checkpoint(redis_server, unique, digits_tabular):
@@ -151,7 +151,7 @@ def test_restart_serves_versions_written_after_the_last_checkpoint(redis_server,
     for i in range(2):
         first.engine.process(Batch(x[i * 32:(i + 1) * 32], y[i * 32:(i + 1) * 32], "a", "tabular", f"b{i}"))
     first.checkpoints.save(*first.engine.checkpoint())
-    arch = first.engine.root.architecture.model_dump()
+    arch = first.engine.architecture.model_dump()
 
     def write(version_state, reason, parent):  # what the crashed daemon had written after its checkpoint
         weights = st_save({k: v.contiguous() for k, v in version_state.items()})
@@ -163,7 +163,7 @@ def test_restart_serves_versions_written_after_the_last_checkpoint(redis_server,
     assert write(boot, "bootstrap", None) == 1
     second = Service(settings)
     second.restore()
-    assert second.engine.served_version == 1 and second._adoptions == 1
+    assert second.engine.served_version == 1 and second.checkpointer.adoptions == 1
     assert all(torch.equal(second.engine.served_state()[k], v) for k, v in boot.items())
     second.checkpoints.save(*second.engine.checkpoint())
 
@@ -177,4 +177,4 @@ def test_restart_serves_versions_written_after_the_last_checkpoint(redis_server,
     assert write({k: v - 1 for k, v in merged.items()}, "merge", 1) == 3
     fourth = Service(settings)  # restores the checkpoint that serves v1
     fourth.restore()
-    assert fourth.engine.served_version == 2 and fourth._adoptions == 1
+    assert fourth.engine.served_version == 2 and fourth.checkpointer.adoptions == 1

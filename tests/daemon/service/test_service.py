@@ -15,10 +15,10 @@ from tools.datasets import load_dataset
 from tools.produce import produce_phases
 from tools.scenarios import parse_phase
 from daemon.cli import main as cli_main
-from daemon.learn.families import Architecture
+from daemon.learn.models import Architecture
 from daemon.service.service import Service
 from daemon.service.settings import load_settings
-from tests.conftest import run_in_thread, service_settings, wait_until
+from tests.helpers import run_in_thread, service_settings, wait_until
 from zoo_store.connection import connect
 from zoo_store.follow import Follower
 
@@ -133,7 +133,7 @@ def test_a_compact_child_is_published_on_its_own_line_and_followed(kafka, redis_
         assert wait_until(lambda: service.engine.counters.batches >= 14)
         service.merge_now()
         child_lines = [line for line in service.versions.lines() if line != settings.publish.line]
-        assert child_lines, service.engine.tree.describe()
+        assert child_lines, service.engine.describe_tree()
         line = child_lines[0]
         manifest = service.versions.manifest(line, service.versions.latest(line))
         assert manifest.parent_line == settings.publish.line and manifest.parent_version >= 1

@@ -1,92 +1,14 @@
-"""Merge plans, their application, and the granularity controller on toy score functions."""
+"""The granularity controller on toy score functions: what it picks, its costs and caps, and
+choose_plan's pinned modes."""
 
 import json
 
 import pytest
 import torch
 
-from daemon.learn.granularity import (GranularityController, MergePlan, UnitPlan, apply_plan, choose_plan,
-                                layer_groups, layers)
-from daemon.learn.merge import merge_state
-
-KEYS = ["stages.0.0.weight", "stages.0.0.bias", "stages.1.gru.weight_ih_l0", "head.weight", "head.bias"]
-AVERAGE = torch.tensor([2.0, -0.5, 1.0])          # mean of the two toy children's task vectors
-MAGMAX_1 = torch.tensor([3.0, -2.0, 3.0])         # magmax at lam 1: per element the larger |tau|
-MAGMAX = MAGMAX_1 * 0.5                           # magmax at its default lam 0.5
-
-
-def toy_states():
-    base = {k: torch.zeros(3) for k in KEYS}
-    base["steps"] = torch.tensor([5])                       # integer buffer: never merged
-    child1 = {k: torch.tensor([1.0, -2.0, 3.0]) for k in KEYS}
-    child2 = {k: torch.tensor([3.0, 1.0, -1.0]) for k in KEYS}
-    for c in (child1, child2):
-        c["steps"] = torch.tensor([9])
-    return base, [child1, child2]
-
-
-def test_layer_groups_default_and_prefixes():
-    keys = KEYS + ["norm.weight"]
-    assert layer_groups(keys) == {"features": KEYS[:3], "head": KEYS[3:], "other": ["norm.weight"]}
-    assert layer_groups(keys, {"early": "stages.0.", "rest": ("stages.1.", "head.", "norm.")}) == {
-        "early": KEYS[:2], "rest": KEYS[2:] + ["norm.weight"]}
-
-
-def test_layers_one_unit_per_module():
-    assert layers(KEYS) == {"stages.0.0": KEYS[:2], "stages.1.gru": [KEYS[2]], "head": KEYS[3:]}
-
-
-def test_default_groups_match_the_model_families():
-    from daemon.learn.families import ImageCNN
-    groups = layer_groups(ImageCNN(width=2).state_dict())
-    assert set(groups) == {"features", "head"} and groups["head"] == ["head.weight", "head.bias"]
-
-
-def test_apply_plan_touches_only_each_units_keys():
-    base, kids = toy_states()
-    plan = MergePlan("group", {"features": UnitPlan("magmax", {"lam": 1.0}), "head": UnitPlan("average")},
-                     {"features": ("stages.",), "head": ("head.",)})
-    merged = apply_plan(plan, base, kids, [1.0, 3.0])
-    for k in KEYS[:3]:
-        assert torch.equal(merged[k], MAGMAX_1)                              # magmax ignores weights
-    for k in KEYS[3:]:
-        assert torch.equal(merged[k], torch.tensor([2.5, 0.25, 0.0]))        # (1*c1 + 3*c2) / 4
-    assert torch.equal(merged["steps"], torch.tensor([5]))
-    # each unit equals merge_state restricted to its keys
-    ref = merge_state("magmax", base, kids, keys=KEYS[:3], lam=1.0)
-    assert all(torch.equal(ref[k], merged[k]) for k in KEYS[:3])
-
-
-def test_plan_roundtrips_through_json_and_refines():
-    plan = MergePlan.uniform("group", UnitPlan("ties", {"density": 0.5}), KEYS)
-    again = MergePlan.from_dict(json.loads(json.dumps(plan.to_dict())))
-    assert again == plan
-    assert again.units["head"].params == {"density": 0.5, "lam": 0.55}       # defaults filled in
-    assert plan.to_dict() == {"level": "group",
-                              "units": {"features": {"method": "ties", "params": {"density": 0.5, "lam": 0.55}},
-                                        "head": {"method": "ties", "params": {"density": 0.5, "lam": 0.55}}},
-                              "groups": {"features": ["stages."], "head": ["head."]}}
-    mixed = plan.with_unit("head", UnitPlan("average"))
-    fine = mixed.at_level("layer", KEYS)
-    assert fine.level == "layer"
-    assert fine.units["stages.0.0"].method == "ties" and fine.units["head"].method == "average"
-    base, kids = toy_states()
-    assert all(torch.equal(a, b) for a, b in zip(apply_plan(fine, base, kids).values(),
-                                                  apply_plan(mixed, base, kids).values()))
-    with pytest.raises(ValueError, match="cannot turn"):
-        fine.at_level("model", KEYS)
-    with pytest.raises(KeyError, match="no unit"):
-        MergePlan("layer", {"head": UnitPlan("average")}).assignments(KEYS)
-    with pytest.raises(ValueError, match="unknown merge method"):
-        UnitPlan.from_dict({"method": "nope"})
-
-
-def _closeness_score(target_by_key):
-    """Accuracy per 'slice' = 1 - mean |state - target| over that slice's keys."""
-    def score_fn(state):
-        return {name: 1.0 - sum(float((state[k] - target_by_key[k]).abs().mean()) for k in keys) / len(keys)
-                for name, keys in (("feat", KEYS[:3]), ("head", KEYS[3:]))}
-    return score_fn
+from daemon.learn.merging.controller import GranularityController, choose_plan
+from daemon.learn.merging.plans import MergePlan, UnitPlan, layers
+from tests.daemon.learn.merging.toys import AVERAGE, KEYS, MAGMAX, MAGMAX_1, closeness_score, toy_states
 
 
 def test_controller_picks_the_known_better_group_plan():
@@ -94,8 +16,7 @@ def test_controller_picks_the_known_better_group_plan():
     target = {k: MAGMAX_1 if k.startswith("stages.") else AVERAGE for k in KEYS}
     ctl = GranularityController(methods=[UnitPlan("average"), UnitPlan("magmax", {"lam": 1.0})],
                                 scales=(1.0,), levels=("model", "group"))
-    assert ctl.evaluation_budget(KEYS) == 2 + 2 * 1
-    result = ctl.merge(base, kids, None, _closeness_score(target))
+    result = ctl.merge(base, kids, None, closeness_score(target))
     assert result.evaluations == 4
     assert result.plan.level == "group"
     assert result.plan.units == {"features": UnitPlan("magmax", {"lam": 1.0}), "head": UnitPlan("average")}
@@ -111,7 +32,7 @@ def test_lambda_scales_are_candidates():
     base, kids = toy_states()
     target = {k: AVERAGE * 0.5 for k in KEYS}                      # average at half its lambda
     result = GranularityController(methods=["average"], levels=("model",)).merge(base, kids, None,
-                                                                                 _closeness_score(target))
+                                                                                 closeness_score(target))
     assert result.plan.units["model"] == UnitPlan("average", {"lam": 0.5})
     assert [c.plan.units["model"].lam for c in result.candidates] == [1.0, 0.5, 1.5]
 
@@ -122,7 +43,7 @@ def test_controller_prefers_the_baseline_and_coarser_plans_on_ties():
     result = ctl.merge(base, kids, None, lambda s: {"a": 0.5, "b": 0.5})
     assert result.plan == MergePlan("model", {"model": UnitPlan("average")})
     # 4 methods x 3 scales at model level, then (2 groups + 3 layers) x 11 alternatives
-    assert result.evaluations == ctl.evaluation_budget(base) == 12 + (2 + 3) * 11
+    assert result.evaluations == 12 + (2 + 3) * 11
 
 
 def test_min_gain_and_ties_keep_the_incumbent():
@@ -167,7 +88,7 @@ def test_max_evaluations_skips_finer_levels():
     ctl = GranularityController(max_evaluations=12 + 2 * 11)        # room for model + group, not layer
     calls = []
     result = ctl.merge(base, kids, None, lambda s: calls.append(1) or {"a": 0.5})
-    assert len(calls) == result.evaluations == ctl.evaluation_budget(base) == 34
+    assert len(calls) == result.evaluations == 34
     assert result.skipped_levels == ["layer"] and set(result.best_by_level) == {"model", "group"}
 
 
@@ -193,7 +114,7 @@ def test_choose_plan_pinned_method_and_level():
 def test_choose_plan_pinned_method_searches_its_lambda_per_unit():
     base, kids = toy_states()
     target = {k: MAGMAX_1 if k.startswith("head.") else MAGMAX for k in KEYS}    # head wants lam 1
-    result = choose_plan(base, kids, None, _closeness_score(target), method="magmax", level="group",
+    result = choose_plan(base, kids, None, closeness_score(target), method="magmax", level="group",
                          scales=(1.0, 2.0))
     assert {u.method for u in result.plan.units.values()} == {"magmax"}
     assert result.plan.units == {"features": UnitPlan("magmax"), "head": UnitPlan("magmax", {"lam": 1.0})}

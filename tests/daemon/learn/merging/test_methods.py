@@ -2,13 +2,25 @@
 
 import pytest
 import torch
+from pydantic import ValidationError
 
-from daemon.learn.merge import (METHODS, compatible, merge_state, merged_task_vector, relative_weights,
-                          task_vector, trim_top_magnitude)
+from daemon.learn.merging.methods import METHODS, compatible, relative_weights, trim_top_magnitude
+from daemon.learn.merging.plans import MergePlan, UnitPlan, apply_plan
 
 
 def t(*values):
     return torch.tensor(values, dtype=torch.float32)
+
+
+def merge_state(name, base, children, weights=None, **params):
+    """``base + method(tau_1..tau_n)``: a model-level plan of one method."""
+    return apply_plan(MergePlan("model", {"model": UnitPlan(name, params)}), base, children, weights)
+
+
+def merged_task_vector(name, base, children, weights=None, **params):
+    """``lam * method(tau_1..tau_n)``, without the base."""
+    merged = merge_state(name, base, children, weights, **params)
+    return {k: merged[k] - base[k] for k in base if base[k].is_floating_point()}
 
 
 def states(base, *children, key="w"):
@@ -21,6 +33,19 @@ def test_registry_names_and_defaults():
     assert METHODS["ties"].defaults == {"density": 0.2, "lam": 0.55}
     assert METHODS["task_arithmetic"].defaults == {"lam": 1.0}
     assert METHODS["average"].defaults == {"lam": 1.0}
+    assert list(METHODS["ties"].defaults) == ["density", "lam"]      # a plan's JSON lists lam last
+    assert "TIES" in METHODS["ties"].reference and "MagMax" in METHODS["magmax"].reference
+
+
+def test_parameters_are_typed():
+    ties = METHODS["ties"]
+    assert ties.validate(density=0.5).density == 0.5
+    with pytest.raises(ValidationError):
+        ties.validate(density=1.5)                                   # a share of entries
+    with pytest.raises(ValidationError):
+        ties.validate(lam="much")
+    with pytest.raises(ValidationError):
+        ties.validate(lam=float("nan"))
 
 
 def test_average_is_weighted_mean_of_task_vectors():
@@ -116,13 +141,13 @@ def test_ties_default_density_and_zero_everywhere():
     assert torch.allclose(merged, expected, atol=0, rtol=1e-6)
 
 
-def test_merge_state_keys_only_and_buffers_copied():
+def test_integer_buffers_are_copied_from_the_base():
     base = {"a": t(1.0), "b": t(1.0), "n": torch.tensor([7])}
-    kids = [{"a": t(3.0), "b": t(3.0), "n": torch.tensor([9])}]
-    merged = merge_state("average", base, kids, keys=["a"])
-    assert torch.equal(merged["a"], t(3.0)) and torch.equal(merged["b"], t(1.0))
+    kids = [{"a": t(3.0), "b": t(2.0), "n": torch.tensor([9])}]
+    merged = merge_state("average", base, kids)
+    assert torch.equal(merged["a"], t(3.0)) and torch.equal(merged["b"], t(2.0))
     assert torch.equal(merged["n"], torch.tensor([7]))
-    assert merged["b"] is not base["b"]
+    assert merged["n"] is not base["n"]
 
 
 def test_merge_rejects_bad_input():
@@ -135,8 +160,6 @@ def test_merge_rejects_bad_input():
         merge_state("average", base, kids, [1.0, 2.0])
     with pytest.raises(ValueError, match="non-negative"):
         merge_state("average", base, kids, [-1.0])
-    with pytest.raises(KeyError, match="not in the base"):
-        merge_state("average", base, kids, keys=["nope"])
     with pytest.raises(ValueError, match="no parameter"):
         merge_state("magmax", base, kids, density=0.3)
     with pytest.raises(ValueError, match="distill"):
@@ -150,8 +173,6 @@ def test_helpers():
     assert compatible({"a": torch.zeros(2)}, {"a": torch.ones(2)})
     assert not compatible({"a": torch.zeros(2)}, {"a": torch.ones(3)})
     assert not compatible({"a": torch.zeros(2)}, {"b": torch.ones(2)})
-    tv = task_vector({"a": t(3.0), "n": torch.tensor([1])}, {"a": t(1.0), "n": torch.tensor([0])})
-    assert set(tv) == {"a"} and torch.equal(tv["a"], t(2.0))
 
 
 def test_merge_keeps_dtypes_and_leaves_inputs_alone():

@@ -5,10 +5,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from daemon.learn.child_tuning import (BernoulliMask, TaskDrivenMask, child_tuning_hook, fisher_information,
-                                 fisher_mask)
-from daemon.learn.families import TabularMLP
-from daemon.learn.training import train_epochs
+from daemon.learn.inherit.child_tuning import (BernoulliMask, TaskDrivenMask, child_tuning_hook,
+                                               fisher_information, fisher_mask)
+from daemon.learn.models import TabularMLP
+from daemon.learn.training import fit
 
 
 def data(n=64, seed=0):
@@ -57,7 +57,7 @@ def test_task_driven_training_changes_only_the_masked_entries(p):
     kept = sum(int(m.sum()) for m in ranked.values()) / sum(m.numel() for m in ranked.values())
     assert kept == pytest.approx(p, abs=0.01)
     before = {n: t.detach().clone() for n, t in net.named_parameters()}
-    train_epochs(net, x, y, epochs=2, lr=1e-2, batch_size=16, before_step=hook)
+    fit(net, x, y, epochs=2, lr=1e-2, batch_size=16, hooks=[hook])
     for n, t in net.named_parameters():
         frozen = ~hook.masks[n]
         assert torch.equal(t[frozen], before[n][frozen]), f"{n}: a masked-out entry moved"
@@ -70,7 +70,7 @@ def test_bernoulli_mask_keeps_about_p_and_scales_by_one_over_p():
     net = nn.Linear(200, 100)
     net.weight.grad = torch.ones_like(net.weight)
     net.bias.grad = torch.ones_like(net.bias)
-    BernoulliMask(p, generator=torch.Generator().manual_seed(0), always=())(net)
+    BernoulliMask(p, generator=torch.Generator().manual_seed(0), always=()).before_step(net)
     g = net.weight.grad
     values = set(g.unique().tolist())
     assert values <= {0.0, 1 / p}                       # dropped, or kept and scaled by 1/p
@@ -85,7 +85,7 @@ def test_bernoulli_mask_spares_the_always_trained_head_and_draws_fresh_masks():
     for _ in range(2):
         for t in net.parameters():
             t.grad = torch.ones_like(t)
-        hook(net)
+        hook.before_step(net)
         assert torch.equal(net.head.weight.grad, torch.ones_like(net.head.weight))
         draws.append(net.stages[0][0].weight.grad.clone())
     assert not torch.equal(draws[0], draws[1])          # a new mask every step

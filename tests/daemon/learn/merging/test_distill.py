@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from daemon.learn.distill import distill_into, ensemble_probs, hinton_loss, kd_kl
-from daemon.learn.training import train_epochs
+from daemon.learn.merging.distill import KnowledgeDistillation, distill_into, ensemble_probs, hinton_loss, kd_kl
+from daemon.learn.training import fit
 
 
 def mlp(hidden, seed, classes=4):
@@ -48,7 +48,7 @@ def test_distillation_moves_served_and_children_toward_their_teachers():
     served = mlp(16, 0)
     children = [mlp(32, 1), mlp(8, 2)]           # other architectures than the served model
     for c in children:                           # confident teachers: far from the untrained student
-        train_epochs(c, x, y, epochs=15, lr=1e-2, generator=torch.Generator().manual_seed(1))
+        fit(c, x, y, epochs=15, lr=1e-2, generator=torch.Generator().manual_seed(1))
     child_before = [{k: v.clone() for k, v in c.state_dict().items()} for c in children]
     report = distill_into(served, children, x, y, temperature=4.0, alpha=0.0, beta=1.0, epochs=4, lr=2e-2,
                           batch_size=32, generator=torch.Generator().manual_seed(0))
@@ -61,7 +61,7 @@ def test_distillation_moves_served_and_children_toward_their_teachers():
     assert d["method"] == "distill" and d["samples"] == 192 and len(d["child_kl_after"]) == 2
 
 
-def test_peer_term_and_one_way_mode():
+def test_one_way_mode():
     x, y = data(96)
     served, children = mlp(16, 0), [mlp(16, 3), mlp(16, 4)]
     frozen = [{k: v.clone() for k, v in c.state_dict().items()} for c in children]
@@ -69,9 +69,27 @@ def test_peer_term_and_one_way_mode():
                           generator=torch.Generator().manual_seed(0))
     assert all(torch.equal(c.state_dict()[k], f[k]) for c, f in zip(children, frozen) for k in f)
     assert all(math.isnan(v) for v in report.child_loss)
-    report = distill_into(served, children, x, y, epochs=1, peer=True,
-                          generator=torch.Generator().manual_seed(0))
-    assert report.peer and all(math.isfinite(v) for v in report.child_loss)
+    report = distill_into(served, children, x, y, epochs=1, generator=torch.Generator().manual_seed(0))
+    assert all(math.isfinite(v) for v in report.child_loss)
+
+
+def test_children_learn_back_on_the_same_batches_and_teachers_are_restored():
+    # children trained one after the other from one generator state see the mini-batches that
+    # training them side by side (one permutation per epoch, shared) would give them
+    x, y = data(96)
+    served, twins = mlp(16, 0), [mlp(8, 3), mlp(8, 3)]
+    served.train()
+    gen = torch.Generator().manual_seed(5)
+    distill_into(served, twins, x, y, epochs=1, child_epochs=2, generator=gen)
+    assert all(torch.equal(a, b) for a, b in zip(twins[0].state_dict().values(), twins[1].state_dict().values()))
+    after = torch.randperm(10, generator=gen)
+    expected = torch.Generator().manual_seed(5)
+    for _ in range(1 + 2):                               # one permutation per epoch, each direction
+        torch.randperm(96, generator=expected)
+    assert torch.equal(after, torch.randperm(10, generator=expected))
+    assert all(p.requires_grad for p in served.parameters())
+    with pytest.raises(ValueError, match="teacher"):
+        KnowledgeDistillation([])
 
 
 def test_rejects_mismatched_outputs():
@@ -88,9 +106,9 @@ def test_served_model_learns_a_slice_only_a_child_of_another_architecture_knows(
     x, y = data(400)
     old = y < 2                                   # slice the served model knows: classes 0, 1
     served = mlp(16, 0)
-    train_epochs(served, x[old], y[old], epochs=20, lr=1e-2, generator=torch.Generator().manual_seed(0))
+    fit(served, x[old], y[old], epochs=20, lr=1e-2, generator=torch.Generator().manual_seed(0))
     child = mlp(48, 5)                            # wider: its weights cannot be merged by task vectors
-    train_epochs(child, x, y, epochs=20, lr=1e-2, generator=torch.Generator().manual_seed(1))
+    fit(child, x, y, epochs=20, lr=1e-2, generator=torch.Generator().manual_seed(1))
     new = ~old
     before_new = accuracy(served, x[new], y[new])
     # labels unused (alpha 0): everything the served model learns about classes 2, 3 comes from the child

@@ -3,10 +3,12 @@
 import torch
 
 from tools.datasets import load_dataset
-from daemon.learn.families import TabularMLP
-from daemon.learn.gate import gate
-from daemon.learn.merge import merge_state
-from daemon.learn.training import accuracy, model_input, train_epochs
+from daemon.learn.merging.gate import gate
+from daemon.learn.merging.plans import MergePlan, UnitPlan, apply_plan
+from daemon.learn.models import TabularMLP
+from daemon.learn.training import accuracy, fit, model_input
+
+AVERAGE = MergePlan("model", {"model": UnitPlan("average")})
 
 
 def test_accepts_within_tolerance_and_new_slices():
@@ -45,7 +47,7 @@ def test_gate_rejects_a_merge_with_a_child_trained_on_shuffled_labels():
     torch.manual_seed(0)
     model = TabularMLP(in_features=64, num_classes=10, width=32)
     x_up, y_up = slices["upright"]["train"]
-    train_epochs(model, x_up, y_up, epochs=15, lr=3e-3, generator=torch.Generator().manual_seed(0))
+    fit(model, x_up, y_up, epochs=15, lr=3e-3, generator=torch.Generator().manual_seed(0))
     base = {k: v.clone() for k, v in model.state_dict().items()}
 
     def child(shuffle: bool):
@@ -54,7 +56,7 @@ def test_gate_rejects_a_merge_with_a_child_trained_on_shuffled_labels():
         x, y = torch.cat([x_new, x_up]), torch.cat([y_new, y_up])     # new slice + replay, as the engine does
         if shuffle:
             y = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(1))]
-        train_epochs(model, x, y, epochs=15, lr=3e-3, generator=torch.Generator().manual_seed(2))
+        fit(model, x, y, epochs=15, lr=3e-3, generator=torch.Generator().manual_seed(2))
         return {k: v.clone() for k, v in model.state_dict().items()}
 
     good, bad = child(shuffle=False), child(shuffle=True)
@@ -67,10 +69,10 @@ def test_gate_rejects_a_merge_with_a_child_trained_on_shuffled_labels():
     assert served["upright"] > 0.9                           # a base worth protecting
 
     # tolerance 0.05: merging the good child alone costs "upright" about 0.04 on this small model
-    accepted = gate(served, heldout_accuracy(merge_state("average", base, [good])), tolerance=0.05)
+    accepted = gate(served, heldout_accuracy(apply_plan(AVERAGE, base, [good])), tolerance=0.05)
     assert accepted.accepted, accepted.reason
 
-    candidate = heldout_accuracy(merge_state("average", base, [good, bad]))
+    candidate = heldout_accuracy(apply_plan(AVERAGE, base, [good, bad]))
     verdict = gate(served, candidate, tolerance=0.05)
     assert not verdict.accepted
     failed = {r.slice: r for r in verdict.regressions}

@@ -1,4 +1,6 @@
-"""The publish gate: a candidate is served only if no slice gets worse (DESIGN invariant 3)."""
+"""The publish gate: a candidate is served only if no slice's held-out accuracy drops by more than
+the tolerance, so continual learning never trades one slice away silently; every verdict names
+each failing slice with its figures, for the manifest and the logs."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 import torch
 
-from daemon.learn.buffers import Reservoir, SliceBuffers
+from daemon.learn.replay import Reservoir, SliceBuffers
 
 
 def test_reservoir_stays_bounded_and_samples_the_whole_stream():

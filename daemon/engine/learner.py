@@ -1,0 +1,229 @@
+"""The per-batch learner: one batch in → measure → decide → train.
+
+Per batch (after bootstrap):
+1. split off ``heldout_fraction`` of the rows into the slice's held-out buffer;
+2. test-then-train: served accuracy on the whole batch (prequential) and KL(batch || served
+   reference) in the served model's features; for each active child, KL in its own features;
+3. :func:`daemon.learn.policy.decide` → keep | retrain nearest child | spawn a child from the
+   served model; children train on the new rows plus as many replayed rows of every other slice;
+4. the train rows enter the slice's replay buffer.
+
+The batch is converted to the model's input form once (:class:`Rows`) and passed down. The
+caller (the engine facade) holds the lock; nothing here does I/O or starts threads.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from consumers.wire import Batch
+from daemon.engine.records import BatchResult
+from daemon.engine.settings import LearnerSettings, MergeSettings, ModelSettings
+from daemon.engine.state import EngineState
+from daemon.engine.tree import ROOT, Node
+from daemon.learn.inherit.child_tuning import child_tuning_hook
+from daemon.learn.inherit.hkt import HKTLoss
+from daemon.learn.inherit.spawn import compact_architecture, spawn_child
+from daemon.learn.models import infer_architecture, parameter_count
+from daemon.learn.policy import Observation, Verdict, decide, spawn_method
+from daemon.learn.training import Hook, accuracy, fit, model_input
+from zoo_store.models import utc_now
+
+log = logging.getLogger("filial.engine")
+
+
+@dataclass(frozen=True)
+class Rows:
+    """One batch split into train and held-out rows, in wire form (for the buffers, which store
+    the compact wire dtype) and in model form (computed once, for everything that runs a model)."""
+    slice: str
+    data_type: str
+    x: torch.Tensor          # the whole batch, model form
+    y: torch.Tensor
+    x_train_wire: torch.Tensor
+    x_train: torch.Tensor    # model form
+    y_train: torch.Tensor
+    x_held_wire: torch.Tensor
+    y_held: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return len(self.y)
+
+
+class Learner:
+    def __init__(self, model: ModelSettings, learner: LearnerSettings, merge: MergeSettings,
+                 device: torch.device) -> None:
+        self.model = model
+        self.s = learner
+        self.merge_after = merge.after_child_updates
+        self.device = device
+
+    # --- one batch ------------------------------------------------------------------------------
+    def split(self, state: EngineState, batch: Batch) -> Rows:
+        n = len(batch)
+        n_held = max(1, int(round(n * self.s.heldout_fraction))) if n > 1 else 0
+        order = torch.randperm(n, generator=state.generator)
+        held, train = order[:n_held], order[n_held:]
+        x = model_input(batch.x, batch.data_type)
+        return Rows(batch.slice, batch.data_type, x, batch.y, batch.x[train], x[train], batch.y[train],
+                    batch.x[held], batch.y[held])
+
+    def apply(self, state: EngineState, batch: Batch) -> BatchResult:
+        rows = self.split(state, batch)
+        if state.served_version is None:
+            result = self._bootstrap(state, batch, rows)
+        else:
+            result = self._decide_and_train(state, rows)
+        state.buffers.add(rows.slice, rows.x_train_wire, rows.y_train, rows.x_held_wire, rows.y_held,
+                          state.generator)
+        state.counters.batches += 1
+        state.counters.samples += rows.size
+        return result
+
+    # --- training sets --------------------------------------------------------------------------------
+    def _training_set(self, state: EngineState, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """New rows plus ``replay_ratio`` as many replayed rows of the other slices (experience replay)."""
+        replay = state.buffers.sample_replay(int(len(rows.y_train) * self.s.replay_ratio), state.generator,
+                                             learning=rows.slice)
+        if replay is None:
+            return rows.x_train, rows.y_train
+        return (torch.cat([rows.x_train, model_input(replay[0], rows.data_type)]),
+                torch.cat([rows.y_train, replay[1]]))
+
+    def _train(self, state: EngineState, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+               epochs: int, hooks: tuple[Hook, ...] = (), loss=None) -> None:
+        fit(model, x, y, epochs=epochs, lr=self.s.learning_rate, batch_size=self.s.train_batch_size,
+            loss=loss, hooks=hooks, generator=state.generator)
+
+    def grow_reference(self, state: EngineState, node: Node, x_wire: torch.Tensor) -> None:
+        ref = torch.cat([node.reference_x, x_wire]) if len(node.reference_x) else x_wire.clone()
+        if len(ref) > self.s.reference_size:
+            keep = torch.randperm(len(ref), generator=state.generator)[: self.s.reference_size]
+            ref = ref[keep]
+        node.reference_x = ref
+
+    # --- bootstrap -------------------------------------------------------------------------------------
+    def _new_root(self, state: EngineState, batch: Batch) -> Node:
+        arch = infer_architecture(batch.data_type, batch.x, self.model.num_classes, self.model.width,
+                                  family=self.model.family, factory=self.model.factory)
+        model = arch.build().to(self.device)
+        node = Node(node_id=ROOT, parent=None, slice=batch.slice, data_type=batch.data_type, architecture=arch,
+                    model=model, created_at=utc_now(), reference_x=batch.x[:0],
+                    fingerprint=None, status="served", slices=[batch.slice])
+        state.tree.add(node)
+        log.info("served model: %s (%d parameters)", arch.model_dump(), parameter_count(model))
+        return node
+
+    def _bootstrap(self, state: EngineState, batch: Batch, rows: Rows) -> BatchResult:
+        root = state.root or self._new_root(state, batch)
+        if rows.slice not in root.slices:
+            root.slices.append(rows.slice)
+        acc = float(accuracy(root.model, rows.x, rows.y)) if state.bootstrap_batches_seen else float("nan")
+        x_fit, y_fit = self._training_set(state, rows)
+        self._train(state, root.model, x_fit, y_fit, self.s.bootstrap_epochs)
+        root.samples += len(rows.y_train)
+        self.grow_reference(state, root, rows.x_train_wire)
+        state.bootstrap_batches_seen += 1
+        done = self._bootstrap_done(state, rows)
+        if done:
+            root.refresh_fingerprint()
+        return BatchResult(rows.slice, rows.size, "bootstrap",
+                           f"training the first served model ({state.bootstrap_batches_seen}/{self.s.bootstrap_batches})",
+                           None, acc, False, publish_bootstrap=done)
+
+    def _bootstrap_done(self, state: EngineState, rows: Rows) -> bool:
+        """Enough batches, and good enough on its own held-out rows to be worth serving
+        (a weak first model would call its own slice drift); capped at 4x the batches."""
+        seen, wanted = state.bootstrap_batches_seen, self.s.bootstrap_batches
+        if seen < wanted:
+            return False
+        held = state.buffers.heldout_sets()
+        root = state.root
+        accs = [accuracy(root.model, model_input(x, root.data_type), y) for x, y in held.values()]
+        good = bool(accs) and min(accs) >= self.s.bootstrap_accuracy
+        if not good and seen >= 4 * wanted:
+            log.warning("bootstrap: held-out accuracy %s still below %.2f after %d batches; serving anyway",
+                        [round(a, 3) for a in accs], self.s.bootstrap_accuracy, seen)
+            return True
+        return good
+
+    # --- after bootstrap -------------------------------------------------------------------------------
+    def _observe(self, state: EngineState, rows: Rows) -> tuple[float, float]:
+        root = state.root
+        correct = float(accuracy(root.model, rows.x, rows.y))
+        c, n = state.prequential.setdefault(rows.slice, [0.0, 0])
+        state.prequential[rows.slice] = [c + correct * rows.size, n + rows.size]
+        return correct, root.kl_to(rows.x)
+
+    def _decide_and_train(self, state: EngineState, rows: Rows) -> BatchResult:
+        acc, kl = self._observe(state, rows)
+        nearest, nearest_kl = state.tree.nearest_child(rows.x, rows.data_type)
+        verdict: Verdict = decide(Observation(acc, kl, nearest.node_id if nearest else None, nearest_kl),
+                                  state.thresholds)
+        if verdict.drift:
+            state.counters.drift_events += 1
+        child_id = None
+        if verdict.action == "retrain":
+            child = state.tree.nodes[verdict.child]
+            self._update_child(state, child, rows)
+            state.counters.children_retrained += 1
+            child_id = child.node_id
+        elif verdict.action == "spawn":
+            child = self._spawn(state, rows)
+            state.counters.children_spawned += 1
+            child_id = child.node_id
+        merge_due = False
+        if verdict.action in ("retrain", "spawn"):
+            state.counters.child_updates_since_merge += 1
+            merge_due = state.counters.child_updates_since_merge >= self.merge_after
+        return BatchResult(rows.slice, rows.size, verdict.action, verdict.reason, kl, acc, verdict.drift,
+                           child=child_id, nearest_kl=nearest_kl, merge_due=merge_due)
+
+    def _update_child(self, state: EngineState, child: Node, rows: Rows) -> None:
+        """Train an existing child on the new rows plus replay. A compact child keeps inheriting
+        from the served model through HKT; a same-size child trains on cross-entropy (with
+        Child-Tuning's gradient mask when configured)."""
+        x_fit, y_fit = self._training_set(state, rows)
+        if child.architecture != state.root.architecture:
+            self._train(state, child.model, x_fit, y_fit, self.s.child_epochs, loss=HKTLoss(state.root.model))
+        else:
+            hooks = ((child_tuning_hook(child.model, x_fit, y_fit, mode=self.s.child_tuning, p=self.s.child_tuning_p,
+                                        batch_size=self.s.train_batch_size, generator=state.generator),)
+                     if self.s.child_tuning != "none" else ())
+            self._train(state, child.model, x_fit, y_fit, self.s.child_epochs, hooks=hooks)
+        self._note_trained(state, child, rows)
+
+    def _note_trained(self, state: EngineState, child: Node, rows: Rows) -> None:
+        child.updates += 1
+        child.samples += len(rows.y_train)
+        if rows.slice not in child.slices:
+            child.slices.append(rows.slice)
+        self.grow_reference(state, child, rows.x_train_wire)
+        child.refresh_fingerprint()
+
+    def _spawn(self, state: EngineState, rows: Rows) -> Node:
+        """A child that inherits from the served model: a copy (same size) or a compact child
+        trained with hereditary knowledge transfer; which one, by :func:`daemon.learn.policy.spawn_method`."""
+        root = state.root
+        compact = self.s.child_size_ratio < 1.0
+        arch = compact_architecture(root.architecture, self.s.child_size_ratio) if compact else root.architecture
+        method = spawn_method(self.s.spawn_method, compact=compact)
+        x_fit, y_fit = self._training_set(state, rows)
+        tuning = self.s.child_tuning if method == "copy" and self.s.child_tuning != "none" else None
+        model = spawn_child(root.model, arch if compact else None, x_fit, y_fit,
+                            epochs=self.s.child_epochs, lr=self.s.learning_rate,
+                            batch_size=self.s.train_batch_size, method=method, child_tuning=tuning,
+                            child_tuning_p=self.s.child_tuning_p, generator=state.generator)
+        child = Node(node_id=state.tree.new_child_id(), parent=ROOT, slice=rows.slice, data_type=rows.data_type,
+                     architecture=arch, model=model, created_at=utc_now(),
+                     reference_x=rows.x_train_wire[:0], fingerprint=None, status="active",
+                     base_version=state.served_version, slices=[], spawn_method=method)
+        state.tree.add(child)
+        self._note_trained(state, child, rows)
+        log.info("spawned child %s (%s, %s, %d parameters) for slice %s from served v%s", child.node_id, method,
+                 "compact" if compact else "full size", parameter_count(model), rows.slice, state.served_version)
+        return child

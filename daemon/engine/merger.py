@@ -1,0 +1,167 @@
+"""The merger: a frozen snapshot of what to merge in, a gated candidate out.
+
+:func:`merge` is a function of a :class:`MergeSnapshot` (taken by the engine under its lock) and
+the settings: it holds no lock and touches no engine state, so ingest continues while it runs.
+
+Same-size copies of the served weights merge in weight space: the granularity controller picks
+method and level on the even rows of each slice's held-out buffer. Compact children (another
+architecture) and children trained from scratch (no shared base, so no meaningful task vector)
+merge by bidirectional distillation on the replay buffers: the candidate learns from their
+ensemble, each learns back from the candidate. The gate judges the candidate against the served
+model on the odd held-out rows, so it does not inherit the selection's optimism.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from daemon.engine.records import MergeOutcome
+from daemon.engine.settings import LearnerSettings, MergeSettings
+from daemon.engine.state import cpu_state
+from daemon.learn.merging.distill import distill_into
+from daemon.learn.models import Architecture
+from daemon.learn.merging.gate import gate
+from daemon.learn.merging.controller import choose_plan
+from daemon.learn.merging.plans import apply_plan
+from daemon.learn.training import accuracy, model_input
+
+log = logging.getLogger("filial.engine")
+
+Sets = dict[str, tuple[torch.Tensor, torch.Tensor]]
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DistillChild:
+    updates: int
+    architecture: Architecture
+    state: StateDict
+
+
+@dataclass(frozen=True)
+class MergeSnapshot:
+    """Everything a merge reads, copied out of the engine at one moment."""
+    base: StateDict | None           # the weights the children's task vectors are taken against
+    served: StateDict
+    children: list[StateDict]        # same-size children, in weight space of ``base``
+    weights: list[float]             # their sample counts
+    ids: list[str]
+    distill: dict[str, DistillChild]  # children merged by distillation
+    replay: tuple[torch.Tensor, torch.Tensor]
+    heldout: Sets
+    served_version: int
+    base_version: int | None
+    architecture: Architecture
+    data_type: str
+    seed: int
+
+
+def split_heldout(sets: Sets) -> tuple[Sets, Sets]:
+    """Even rows of each slice choose a merge, odd rows judge it (slices with < 2 rows: choose only)."""
+    select = {name: (x[0::2], y[0::2]) for name, (x, y) in sets.items()}
+    judge = {name: (x[1::2], y[1::2]) for name, (x, y) in sets.items() if len(y) >= 2}
+    return select, judge
+
+
+def mean_accuracy(metrics: dict[str, float]) -> float:
+    values = [v for v in metrics.values() if v == v]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def heldout_accuracy(model: torch.nn.Module, data_type: str, sets: Sets) -> dict[str, float]:
+    """Accuracy per slice on ``{slice: (x, y)}``, rounded as metrics and merge records report it."""
+    return {name: round(accuracy(model, model_input(x, data_type), y), 4) for name, (x, y) in sets.items()}
+
+
+class Evaluator:
+    """Held-out accuracy per slice of a state dict, in one reusable model of the served architecture."""
+
+    def __init__(self, arch: Architecture, data_type: str, device: torch.device) -> None:
+        self.model = arch.build().to(device)
+        self.data_type = data_type
+
+    def __call__(self, state: StateDict, sets: Sets) -> dict[str, float]:
+        self.model.load_state_dict(state)
+        return heldout_accuracy(self.model, self.data_type, sets)
+
+
+def merge(snap: MergeSnapshot, settings: MergeSettings, learner: LearnerSettings,
+          device: torch.device) -> MergeOutcome:
+    started = time.perf_counter()
+    select, judge = split_heldout(snap.heldout)
+    evaluate = Evaluator(snap.architecture, snap.data_type, device)
+    plan: dict[str, Any] = {"children": snap.ids, "weights": dict(zip(snap.ids, snap.weights)),
+                            "selection_rows": sum(len(y) for _, y in select.values()),
+                            "gate_rows": sum(len(y) for _, y in judge.values())}
+    state = snap.served
+    if snap.children:
+        state, chosen = _weight_merge(snap, settings, evaluate, select)
+        plan.update(chosen)
+    distilled: dict[str, tuple[int, StateDict]] = {}
+    if snap.distill:
+        state, distilled, report = _distill(snap, state, learner, device)
+        plan["distill"] = {"children": list(distilled), **report}
+    served_metrics = evaluate(snap.served, judge)
+    cand_metrics = evaluate(state, judge)
+    verdict = gate(served_metrics, cand_metrics, settings.tolerance)
+    gain = mean_accuracy(cand_metrics) - mean_accuracy(served_metrics)
+    accepted, reason = verdict.accepted, verdict.reason
+    if accepted and not gain > 0:
+        accepted, reason = False, f"no gain: mean held-out accuracy {gain:+.4f} against the served model"
+    return MergeOutcome(accepted, reason, state, snap.ids + list(distilled), snap.base_version,
+                        snap.served_version, served_metrics, cand_metrics, plan, verdict,
+                        time.perf_counter() - started, distilled)
+
+
+def _weight_merge(snap: MergeSnapshot, settings: MergeSettings, evaluate: Evaluator,
+                  select: Sets) -> tuple[StateDict, dict]:
+    """Same-size children: the controller's plan, or the best one that passes the gate."""
+    result = choose_plan(snap.base, snap.children, snap.weights, lambda state: evaluate(state, select),
+                         method=settings.method, level=settings.level, group_prefixes=settings.groups,
+                         min_gain=settings.min_gain, max_evaluations=settings.max_evaluations)
+    fallback = _admissible_fallback(result, evaluate(snap.served, select), settings.tolerance)
+    chosen = result.plan.label()
+    state = result.state
+    if fallback is not None:
+        state = apply_plan(fallback.plan, snap.base, snap.children, snap.weights)
+        log.info("merge: the controller's pick %s regresses a slice on the selection rows; "
+                 "taking the best candidate that does not: %s", chosen, fallback.plan.label())
+        chosen = fallback.plan.label()
+    return state, {**result.to_dict(), "chosen": chosen, "gate_fallback": fallback is not None}
+
+
+def _admissible_fallback(result, served_on_selection: dict[str, float], tolerance: float):
+    """When the controller's pick (best mean) would fail the gate on the selection rows, the
+    best-scoring candidate that would pass, if any: a smaller merge that publishes beats a
+    larger one that is rejected. None when the pick is fine or nothing passes."""
+    def passes(candidate) -> bool:
+        return gate(served_on_selection, candidate.per_slice, tolerance).accepted
+
+    if result.score is None or passes(result.score):
+        return None
+    admissible = [c for c in result.candidates
+                  if passes(c) and mean_accuracy(c.per_slice) > mean_accuracy(served_on_selection)]
+    return max(admissible, key=lambda c: (c.mean, c.worst), default=None)
+
+
+def _distill(snap: MergeSnapshot, state: StateDict, learner: LearnerSettings, device: torch.device):
+    """Children outside the served weight space into the candidate: bidirectional ensemble
+    distillation on the replay buffers."""
+    candidate = snap.architecture.build().to(device)
+    candidate.load_state_dict(state)
+    students = {}
+    for node_id, child in snap.distill.items():
+        model = child.architecture.build().to(device)
+        model.load_state_dict(child.state)
+        students[node_id] = (child.updates, model)
+    x, y = snap.replay
+    report = distill_into(candidate, [m for _, m in students.values()], model_input(x, snap.data_type), y,
+                          epochs=learner.child_epochs, lr=learner.learning_rate,
+                          batch_size=learner.train_batch_size, generator=torch.Generator().manual_seed(snap.seed))
+    distilled = {node_id: (updates, cpu_state(m)) for node_id, (updates, m) in students.items()}
+    return cpu_state(candidate), distilled, report.to_dict()

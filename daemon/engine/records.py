@@ -1,0 +1,112 @@
+"""What the engine hands out: per-batch results, merge outcomes and releases to publish.
+
+Plain values (dataclasses). The service logs, records and publishes them; it never reaches into
+the engine's state to find out what happened.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from daemon.learn.models import Architecture
+from daemon.learn.merging.gate import GateVerdict
+
+
+@dataclass
+class Counters:
+    batches: int = 0
+    samples: int = 0
+    duplicates_skipped: int = 0
+    drift_events: int = 0
+    children_spawned: int = 0
+    children_retrained: int = 0
+    merges_accepted: int = 0
+    merges_rejected: int = 0
+    child_updates_since_merge: int = 0
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What the engine did with one batch; the service logs and records it."""
+    slice: str
+    rows: int
+    action: str
+    reason: str
+    kl: float | None
+    accuracy: float | None
+    drift: bool
+    child: str | None = None
+    nearest_kl: float | None = None
+    publish_bootstrap: bool = False
+    merge_due: bool = False
+    seconds: float = 0.0
+
+    def record(self) -> dict[str, Any]:
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class MergeOutcome:
+    accepted: bool
+    reason: str
+    state: dict[str, torch.Tensor] | None
+    children: list[str]
+    base_version: int | None
+    served_version: int | None
+    served_metrics: dict[str, float]
+    candidate_metrics: dict[str, float]
+    plan: dict[str, Any] | None = None
+    verdict: GateVerdict | None = None
+    seconds: float = 0.0
+    # compact children after learning back from the candidate (distillation's second direction),
+    # with the ``updates`` count they had when snapshotted: adopted only if still unchanged
+    distilled_children: dict[str, tuple[int, dict[str, torch.Tensor]]] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        return {"accepted": self.accepted, "reason": self.reason, "children": self.children,
+                "base_version": self.base_version, "served_version": self.served_version,
+                "served_metrics": self.served_metrics, "candidate_metrics": self.candidate_metrics,
+                "plan": self.plan, "seconds": round(self.seconds, 3),
+                "regressions": [asdict(r) for r in self.verdict.regressions] if self.verdict else []}
+
+
+@dataclass(frozen=True)
+class Release:
+    """A served-model state with everything its manifest needs, taken from the engine at one moment.
+
+    ``metrics`` is held-out accuracy per slice of ``state``; ``parent_version`` the version served
+    when it was taken (the publish id is derived from it, so a retried publish is the same one).
+    """
+    reason: str
+    state: dict[str, torch.Tensor]
+    architecture: Architecture
+    parent_version: int | None
+    base_version: int | None
+    lineage: list[dict[str, Any]]
+    metrics: dict[str, float]
+    merge: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ChildRelease:
+    """A compact child ready to publish on its own line (``{line}.{node_id}``)."""
+    node_id: str
+    updates: int
+    architecture: Architecture
+    state: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+    parent_version: int
+    lineage: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    """Gauges for metrics and telemetry, copied out under the lock."""
+    counters: Counters
+    served_version: int | None
+    prequential_accuracy: dict[str, float]
+    children: dict[str, int]  # status -> count

@@ -1,0 +1,74 @@
+"""The engine's state as plain data, and its checkpoint codec (JSON metadata + named tensors).
+
+Everything the learner and the merger change lives in :class:`EngineState`; the engine facade
+guards it with one lock. :func:`encode` / :func:`decode` turn it into what
+``zoo_store.checkpoints`` stores (safetensors tensors and a JSON document).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from daemon.engine.records import Counters
+from daemon.engine.tree import ModelTree, Node
+from daemon.learn.replay import SliceBuffers
+from daemon.learn.policy import Thresholds
+
+
+@dataclass
+class EngineState:
+    tree: ModelTree
+    buffers: SliceBuffers
+    thresholds: Thresholds
+    generator: torch.Generator
+    counters: Counters = field(default_factory=Counters)
+    served_version: int | None = None
+    base_version: int | None = None
+    # the weights task vectors are taken against; only ever replaced, never written in place
+    base_state: dict[str, torch.Tensor] | None = None
+    bootstrap_batches_seen: int = 0
+    prequential: dict[str, list[float]] = field(default_factory=dict)  # slice -> [correct, seen]
+    last_merge_signature: tuple = ()  # (child id, updates) of the last merge attempt
+
+    @property
+    def root(self) -> Node | None:
+        return self.tree.root
+
+
+def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def encode(state: EngineState) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    tree_meta, tensors = state.tree.to_checkpoint()
+    buf_tensors, buf_meta = state.buffers.to_tensors()
+    tensors.update(buf_tensors)
+    if state.base_state is not None:
+        tensors.update({f"base.{k}": v for k, v in state.base_state.items()})
+    tensors["rng"] = state.generator.get_state()
+    meta = {
+        "tree": tree_meta, "buffers": buf_meta, "counters": asdict(state.counters),
+        "served_version": state.served_version, "base_version": state.base_version,
+        "bootstrap_batches_seen": state.bootstrap_batches_seen,
+        "prequential": state.prequential, "kl_threshold": state.thresholds.kl,
+    }
+    return meta, tensors
+
+
+def decode(meta: dict[str, Any], tensors: dict[str, torch.Tensor], state: EngineState,
+           device: torch.device) -> None:
+    """Load a checkpoint into ``state`` (whose buffers and thresholds carry the settings)."""
+    state.tree = ModelTree.from_checkpoint(meta["tree"], tensors, device)
+    state.buffers.load_tensors(tensors, meta["buffers"])
+    base = {k[5:]: v for k, v in tensors.items() if k.startswith("base.")}
+    state.base_state = base or None
+    state.generator.set_state(tensors["rng"])
+    state.counters = Counters(**meta["counters"])
+    state.served_version = meta["served_version"]
+    state.base_version = meta["base_version"]
+    state.bootstrap_batches_seen = meta["bootstrap_batches_seen"]
+    state.prequential = {k: list(v) for k, v in meta["prequential"].items()}
+    state.thresholds = Thresholds(kl=meta["kl_threshold"], accuracy=state.thresholds.accuracy)

@@ -1,0 +1,114 @@
+"""The merge job: APScheduler runs it on an interval or a crontab; the consume loop nudges it after
+``merge.after_child_updates`` child updates. One merge at a time.
+
+A merge is planned and gated by the engine (on a snapshot, outside the engine's lock); an
+accepted candidate is published by the publisher thread and adopted once written. Compact
+children trained since their last release are then published on their own lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, TimeoutError as FutureTimeout
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from daemon.engine.engine import Engine
+from daemon.engine.records import MergeOutcome
+from daemon.service.failpoints import Failpoints
+from daemon.service.metrics import ServiceMetrics
+from daemon.service.publisher import PublishAbandoned, Publisher, child_job, release_job
+from daemon.service.settings import MergeJobSettings
+from zoo_store.versions import Published
+
+log = logging.getLogger("filial.service")
+
+
+class MergeJob:
+    def __init__(self, engine: Engine, publisher: Publisher, settings: MergeJobSettings, line: str, *,
+                 metrics: ServiceMetrics, failpoints: Failpoints, stop_event: threading.Event,
+                 on_published: Callable[[Published], None], record: Callable[[dict[str, Any]], None]) -> None:
+        self.engine = engine
+        self.publisher = publisher
+        self.s = settings
+        self.line = line
+        self.metrics = metrics
+        self.failpoints = failpoints
+        self.stop_event = stop_event
+        self.on_published = on_published  # the service's bookkeeping after an adoption
+        self.record = record              # telemetry of the merge
+        self._lock = threading.Lock()
+        self._scheduler: BackgroundScheduler | None = None
+
+    def start(self) -> None:
+        self._scheduler = BackgroundScheduler(daemon=True)
+        trigger = (CronTrigger.from_crontab(self.s.cron) if self.s.cron
+                   else IntervalTrigger(seconds=self.s.interval_seconds))
+        self._scheduler.add_job(self.merge_now, trigger, id="merge", max_instances=1, coalesce=True,
+                                misfire_grace_time=None)
+        self._scheduler.start()
+
+    def stop(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=True)  # a running merge completes (its publish is stop-aware)
+
+    def nudge(self) -> None:
+        """Run now (enough child updates); while a merge runs it is not nudged again: the next one
+        takes these updates."""
+        if self._scheduler is not None and not self._lock.locked():
+            self._scheduler.modify_job("merge", next_run_time=datetime.now(timezone.utc))
+
+    def merge_now(self) -> MergeOutcome | None:
+        """Plan, gate and (if accepted) publish a merge. Safe to call from any thread; returns once
+        the version is written (or the service stops: the publish then finishes or is abandoned)."""
+        with self._lock:
+            with self.failpoints.phase("merge"):
+                outcome = self.engine.merge()
+                if outcome is not None:
+                    self.failpoints.pause("merge")
+            if outcome is None:
+                return None
+            self.metrics.merges.labels("accepted" if outcome.accepted else "rejected").inc()
+            record = outcome.record()
+            if outcome.accepted:
+                def adopt(published: Published) -> None:
+                    self.engine.adopt_merge(outcome, published.manifest.version)
+                    self.on_published(published)
+
+                job = release_job(self.line, self.engine.release_merge(outcome), adopt)
+                published = self._await(self.publisher.submit(job))
+                record["version"] = published.manifest.version if published else None
+                if published:
+                    log.info("merge accepted: children %s -> v%d; held-out %s (served was %s) in %.2fs",
+                             outcome.children, published.manifest.version, outcome.candidate_metrics,
+                             outcome.served_metrics, outcome.seconds)
+                else:
+                    log.warning("merge accepted but not published before stopping; it is redone after restart")
+            else:
+                log.warning("merge rejected: %s (children %s)", outcome.reason, outcome.children)
+            self.record(record)
+            self._publish_compact_children()
+            return outcome
+
+    def _publish_compact_children(self) -> None:
+        """Compact children trained since their last release, each on its own line ``{line}.{node_id}``
+        (same publisher, same guarantees: one transaction, idempotent publish id)."""
+        for release in self.engine.compact_children_to_publish():
+            job = child_job(self.line, release, lambda _published, r=release: self.engine.child_published(r))
+            if self._await(self.publisher.submit(job)) is None:
+                return  # stopping: the next run publishes it
+
+    def _await(self, future: Future) -> Published | None:
+        while True:
+            try:
+                return future.result(timeout=0.5)
+            except FutureTimeout:
+                if self.stop_event.is_set():
+                    return None  # the publisher keeps trying during its drain; adoption still follows
+            except PublishAbandoned:
+                return None

@@ -1,0 +1,80 @@
+"""Restart recovery: the last checkpoint into the engine and the ledger, then the versions this
+line wrote after that checkpoint.
+
+A crash between writing a version and checkpointing it leaves a version in Redis the checkpoint
+does not name. Without adopting it, the restarted daemon would re-derive the state, publish it as
+yet another version and leave the written one unserved (an orphan). Only direct successors are
+adopted (parent = the served version, reason bootstrap or merge), after their weights verify.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import redis
+from safetensors.torch import load as st_load
+
+from consumers.ledger import AppliedLedger
+from daemon.engine.engine import Engine
+from zoo_store.checkpoints import CheckpointStore
+from zoo_store.connection import CappedBackoff
+from zoo_store.models import sha256_hex
+from zoo_store.versions import VersionNotFound, VersionStore
+
+log = logging.getLogger("filial.service")
+
+
+def load_checkpoint(store: CheckpointStore, stop: threading.Event, backoff_cap: float):
+    """The latest checkpoint (meta, tensors) or None, waiting out a Redis outage with backoff."""
+    backoff = CappedBackoff(base=0.5, cap=backoff_cap)
+    while True:
+        try:
+            return store.load()
+        except redis.RedisError as exc:
+            wait = backoff.failed()
+            log.warning("cannot read the checkpoint (%s); retrying in %.1fs", exc, wait)
+            backoff.sleep(stop)
+            if stop.is_set():
+                raise
+
+
+def ledger_from(meta: dict[str, Any]) -> AppliedLedger:
+    return AppliedLedger.from_json(meta.get("ledger", {}))
+
+
+def adopt_unrecorded_versions(engine: Engine, versions: VersionStore, line: str) -> int:
+    """Serve the versions written after the checkpoint, in order; returns how many were adopted."""
+    adopted = 0
+    latest = versions.latest(line)
+    while latest is not None and (engine.served_version or 0) < latest and engine.architecture is not None:
+        served = engine.served_version
+        candidates = range((served or 0) + 1, latest + 1)
+        found = next(((m, w) for m, w in filter(None, (_verified(versions, line, v) for v in candidates))
+                      if m.parent_version == served and m.reason == ("bootstrap" if served is None else "merge")),
+                     None)
+        if found is None:
+            break
+        manifest, weights = found
+        if not engine.adopt_recovered(version=manifest.version, parent_version=served,
+                                      architecture=manifest.architecture, state=st_load(weights),
+                                      base_version=manifest.base_version, metrics=manifest.metrics,
+                                      plan=manifest.merge):
+            break
+        adopted += 1
+        log.warning("v%d (%s of v%s) was written before the last crash but not checkpointed: serving it "
+                    "instead of re-deriving it", manifest.version, manifest.reason, served)
+    return adopted
+
+
+def _verified(versions: VersionStore, line: str, version: int):
+    try:
+        manifest = versions.manifest(line, version)
+        weights = versions.weights(line, version)
+    except VersionNotFound:
+        return None
+    if sha256_hex(weights) != manifest.weights_sha256:
+        log.error("v%d's weights do not match its manifest: not adopting it", version)
+        return None
+    return manifest, weights

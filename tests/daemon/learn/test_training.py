@@ -1,0 +1,116 @@
+"""The one training loop: what it consumes, what its plugins see, and what it optimises."""
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from daemon.learn.training import CrossEntropy, EpochCallback, Hook, Loss, fit, frozen
+
+
+def data(n=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, generator=g)
+    return x, (x[:, 0] > 0).long()
+
+
+def net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def test_one_permutation_per_epoch_is_all_the_randomness_it_draws():
+    x, y = data()
+    gen = torch.Generator().manual_seed(3)
+    fit(net(), x, y, epochs=3, lr=1e-2, batch_size=16, generator=gen)
+    expected = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        torch.randperm(len(x), generator=expected)
+    assert torch.equal(torch.randperm(7, generator=gen), torch.randperm(7, generator=expected))
+
+
+def test_same_generator_same_model():
+    x, y = data()
+    a, b = net(), net()
+    fit(a, x, y, epochs=2, lr=1e-2, batch_size=16, generator=torch.Generator().manual_seed(1))
+    fit(b, x, y, epochs=2, lr=1e-2, batch_size=16, generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_history_hooks_and_modes():
+    x, y = data()
+    model = net()
+    steps, epochs = [], []
+
+    class Count(Hook):
+        def before_step(self, m):
+            assert m.training and all(p.grad is not None for p in m.parameters())
+            steps.append(1)
+
+    history = fit(model, x, y, epochs=2, lr=1e-2, batch_size=16,
+                  hooks=[Count(), EpochCallback(lambda e, m, losses: epochs.append((e, m.training, losses)))])
+    assert len(steps) == 2 * 3                        # 40 rows in batches of 16: 3 steps per epoch
+    assert [(e, training) for e, training, _ in epochs] == [(1, False), (2, False)]
+    assert [losses for _, _, losses in epochs] == history and set(history[0]) == {"total"}
+    assert history[1]["total"] < history[0]["total"] and not model.training
+
+
+def test_the_mean_loss_is_per_sample():
+    x, y = data(10)
+    model = net()
+    before = F.cross_entropy(model(x), y).item()
+    history = fit(model, x, y, epochs=1, lr=0.0, batch_size=10)   # lr 0: the loss seen is the loss before
+    assert history[0]["total"] == pytest.approx(before)
+
+
+def test_zero_epochs_train_nothing():
+    x, y = data()
+    model = net()
+    before = [p.clone() for p in model.parameters()]
+    assert fit(model, x, y, epochs=0, lr=1e-2) == []
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    with pytest.raises(ValueError):
+        fit(model, x, y, epochs=-1, lr=1e-2)
+
+
+def test_a_loss_trains_its_own_parameters_and_param_groups():
+    x, y = data()
+
+    class Scaled(Loss):
+        """CE on scaled logits: one parameter in the default group, one in a group of its own."""
+
+        def __init__(self):
+            self.scale = nn.Parameter(torch.ones(()))
+            self.shift = nn.Parameter(torch.zeros(2))
+            self.bound = False
+
+        @contextmanager
+        def bind(self, model, x):
+            self.bound = True
+            yield [self.scale, {"params": [self.shift], "lr": 0.0}]
+            self.bound = False
+
+        def __call__(self, model, x, y):
+            assert self.bound
+            return {"total": F.cross_entropy(model(x) * self.scale + self.shift, y), "scale": self.scale * 1}
+
+    loss = Scaled()
+    history = fit(net(), x, y, loss=loss, epochs=2, lr=1e-1, batch_size=16)
+    assert set(history[0]) == {"total", "scale"} and not loss.bound
+    assert loss.scale.item() != 1.0                   # trained at the loop's lr
+    assert torch.equal(loss.shift.detach(), torch.zeros(2))   # its own group's lr 0
+
+
+def test_cross_entropy_is_the_default_and_frozen_restores():
+    x, y = data()
+    a, b = net(), net()
+    fit(a, x, y, epochs=1, lr=1e-2, generator=torch.Generator().manual_seed(0))
+    fit(b, x, y, loss=CrossEntropy(), epochs=1, lr=1e-2, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    teacher = net()
+    teacher.train()
+    with frozen(teacher):
+        assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
