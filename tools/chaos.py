@@ -20,6 +20,9 @@
 
 The last stdout line is one JSON object; it and the driver's log go to ``<out-dir>/chaos.json``
 and ``<out-dir>/chaos.log``. Run: ``python -m tools.chaos`` (``make chaos``).
+
+Over 300 lines: the driver, the kill schedule and the audit belong together, since the audit
+checks exactly what the schedule tried to break.
 """
 
 from __future__ import annotations
