@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test chaos bench-soak bench-merge bench-hkt bench-drift bench-pause compose-config clean
+.PHONY: demo test chaos bench-soak bench-merge bench-hkt bench-drift bench-pause bench-cl compose-config clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ bench-drift: $(STAMP)
 
 bench-pause: $(STAMP)
 	$(BIN)/filial bench pause
+
+# the baselines need the bench extra (avalanche-lib 0.6.0), installed here on first use
+bench-cl: $(STAMP)
+	$(BIN)/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('avalanche') is None)" \
+		|| $(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/filial bench cl
 
 # docker-compose 1.29.2 (PyPI) in its own tools venv, nested under .venv/ so `make clean` removes it but never
 # installed into the project's environment: it pins PyYAML 5.4.1, whose sdist only builds on Python 3.11

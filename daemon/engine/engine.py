@@ -27,6 +27,7 @@ from consumers.wire import Batch
 from daemon.engine import merger
 from daemon.engine.learner import Learner
 from daemon.engine.records import BatchResult, ChildRelease, Counters, EngineStatus, MergeOutcome, Release
+from daemon.engine.seeding import seeded
 from daemon.engine.settings import LearnerSettings, MergeSettings, ModelSettings
 from daemon.engine.state import EngineState, cpu_state, decode, encode
 from daemon.engine.tree import ModelTree
@@ -51,7 +52,7 @@ class Engine:
         s = self.learner_settings
         self._state = EngineState(tree=ModelTree(), buffers=SliceBuffers(s.replay_per_slice, s.heldout_per_slice),
                                   thresholds=Thresholds(kl=s.kl_threshold, accuracy=s.accuracy_threshold),
-                                  generator=torch.Generator().manual_seed(0))
+                                  generator=torch.Generator().manual_seed(s.seed))
 
     # --- queries (copies, taken under the lock) ------------------------------------------------------
     @property
@@ -90,18 +91,29 @@ class Engine:
             return self._state.tree.describe()
 
     def served_state(self) -> dict[str, torch.Tensor]:
+        """The weights of the version followers hold (before the first publish: the model being bootstrapped)."""
+        with self._lock:
+            st = self._state
+            return dict(st.published_state) if st.published_state is not None else cpu_state(st.root.model)
+
+    def working_state(self) -> dict[str, torch.Tensor]:
+        """The served model as it has learned since its last publish."""
         with self._lock:
             return cpu_state(self._state.root.model)
 
     def metrics(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
-        """Held-out accuracy per slice of ``state`` (default: the served model), evaluated outside the lock."""
+        """Held-out accuracy per slice of ``state`` (default: the served version), evaluated outside the lock."""
         with self._lock:
             root = self._state.root
             arch, data_type, sets = root.architecture, root.data_type, self._state.buffers.heldout_sets()
-            state = state if state is not None else cpu_state(root.model)
-        model = arch.build().to(self.device)
+        state = state if state is not None else self.served_state()
+        return merger.heldout_accuracy(self._build(arch, state), data_type, sets)
+
+    def _build(self, arch: Architecture, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+        with seeded(0):  # its initial weights are overwritten: only keep the global RNG untouched
+            model = arch.build()
         model.load_state_dict(state)
-        return merger.heldout_accuracy(model, data_type, sets)
+        return model.to(self.device)
 
     # --- per batch ------------------------------------------------------------------------------------
     def process(self, batch: Batch) -> BatchResult:
@@ -124,14 +136,17 @@ class Engine:
             if st.served_version is None or root is None:
                 return None
             active = st.tree.active_children()
-            signature = tuple((c.node_id, c.updates) for c in active)
-            if not active or signature == st.last_merge_signature:
+            learns = self.learner_settings.train_served
+            signature = tuple((c.node_id, c.updates) for c in active) + (
+                (("served", st.counters.served_updates),) if learns else ())
+            if not (active or (learns and st.counters.served_updates)) or signature == st.last_merge_signature:
                 return None  # nothing learned since the last attempt: the same merge again
             st.last_merge_signature = signature
             st.counters.child_updates_since_merge = 0
             children = [c for c in active if c.in_weight_space_of(root)]
             return merger.MergeSnapshot(
-                base=st.base_state, served=cpu_state(root.model),
+                base=st.base_state, served=st.published_state,
+                working=cpu_state(root.model) if learns else None, working_weight=float(max(root.samples, 1)),
                 children=[cpu_state(c.model) for c in children],
                 weights=[float(max(c.samples, 1)) for c in children], ids=[c.node_id for c in children],
                 distill={c.node_id: merger.DistillChild(c.updates, c.architecture, cpu_state(c.model))
@@ -164,7 +179,7 @@ class Engine:
         return Release(reason, state, arch, parent, base_version, lineage, self.metrics(state), merge)
 
     def release_bootstrap(self) -> Release:
-        return self._release("bootstrap", self.served_state(), None, None)
+        return self._release("bootstrap", self.working_state(), None, None)
 
     def release_merge(self, outcome: MergeOutcome) -> Release:
         return self._release("merge", outcome.state, outcome.base_version, outcome.plan)
@@ -182,8 +197,7 @@ class Engine:
             sets = st.buffers.heldout_sets()
         releases = []
         for child, state in due:
-            model = child.architecture.build().to(self.device)
-            model.load_state_dict(state)
+            model = self._build(child.architecture, state)
             releases.append(ChildRelease(child.node_id, child.updates, child.architecture, state,
                                          merger.heldout_accuracy(model, child.data_type, sets), version,
                                          [root_lineage, child.describe_lineage()]))
@@ -201,6 +215,7 @@ class Engine:
             st.served_version = version
             st.base_version = version
             st.base_state = cpu_state(st.root.model)
+            st.published_state = st.base_state
             st.root.base_version = version
             self._calibrate()
 
@@ -220,7 +235,8 @@ class Engine:
         with self._lock:
             st = self._state
             root = st.root
-            root.model.load_state_dict(outcome.state)
+            st.published_state = {k: v.clone() for k, v in outcome.state.items()}
+            root.model.load_state_dict(_carry_progress(outcome.state, outcome.working_state, root.model))
             for cid, (updates, state) in outcome.distilled_children.items():
                 child = st.tree.nodes.get(cid)
                 if child is not None and child.updates == updates:  # not retrained meanwhile
@@ -243,7 +259,7 @@ class Engine:
         st = self._state
         for child in st.tree.active_children():
             child.status = "retired"
-        st.base_state = cpu_state(st.root.model)
+        st.base_state = st.published_state
         st.base_version = version
         log.info("rebased on v%d: children retired, their knowledge lives in the served model", version)
 
@@ -259,6 +275,7 @@ class Engine:
                 return False
             if parent_version is None:
                 root.model.load_state_dict(state)
+                st.bootstrapped = True
                 self.adopt_bootstrap(version)
                 return True
             children = [c.node_id for c in st.tree.active_children() if c.architecture == root.architecture]
@@ -274,3 +291,14 @@ class Engine:
     def restore(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         with self._lock:
             decode(meta, tensors, self._state, self.device)
+
+
+def _carry_progress(published: dict[str, torch.Tensor], working_then: dict[str, torch.Tensor] | None,
+                    model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adopted weights plus what the served model learned after the merge's snapshot
+    (``model`` now minus ``working_then``); the published weights alone when it did not learn."""
+    if working_then is None:
+        return published
+    now = model.state_dict()
+    return {k: (v + (now[k].detach().cpu() - working_then[k]) if v.is_floating_point() else v)
+            for k, v in published.items()}

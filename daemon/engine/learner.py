@@ -3,10 +3,18 @@
 Per batch (after bootstrap):
 1. split off ``heldout_fraction`` of the rows into the slice's held-out buffer;
 2. test-then-train: served accuracy on the whole batch (prequential) and KL(batch || served
-   reference) in the served model's features; for each active child, KL in its own features;
+   reference) in the served model's features; the nearest active child by KL in its own
+   features, and that child's accuracy on the batch (label-aware routing);
 3. :func:`daemon.learn.policy.decide` → keep | retrain nearest child | spawn a child from the
    served model; children train on the new rows plus as many replayed rows of every other slice;
-4. the train rows enter the slice's replay buffer.
+4. the served model learns from the batch too (``train_served``: new rows plus experience-balanced
+   replay), so every applied batch helps what is served; followers get that progress through the
+   merge job and its gate, never directly;
+5. the train rows enter the slice's replay buffer.
+
+Bootstrap publishes the first model after ``bootstrap_batches`` once it is good enough on its
+held-out rows, after twice as many at the latest, or as soon as a batch of another slice arrives
+(that batch then goes through the decision above): a later slice is never absorbed silently.
 
 The batch is converted to the model's input form once (:class:`Rows`) and passed down. The
 caller (the engine facade) holds the lock; nothing here does I/O or starts threads.
@@ -15,12 +23,13 @@ caller (the engine facade) holds the lock; nothing here does I/O or starts threa
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from consumers.wire import Batch
 from daemon.engine.records import BatchResult
+from daemon.engine.seeding import node_seed, seeded
 from daemon.engine.settings import LearnerSettings, MergeSettings, ModelSettings
 from daemon.engine.state import EngineState
 from daemon.engine.tree import ROOT, Node
@@ -74,10 +83,14 @@ class Learner:
 
     def apply(self, state: EngineState, batch: Batch) -> BatchResult:
         rows = self.split(state, batch)
-        if state.served_version is None:
-            result = self._bootstrap(state, batch, rows)
-        else:
+        if state.bootstrapped:
             result = self._decide_and_train(state, rows)
+        elif state.root is not None and rows.slice not in state.root.slices:
+            self._finish_bootstrap(state, f"a batch of a new slice {rows.slice!r} arrived after "
+                                          f"{state.bootstrap_batches_seen} batches of {state.root.slices}")
+            result = replace(self._decide_and_train(state, rows), publish_bootstrap=True)
+        else:
+            result = self._bootstrap(state, batch, rows)
         state.buffers.add(rows.slice, rows.x_train_wire, rows.y_train, rows.x_held_wire, rows.y_held,
                           state.generator)
         state.counters.batches += 1
@@ -110,7 +123,8 @@ class Learner:
     def _new_root(self, state: EngineState, batch: Batch) -> Node:
         arch = infer_architecture(batch.data_type, batch.x, self.model.num_classes, self.model.width,
                                   family=self.model.family, factory=self.model.factory)
-        model = arch.build().to(self.device)
+        with seeded(node_seed(self.s.seed, ROOT)):
+            model = arch.build().to(self.device)
         node = Node(node_id=ROOT, parent=None, slice=batch.slice, data_type=batch.data_type, architecture=arch,
                     model=model, created_at=utc_now(), reference_x=batch.x[:0],
                     fingerprint=None, status="served", slices=[batch.slice])
@@ -120,36 +134,46 @@ class Learner:
 
     def _bootstrap(self, state: EngineState, batch: Batch, rows: Rows) -> BatchResult:
         root = state.root or self._new_root(state, batch)
-        if rows.slice not in root.slices:
-            root.slices.append(rows.slice)
         acc = float(accuracy(root.model, rows.x, rows.y)) if state.bootstrap_batches_seen else float("nan")
         x_fit, y_fit = self._training_set(state, rows)
         self._train(state, root.model, x_fit, y_fit, self.s.bootstrap_epochs)
         root.samples += len(rows.y_train)
         self.grow_reference(state, root, rows.x_train_wire)
         state.bootstrap_batches_seen += 1
-        done = self._bootstrap_done(state, rows)
+        done, why = self._bootstrap_done(state, rows)
         if done:
-            root.refresh_fingerprint()
-        return BatchResult(rows.slice, rows.size, "bootstrap",
-                           f"training the first served model ({state.bootstrap_batches_seen}/{self.s.bootstrap_batches})",
-                           None, acc, False, publish_bootstrap=done)
+            self._finish_bootstrap(state, why)
+        return BatchResult(rows.slice, rows.size, "bootstrap", why, None, acc, False, publish_bootstrap=done)
 
-    def _bootstrap_done(self, state: EngineState, rows: Rows) -> bool:
-        """Enough batches, and good enough on its own held-out rows to be worth serving
-        (a weak first model would call its own slice drift); capped at 4x the batches."""
+    def _finish_bootstrap(self, state: EngineState, why: str) -> None:
+        state.bootstrapped = True
+        state.root.refresh_fingerprint()
+        log.info("bootstrap done: %s; publishing the first served model", why)
+
+    def _bootstrap_done(self, state: EngineState, rows: Rows) -> tuple[bool, str]:
+        """Enough batches, and good enough on its own held-out rows to be worth serving (a weak
+        first model would call its own slice drift); at twice the batches it is served anyway.
+        Returns the verdict and why, which the service logs with the batch."""
         seen, wanted = state.bootstrap_batches_seen, self.s.bootstrap_batches
+        cap = 2 * wanted
         if seen < wanted:
-            return False
-        held = state.buffers.heldout_sets()
+            return False, f"training the first served model ({seen}/{wanted} batches)"
         root = state.root
-        accs = [accuracy(root.model, model_input(x, root.data_type), y) for x, y in held.values()]
-        good = bool(accs) and min(accs) >= self.s.bootstrap_accuracy
-        if not good and seen >= 4 * wanted:
+        sets = state.buffers.heldout_sets()
+        if len(rows.y_held):  # this batch's held-out rows count too (they enter the buffer after the batch)
+            x, y = sets.get(rows.slice, (rows.x_held_wire[:0], rows.y_held[:0]))
+            sets[rows.slice] = (torch.cat([x, rows.x_held_wire]), torch.cat([y, rows.y_held]))
+        accs = {name: accuracy(root.model, model_input(x, root.data_type), y) for name, (x, y) in sets.items()}
+        worst = min(accs, key=accs.get) if accs else None
+        if worst is not None and accs[worst] >= self.s.bootstrap_accuracy:
+            return True, f"held-out accuracy {accs[worst]:.3f} >= {self.s.bootstrap_accuracy} after {seen} batches"
+        if seen >= cap:
             log.warning("bootstrap: held-out accuracy %s still below %.2f after %d batches; serving anyway",
-                        [round(a, 3) for a in accs], self.s.bootstrap_accuracy, seen)
-            return True
-        return good
+                        {k: round(v, 3) for k, v in accs.items()}, self.s.bootstrap_accuracy, seen)
+            return True, f"served after {seen} batches (the cap) below bootstrap_accuracy"
+        figure = f"{accs[worst]:.3f} on {worst}" if worst is not None else "not measured yet"
+        return False, (f"waiting: held-out accuracy {figure} < {self.s.bootstrap_accuracy} "
+                       f"({seen} batches; served at {cap} at the latest)")
 
     # --- after bootstrap -------------------------------------------------------------------------------
     def _observe(self, state: EngineState, rows: Rows) -> tuple[float, float]:
@@ -162,8 +186,12 @@ class Learner:
     def _decide_and_train(self, state: EngineState, rows: Rows) -> BatchResult:
         acc, kl = self._observe(state, rows)
         nearest, nearest_kl = state.tree.nearest_child(rows.x, rows.data_type)
-        verdict: Verdict = decide(Observation(acc, kl, nearest.node_id if nearest else None, nearest_kl),
-                                  state.thresholds)
+        nearest_acc = float(accuracy(nearest.model, rows.x, rows.y)) if nearest is not None else None
+        verdict: Verdict = decide(Observation(acc, kl, nearest.node_id if nearest else None, nearest_kl,
+                                              nearest_acc), state.thresholds, served_learns=self.s.train_served)
+        if verdict.action == "spawn" and rows.size < self.s.min_spawn_rows:
+            verdict = Verdict("keep", f"{verdict.reason}; but {rows.size} rows < min_spawn_rows "
+                                      f"{self.s.min_spawn_rows}: evaluated, no child spawned", verdict.drift)
         if verdict.drift:
             state.counters.drift_events += 1
         child_id = None
@@ -176,12 +204,29 @@ class Learner:
             child = self._spawn(state, rows)
             state.counters.children_spawned += 1
             child_id = child.node_id
+        trained = verdict.action in ("retrain", "spawn")
+        if self.s.train_served:
+            self._update_served(state, rows, in_distribution=verdict.action == "keep")
+            trained = True
         merge_due = False
-        if verdict.action in ("retrain", "spawn"):
+        if trained:
             state.counters.child_updates_since_merge += 1
             merge_due = state.counters.child_updates_since_merge >= self.merge_after
         return BatchResult(rows.slice, rows.size, verdict.action, verdict.reason, kl, acc, verdict.drift,
                            child=child_id, nearest_kl=nearest_kl, merge_due=merge_due)
+
+    def _update_served(self, state: EngineState, rows: Rows, in_distribution: bool) -> None:
+        """The served model learns the batch plus experience-balanced replay. Rows it already copes
+        with join its reference (the distribution it serves); drifted rows join when a merge brings
+        their child in. Its features moved, so its fingerprint is refit."""
+        root = state.root
+        x_fit, y_fit = self._training_set(state, rows)
+        self._train(state, root.model, x_fit, y_fit, self.s.child_epochs)
+        root.samples += len(rows.y_train)
+        if in_distribution:
+            self.grow_reference(state, root, rows.x_train_wire)
+        root.refresh_fingerprint()
+        state.counters.served_updates += 1
 
     def _update_child(self, state: EngineState, child: Node, rows: Rows) -> None:
         """Train an existing child on the new rows plus replay. A compact child keeps inheriting
@@ -189,7 +234,8 @@ class Learner:
         Child-Tuning's gradient mask when configured)."""
         x_fit, y_fit = self._training_set(state, rows)
         if child.architecture != state.root.architecture:
-            self._train(state, child.model, x_fit, y_fit, self.s.child_epochs, loss=HKTLoss(state.root.model))
+            with seeded(node_seed(self.s.seed, f"{child.node_id}.{child.updates}")):  # HKT's projections
+                self._train(state, child.model, x_fit, y_fit, self.s.child_epochs, loss=HKTLoss(state.root.model))
         else:
             hooks = ((child_tuning_hook(child.model, x_fit, y_fit, mode=self.s.child_tuning, p=self.s.child_tuning_p,
                                         batch_size=self.s.train_batch_size, generator=state.generator),)
@@ -214,11 +260,13 @@ class Learner:
         method = spawn_method(self.s.spawn_method, compact=compact)
         x_fit, y_fit = self._training_set(state, rows)
         tuning = self.s.child_tuning if method == "copy" and self.s.child_tuning != "none" else None
-        model = spawn_child(root.model, arch if compact else None, x_fit, y_fit,
-                            epochs=self.s.child_epochs, lr=self.s.learning_rate,
-                            batch_size=self.s.train_batch_size, method=method, child_tuning=tuning,
-                            child_tuning_p=self.s.child_tuning_p, generator=state.generator)
-        child = Node(node_id=state.tree.new_child_id(), parent=ROOT, slice=rows.slice, data_type=rows.data_type,
+        node_id = state.tree.new_child_id()
+        with seeded(node_seed(self.s.seed, node_id)):  # a fresh or compact child draws its initial weights
+            model = spawn_child(root.model, arch if compact else None, x_fit, y_fit,
+                                epochs=self.s.child_epochs, lr=self.s.learning_rate,
+                                batch_size=self.s.train_batch_size, method=method, child_tuning=tuning,
+                                child_tuning_p=self.s.child_tuning_p, generator=state.generator)
+        child = Node(node_id=node_id, parent=ROOT, slice=rows.slice, data_type=rows.data_type,
                      architecture=arch, model=model, created_at=utc_now(),
                      reference_x=rows.x_train_wire[:0], fingerprint=None, status="active",
                      base_version=state.served_version, slices=[], spawn_method=method)

@@ -7,8 +7,9 @@ Same-size copies of the served weights merge in weight space: the granularity co
 method and level on the even rows of each slice's held-out buffer. Compact children (another
 architecture) and children trained from scratch (no shared base, so no meaningful task vector)
 merge by bidirectional distillation on the replay buffers: the candidate learns from their
-ensemble, each learns back from the candidate. The gate judges the candidate against the served
-model on the odd held-out rows, so it does not inherit the selection's optimism.
+ensemble, each learns back from the candidate. The gate (a paired test on per-row correctness,
+:func:`daemon.learn.merging.gate.paired_gate`) judges the candidate against the published version
+on the odd held-out rows, so it does not inherit the selection's optimism.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from typing import Any
 import torch
 
 from daemon.engine.records import MergeOutcome
+from daemon.engine.seeding import seeded
 from daemon.engine.settings import LearnerSettings, MergeSettings
 from daemon.engine.state import cpu_state
 from daemon.learn.merging.distill import distill_into
 from daemon.learn.models import Architecture
-from daemon.learn.merging.gate import gate
+from daemon.learn.merging.gate import correctness, gate, paired_gate
 from daemon.learn.merging.controller import choose_plan
 from daemon.learn.merging.plans import apply_plan
 from daemon.learn.training import accuracy, model_input
@@ -47,7 +49,9 @@ class DistillChild:
 class MergeSnapshot:
     """Everything a merge reads, copied out of the engine at one moment."""
     base: StateDict | None           # the weights the children's task vectors are taken against
-    served: StateDict
+    served: StateDict                # the published version: what the gate compares against
+    working: StateDict | None        # the served model as it has learned since (None: it does not learn)
+    working_weight: float            # its sample count, its weight among the merged members
     children: list[StateDict]        # same-size children, in weight space of ``base``
     weights: list[float]             # their sample counts
     ids: list[str]
@@ -82,53 +86,72 @@ class Evaluator:
     """Held-out accuracy per slice of a state dict, in one reusable model of the served architecture."""
 
     def __init__(self, arch: Architecture, data_type: str, device: torch.device) -> None:
-        self.model = arch.build().to(device)
+        with seeded(0):  # weights are loaded over these: only keep the global RNG untouched
+            self.model = arch.build().to(device)
         self.data_type = data_type
 
     def __call__(self, state: StateDict, sets: Sets) -> dict[str, float]:
         self.model.load_state_dict(state)
         return heldout_accuracy(self.model, self.data_type, sets)
 
+    def correct(self, state: StateDict, sets: Sets) -> dict[str, torch.Tensor]:
+        """Which rows of each slice ``state`` gets right (what the paired gate compares)."""
+        self.model.load_state_dict(state)
+        return correctness(self.model, sets, self.data_type)
+
+
+def _accuracies(rows: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: round(r.float().mean().item(), 4) if len(r) else float("nan") for k, r in rows.items()}
+
 
 def merge(snap: MergeSnapshot, settings: MergeSettings, learner: LearnerSettings,
           device: torch.device) -> MergeOutcome:
+    """The candidate: the children merged in weight space (with the served model's own progress as
+    one more member), or the served model as it has learned when that scores better on the
+    selection rows; then children of other shapes distilled in; then the gate against the
+    published version."""
     started = time.perf_counter()
     select, judge = split_heldout(snap.heldout)
     evaluate = Evaluator(snap.architecture, snap.data_type, device)
-    plan: dict[str, Any] = {"children": snap.ids, "weights": dict(zip(snap.ids, snap.weights)),
+    members, weights, ids = list(snap.children), list(snap.weights), list(snap.ids)
+    if snap.working is not None and members:
+        members, weights, ids = [snap.working, *members], [snap.working_weight, *weights], ["served", *ids]
+    plan: dict[str, Any] = {"children": snap.ids, "weights": dict(zip(ids, weights)),
                             "selection_rows": sum(len(y) for _, y in select.values()),
                             "gate_rows": sum(len(y) for _, y in judge.values())}
-    state = snap.served
-    if snap.children:
-        state, chosen = _weight_merge(snap, settings, evaluate, select)
+    state = snap.working if snap.working is not None else snap.served
+    if members:
+        merged, chosen = _weight_merge(snap, members, weights, settings, evaluate, select)
         plan.update(chosen)
+        if snap.working is not None and mean_accuracy(evaluate(snap.working, select)) >= mean_accuracy(
+                evaluate(merged, select)):
+            plan["chosen"] = "served model as trained (scores at least the merge on the selection rows)"
+        else:
+            state = merged
     distilled: dict[str, tuple[int, StateDict]] = {}
     if snap.distill:
         state, distilled, report = _distill(snap, state, learner, device)
         plan["distill"] = {"children": list(distilled), **report}
-    served_metrics = evaluate(snap.served, judge)
-    cand_metrics = evaluate(state, judge)
-    verdict = gate(served_metrics, cand_metrics, settings.tolerance)
-    gain = mean_accuracy(cand_metrics) - mean_accuracy(served_metrics)
-    accepted, reason = verdict.accepted, verdict.reason
-    if accepted and not gain > 0:
-        accepted, reason = False, f"no gain: mean held-out accuracy {gain:+.4f} against the served model"
-    return MergeOutcome(accepted, reason, state, snap.ids + list(distilled), snap.base_version,
+    served_rows, cand_rows = evaluate.correct(snap.served, judge), evaluate.correct(state, judge)
+    verdict = paired_gate(served_rows, cand_rows, tolerance=settings.tolerance, alpha=settings.alpha,
+                          guard_alpha=settings.guard_alpha)
+    served_metrics, cand_metrics = _accuracies(served_rows), _accuracies(cand_rows)
+    return MergeOutcome(verdict.accepted, verdict.reason, state, snap.ids + list(distilled), snap.base_version,
                         snap.served_version, served_metrics, cand_metrics, plan, verdict,
-                        time.perf_counter() - started, distilled)
+                        time.perf_counter() - started, distilled, snap.working)
 
 
-def _weight_merge(snap: MergeSnapshot, settings: MergeSettings, evaluate: Evaluator,
-                  select: Sets) -> tuple[StateDict, dict]:
-    """Same-size children: the controller's plan, or the best one that passes the gate."""
-    result = choose_plan(snap.base, snap.children, snap.weights, lambda state: evaluate(state, select),
+def _weight_merge(snap: MergeSnapshot, members: list[StateDict], weights: list[float], settings: MergeSettings,
+                  evaluate: Evaluator, select: Sets) -> tuple[StateDict, dict]:
+    """Same-size members: the controller's plan, or the best one that passes the gate."""
+    result = choose_plan(snap.base, members, weights, lambda state: evaluate(state, select),
                          method=settings.method, level=settings.level, group_prefixes=settings.groups,
                          min_gain=settings.min_gain, max_evaluations=settings.max_evaluations)
     fallback = _admissible_fallback(result, evaluate(snap.served, select), settings.tolerance)
     chosen = result.plan.label()
     state = result.state
     if fallback is not None:
-        state = apply_plan(fallback.plan, snap.base, snap.children, snap.weights)
+        state = apply_plan(fallback.plan, snap.base, members, weights)
         log.info("merge: the controller's pick %s regresses a slice on the selection rows; "
                  "taking the best candidate that does not: %s", chosen, fallback.plan.label())
         chosen = fallback.plan.label()
@@ -152,11 +175,13 @@ def _admissible_fallback(result, served_on_selection: dict[str, float], toleranc
 def _distill(snap: MergeSnapshot, state: StateDict, learner: LearnerSettings, device: torch.device):
     """Children outside the served weight space into the candidate: bidirectional ensemble
     distillation on the replay buffers."""
-    candidate = snap.architecture.build().to(device)
+    with seeded(0):  # weights are loaded over these: only keep the global RNG untouched
+        candidate = snap.architecture.build().to(device)
+        students_models = {node_id: child.architecture.build().to(device) for node_id, child in snap.distill.items()}
     candidate.load_state_dict(state)
     students = {}
     for node_id, child in snap.distill.items():
-        model = child.architecture.build().to(device)
+        model = students_models[node_id]
         model.load_state_dict(child.state)
         students[node_id] = (child.updates, model)
     x, y = snap.replay

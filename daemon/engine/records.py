@@ -24,9 +24,10 @@ class Counters:
     drift_events: int = 0
     children_spawned: int = 0
     children_retrained: int = 0
+    served_updates: int = 0           # batches the served model learned from after bootstrap
     merges_accepted: int = 0
     merges_rejected: int = 0
-    child_updates_since_merge: int = 0
+    child_updates_since_merge: int = 0  # updates (a child's or the served model's) since the last merge
 
 
 @dataclass(frozen=True)
@@ -65,13 +66,16 @@ class MergeOutcome:
     # compact children after learning back from the candidate (distillation's second direction),
     # with the ``updates`` count they had when snapshotted: adopted only if still unchanged
     distilled_children: dict[str, tuple[int, dict[str, torch.Tensor]]] = field(default_factory=dict)
+    # the served model's weights when the merge was snapshotted: what it learned since is kept on adoption
+    working_state: dict[str, torch.Tensor] | None = None
 
     def record(self) -> dict[str, Any]:
         return {"accepted": self.accepted, "reason": self.reason, "children": self.children,
                 "base_version": self.base_version, "served_version": self.served_version,
                 "served_metrics": self.served_metrics, "candidate_metrics": self.candidate_metrics,
                 "plan": self.plan, "seconds": round(self.seconds, 3),
-                "regressions": [asdict(r) for r in self.verdict.regressions] if self.verdict else []}
+                "regressions": [asdict(r) for r in self.verdict.regressions] if self.verdict else [],
+                "gate": asdict(self.verdict) if self.verdict else None}
 
 
 @dataclass(frozen=True)

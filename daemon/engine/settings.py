@@ -35,21 +35,31 @@ class LearnerSettings(BaseModel):
     """Drift, decisions, bootstrap, child training and the per-slice buffers."""
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
+    seed: int = Field(0, ge=0, description="seeds model initialisation, held-out splits and replay sampling: "
+                      "the same stream and seed give bit-identical versions on the CPU with merge_trigger count")
     kl_threshold: float = Field(0.5, gt=0, description="drift when KL(batch || reference) >= this")
     kl_false_alarm_rate: float | None = Field(None, gt=0, lt=0.5, description="set to calibrate "
                                               "kl_threshold on the reference at this false-alarm rate")
     accuracy_threshold: float = Field(0.70, gt=0, le=1, description="served model must reach this accuracy")
-    bootstrap_batches: int = Field(8, ge=1, description="batches that train the first served model")
+    bootstrap_batches: int = Field(8, ge=1, description="batches that train the first served model; it is "
+                                   "published after them once its held-out accuracy reaches bootstrap_accuracy, "
+                                   "after 2x them at the latest, or as soon as a batch of another slice arrives")
     bootstrap_epochs: int = Field(5, ge=1, description="epochs per bootstrap batch")
     bootstrap_accuracy: float = Field(0.8, gt=0, le=1, description="held-out accuracy the first served model "
-                                      "must reach (bootstrap stops trying after 4x bootstrap_batches)")
+                                      "must reach (bootstrap stops trying after 2x bootstrap_batches)")
     child_epochs: int = Field(2, ge=1, description="epochs per child update (seed: 2)")
     learning_rate: float = Field(1e-3, gt=0, le=1, description="Adam learning rate (seed: 1e-3)")
     train_batch_size: int = Field(64, ge=1, description="rows per optimizer step")
     heldout_fraction: float = Field(0.2, ge=0.05, lt=1, description="share of each batch kept for evaluation")
     replay_per_slice: int = Field(1000, ge=0, description="replay buffer size per slice (reservoir)")
     heldout_per_slice: int = Field(500, ge=10, description="held-out buffer size per slice")
-    replay_ratio: float = Field(1.0, ge=0, description="replayed samples per new sample in a child update")
+    replay_ratio: float = Field(1.0, ge=0, description="replayed samples per new sample in an update, drawn "
+                                "equally from every other slice (experience-balanced replay)")
+    train_served: bool = Field(True, description="the served model keeps learning from every applied batch "
+                               "(new rows plus replay); its progress reaches followers through the merge job "
+                               "and the gate. false: only children learn (the seed's behaviour)")
+    min_spawn_rows: int = Field(32, ge=1, description="a batch with fewer rows never spawns a child (KL on tiny "
+                                "batches is noisy): it is evaluated and, with train_served, learned by the served model")
     reference_size: int = Field(512, ge=32, description="samples in each model's reference fingerprint")
     max_children: int = Field(32, ge=1, description="cap on active children (oldest merged one is retired)")
     child_size_ratio: float = Field(1.0, gt=0, le=1, description="width of a child relative to the served model; "
@@ -78,8 +88,13 @@ class MergeSettings(BaseModel):
     max_evaluations: int = Field(100, ge=1, description="cap on candidate merges the controller scores")
     min_gain: float = Field(0.02, ge=0, le=1, description="mean held-out gain a finer or other candidate "
                             "needs to replace the incumbent (guards against selecting noise)")
-    tolerance: float = Field(0.02, ge=0, le=1, description="max held-out accuracy drop on any slice")
-    after_child_updates: int = Field(8, ge=1, description="also merge after this many child updates")
+    tolerance: float = Field(0.05, ge=0, le=1, description="max held-out accuracy drop on any slice, beyond the "
+                             "one-sided (1 - guard_alpha) bound of its drop (daemon/learn/merging/gate.py)")
+    alpha: float = Field(0.05, gt=0, le=1, description="a merge publishes only when its overall gain on the held-out "
+                         "rows is significant at this level (paired test on per-row correctness; 1: any gain)")
+    guard_alpha: float = Field(0.10, gt=0, lt=1, description="confidence of the per-slice guard's drop bound")
+    after_child_updates: int = Field(8, ge=1, description="merge after this many updates (batches that trained a "
+                                     "child or the served model) since the last merge")
 
     @field_validator("method")
     @classmethod

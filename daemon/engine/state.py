@@ -29,7 +29,10 @@ class EngineState:
     base_version: int | None = None
     # the weights task vectors are taken against; only ever replaced, never written in place
     base_state: dict[str, torch.Tensor] | None = None
+    # the weights of the served version followers hold; the root model keeps learning past them
+    published_state: dict[str, torch.Tensor] | None = None
     bootstrap_batches_seen: int = 0
+    bootstrapped: bool = False  # the first model is complete (published, or being published)
     prequential: dict[str, list[float]] = field(default_factory=dict)  # slice -> [correct, seen]
     last_merge_signature: tuple = ()  # (child id, updates) of the last merge attempt
 
@@ -48,11 +51,13 @@ def encode(state: EngineState) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
     tensors.update(buf_tensors)
     if state.base_state is not None:
         tensors.update({f"base.{k}": v for k, v in state.base_state.items()})
+    if state.published_state is not None:  # often the very tensors of base_state: safetensors wants copies
+        tensors.update({f"published.{k}": v.clone() for k, v in state.published_state.items()})
     tensors["rng"] = state.generator.get_state()
     meta = {
         "tree": tree_meta, "buffers": buf_meta, "counters": asdict(state.counters),
         "served_version": state.served_version, "base_version": state.base_version,
-        "bootstrap_batches_seen": state.bootstrap_batches_seen,
+        "bootstrap_batches_seen": state.bootstrap_batches_seen, "bootstrapped": state.bootstrapped,
         "prequential": state.prequential, "kl_threshold": state.thresholds.kl,
     }
     return meta, tensors
@@ -65,10 +70,15 @@ def decode(meta: dict[str, Any], tensors: dict[str, torch.Tensor], state: Engine
     state.buffers.load_tensors(tensors, meta["buffers"])
     base = {k[5:]: v for k, v in tensors.items() if k.startswith("base.")}
     state.base_state = base or None
+    published = {k[10:]: v for k, v in tensors.items() if k.startswith("published.")}
+    # a checkpoint from before the served model kept learning: it served its root's weights
+    state.published_state = published or (cpu_state(state.tree.root.model)
+                                           if state.tree.root is not None and meta["served_version"] else None)
     state.generator.set_state(tensors["rng"])
     state.counters = Counters(**meta["counters"])
     state.served_version = meta["served_version"]
     state.base_version = meta["base_version"]
     state.bootstrap_batches_seen = meta["bootstrap_batches_seen"]
+    state.bootstrapped = meta.get("bootstrapped", meta["served_version"] is not None)
     state.prequential = {k: list(v) for k, v in meta["prequential"].items()}
     state.thresholds = Thresholds(kl=meta["kl_threshold"], accuracy=state.thresholds.accuracy)

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from daemon.engine.seeding import seeded
 from daemon.learn.drift import FeatureKL
 from daemon.learn.models import Architecture
 from daemon.learn.training import embed, model_input
@@ -116,7 +117,8 @@ class ModelTree:
         for d in meta["nodes"]:
             prefix = f"node.{d['node_id']}."
             arch = Architecture.model_validate(d["architecture"])
-            model = arch.build()
+            with seeded(0):  # the checkpoint's weights are loaded over these
+                model = arch.build()
             model.load_state_dict({k[len(prefix) + 2:]: v for k, v in tensors.items()
                                    if k.startswith(prefix + "w.")})
             model.to(device).eval()

@@ -8,7 +8,17 @@ served accuracy on batch     nearest child's KL          action
 ===========================  ==========================  =========================================
 >= accuracy_threshold        any                         keep (the served model copes; KL >= kl
                                                          threshold is still logged as drift)
-<  accuracy_threshold        <  kl_threshold             retrain that child
+<  accuracy_threshold        <  kl_threshold, and the    retrain that child
+                             child does at least as
+                             well on the batch as the
+                             served model (or it was
+                             not measured)
+<  accuracy_threshold        <  kl_threshold, but the    the batch looks like the child's data
+                             child does worse on it      but the child is no better at it: keep
+                             than the served model       when the served model learns every batch
+                                                         (it is ahead), else spawn (the labels
+                                                         disagree with the child's: a concept
+                                                         shift feature KL cannot see)
 <  accuracy_threshold        >= kl_threshold, or none    spawn a child that inherits from the
                                                          served model (seed rule when the served
                                                          KL < kl_threshold; for KL >= threshold
@@ -36,6 +46,7 @@ class Observation:
     kl: float                       # KL(batch || served reference), served model's features
     nearest_child: str | None = None
     nearest_kl: float | None = None  # KL(batch || that child's reference), child's features
+    nearest_accuracy: float | None = None  # that child's accuracy on the batch (label-aware routing)
 
 
 @dataclass(frozen=True)
@@ -46,12 +57,21 @@ class Verdict:
     child: str | None = None
 
 
-def decide(obs: Observation, th: Thresholds) -> Verdict:
+def decide(obs: Observation, th: Thresholds, served_learns: bool = False) -> Verdict:
+    """``served_learns``: the served model trains on every batch (``learner.train_served``)."""
     drift = obs.kl >= th.kl
     if obs.accuracy >= th.accuracy:
         why = "drift but the served model copes" if drift else "in distribution"
         return Verdict("keep", f"{why}: accuracy {obs.accuracy:.3f} >= {th.accuracy}", drift)
     if obs.nearest_child is not None and obs.nearest_kl is not None and obs.nearest_kl < th.kl:
+        if obs.nearest_accuracy is not None and obs.nearest_accuracy < obs.accuracy:
+            if served_learns:
+                return Verdict("keep", f"accuracy {obs.accuracy:.3f} < {th.accuracy}; child {obs.nearest_child} is "
+                                       f"near (KL {obs.nearest_kl:.3f}) but behind the served model (accuracy "
+                                       f"{obs.nearest_accuracy:.3f}), which learns this batch", drift)
+            return Verdict("spawn", f"accuracy {obs.accuracy:.3f} < {th.accuracy}; child {obs.nearest_child} is "
+                                    f"near (KL {obs.nearest_kl:.3f}) but does worse on the labels (accuracy "
+                                    f"{obs.nearest_accuracy:.3f}): a concept shift", drift)
         return Verdict("retrain", f"accuracy {obs.accuracy:.3f} < {th.accuracy}; child {obs.nearest_child} "
                                   f"is near (KL {obs.nearest_kl:.3f} < {th.kl})", drift, child=obs.nearest_child)
     near = "no child" if obs.nearest_child is None else f"nearest child {obs.nearest_child} at KL {obs.nearest_kl:.3f}"

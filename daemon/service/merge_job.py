@@ -46,6 +46,8 @@ class MergeJob:
         self._scheduler: BackgroundScheduler | None = None
 
     def start(self) -> None:
+        if self.s.trigger == "count":
+            return  # merges run in the consume loop (Service), after every after_child_updates updates
         self._scheduler = BackgroundScheduler(daemon=True)
         trigger = (CronTrigger.from_crontab(self.s.cron) if self.s.cron
                    else IntervalTrigger(seconds=self.s.interval_seconds))
@@ -102,6 +104,9 @@ class MergeJob:
             job = child_job(self.line, release, lambda _published, r=release: self.engine.child_published(r))
             if self._await(self.publisher.submit(job)) is None:
                 return  # stopping: the next run publishes it
+
+    def await_publish(self, future: Future) -> Published | None:
+        return self._await(future)
 
     def _await(self, future: Future) -> Published | None:
         while True:

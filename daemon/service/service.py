@@ -198,7 +198,10 @@ class Service:
         if result.publish_bootstrap:
             self._publish_bootstrap()
         if result.merge_due:
-            self.merge_job.nudge()
+            if self.s.merge.trigger == "count":
+                self.merge_job.merge_now()  # here, between two batches: the same stream merges the same way
+            else:
+                self.merge_job.nudge()
         if self.on_result:
             self.on_result(result)
 
@@ -222,6 +225,9 @@ class Service:
             self.checkpointer.maybe_save(force=True)
         job = release_job(self.s.publish.line, self.engine.release_bootstrap(), adopt)
         self._bootstrap_publish = self.publisher.submit(job)
+        if self.s.merge.trigger == "count":  # reproducible: the next batch always sees the adopted version
+            self.merge_job.await_publish(self._bootstrap_publish)
+            return
         try:
             self._bootstrap_publish.result(timeout=self.s.publish.block_seconds)
         except FutureTimeout:

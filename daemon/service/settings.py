@@ -69,6 +69,10 @@ class RedisSettings(BaseModel):
 
 class MergeJobSettings(MergeSettings):
     """The engine's merge settings plus the merge job's clock."""
+    trigger: Literal["clock", "count"] = Field(
+        "clock", description="clock: the merge job runs on interval_seconds or cron, and is nudged after "
+                             "after_child_updates updates; count: only after after_child_updates updates, in the "
+                             "consume loop, waiting for its publish (reproducible: same stream and seed, same versions)")
     interval_seconds: float = Field(60.0, gt=0, description="interval trigger of the merge job")
     cron: str | None = Field(None, description="crontab trigger, e.g. '*/10 * * * *'")
 
