@@ -51,14 +51,14 @@ def produce_tabular(bootstrap: str, topic: str, slice_name: str, n: int, id_pref
 # --- the service under test -----------------------------------------------------------------------------
 def service_settings(kafka_address: str, redis_address: str, name: str, **extra):
     """Settings for a fast service under test: tabular MLP on CPU, small bootstrap, eager children
-    (accuracy threshold 0.99), every merge accepted, frequent checkpoints, health on a free port."""
+    (accuracy threshold 0.99), every merge with a gain accepted, frequent checkpoints, health on a free port."""
     from daemon.service.settings import load_settings
 
     base = dict(kafka_bootstrap=kafka_address, redis_url=redis_address, topic=f"{name}.in",
                 dead_letter_topic=f"{name}.dlq", group_id=name, redis_prefix=name, kafka_session_timeout_ms=6000,
                 model_family="tabular_mlp", device="cpu", bootstrap_batches=2, bootstrap_epochs=3,
                 bootstrap_accuracy=0.01, accuracy_threshold=0.99, merge_after_child_updates=2,
-                merge_interval_seconds=600, merge_tolerance=1.0, merge_method="average", merge_level="model",
+                merge_interval_seconds=600, merge_tolerance=1.0, merge_alpha=0.5, merge_method="average", merge_level="model",
                 checkpoint_every_batches=2, child_epochs=2,
                 health_port=0, health_probe_seconds=0.5, backoff_max_seconds=2.0)
     base.update(extra)

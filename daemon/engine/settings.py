@@ -90,8 +90,8 @@ class MergeSettings(BaseModel):
                             "needs to replace the incumbent (guards against selecting noise)")
     tolerance: float = Field(0.05, ge=0, le=1, description="max held-out accuracy drop on any slice, beyond the "
                              "one-sided (1 - guard_alpha) bound of its drop (daemon/learn/merging/gate.py)")
-    alpha: float = Field(0.05, gt=0, le=1, description="a merge publishes only when its overall gain on the held-out "
-                         "rows is significant at this level (paired test on per-row correctness; 1: any gain)")
+    alpha: float = Field(0.05, gt=0, lt=1, description="a merge publishes only when its overall gain on the held-out "
+                         "rows is significant at this level (paired test on per-row correctness; 0.5: any gain)")
     guard_alpha: float = Field(0.10, gt=0, lt=1, description="confidence of the per-slice guard's drop bound")
     after_child_updates: int = Field(8, ge=1, description="merge after this many updates (batches that trained a "
                                      "child or the served model) since the last merge")

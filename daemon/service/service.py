@@ -199,7 +199,10 @@ class Service:
             self._publish_bootstrap()
         if result.merge_due:
             if self.s.merge.trigger == "count":
-                self.merge_job.merge_now()  # here, between two batches: the same stream merges the same way
+                try:
+                    self.merge_job.merge_now()  # here, between two batches: the same stream merges the same way
+                except Exception:  # a merge that cannot be computed must not stop ingest (as under the scheduler)
+                    log.exception("merge failed; ingest goes on and the next due merge tries again")
             else:
                 self.merge_job.nudge()
         if self.on_result:
