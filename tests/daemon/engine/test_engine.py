@@ -226,8 +226,6 @@ def test_bootstrap_ends_when_another_slice_arrives(phases):
 
 
 def test_a_small_batch_never_spawns(phases):
-    from daemon.learn.policy import Observation, Thresholds, decide
-
     (up, xu, yu), (rot, xr, yr) = phases
     engine = _engine(bootstrap_batches=2, bootstrap_accuracy=0.01, min_spawn_rows=32)
     assert [r.publish_bootstrap for r in map(engine.process, list(_batches(up, xu[:200], yu[:200])))] == [False, True]
@@ -235,9 +233,3 @@ def test_a_small_batch_never_spawns(phases):
     small = engine.process(Batch(xr[:16], yr[:16], "rot90", "image", "r-0", BatchSource("t", 0, 50)))
     assert small.drift and small.action == "keep" and "min_spawn_rows" in small.reason
     assert engine.counters.children_spawned == 0
-    # label-aware routing: a child near in features but wrong on the labels is not retrained
-    verdict = decide(Observation(0.4, 2.0, "c1", 0.1, nearest_accuracy=0.1), Thresholds())
-    assert verdict.action == "spawn" and "concept shift" in verdict.reason
-    assert decide(Observation(0.4, 2.0, "c1", 0.1, nearest_accuracy=0.5), Thresholds()).action == "retrain"
-    behind = decide(Observation(0.4, 2.0, "c1", 0.1, nearest_accuracy=0.3), Thresholds(), served_learns=True)
-    assert behind.action == "keep" and "behind the served model" in behind.reason

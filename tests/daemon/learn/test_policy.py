@@ -23,6 +23,20 @@ def test_decision_table(obs, action, child, drift):
     assert verdict.reason  # every decision says why
 
 
+@pytest.mark.parametrize("child_accuracy, served_learns, action", [
+    (0.6, False, "retrain"),   # the child does better than the served model (0.5): its data, its labels
+    (0.5, True, "retrain"),    # as well: still its data
+    (0.2, False, "spawn"),     # near in features, worse on the labels: a concept shift
+    (0.2, True, "keep"),       # ... but the served model learns every batch and is ahead
+])
+def test_label_aware_routing(child_accuracy, served_learns, action):
+    obs = Observation(accuracy=0.5, kl=4.0, nearest_child="c1", nearest_kl=0.1, nearest_accuracy=child_accuracy)
+    verdict = decide(obs, TH, served_learns=served_learns)
+    assert verdict.action == action and verdict.drift
+    if child_accuracy < 0.5:
+        assert "c1" in verdict.reason and f"{child_accuracy:.3f}" in verdict.reason
+
+
 def test_spawn_method_table():
     from daemon.learn.policy import spawn_method
 
