@@ -46,6 +46,9 @@ summary plus every matrix); the last stdout line is one JSON object: ``{"streams
 ``--quick``: one seed, 5 epochs, 300-row slices, a 40-batch stationary stream (minutes). Where filial
 fails (its daemon stops), the bench says so in ``errors`` and goes on with the baselines.
 Needs the ``bench`` extra (avalanche-lib 0.6.0) for the baselines.
+
+Over 300 lines: the orchestration of streams x contenders x seeds and the summary it prints; the
+streams, metrics, filial's path, the baselines and the plot are their own modules.
 """
 
 from __future__ import annotations

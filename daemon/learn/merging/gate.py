@@ -4,6 +4,9 @@ held-out rows, and no slice drops beyond the tolerance by more than sampling noi
 The gate protects users from a worse model, not from all change: a merge that brings in a new
 slice at a small cost elsewhere is published; one that is worse overall never is.
 
+Over 300 lines because most of it is this docstring: the rule, its formulas and the measurement
+behind every default live next to the code that applies them.
+
 Inputs (:func:`paired_gate`)
 ----------------------------
 Per slice, the per-row correctness of the served model and of the candidate on the SAME held-out
