@@ -151,7 +151,7 @@ class Engine:
                 weights=[float(max(c.samples, 1)) for c in children], ids=[c.node_id for c in children],
                 distill={c.node_id: merger.DistillChild(c.updates, c.architecture, cpu_state(c.model))
                          for c in active if not c.in_weight_space_of(root)},
-                replay=st.buffers.replay_rows(), heldout=st.buffers.heldout_sets(),
+                replay=st.buffers.replay_sets(), heldout=st.buffers.heldout_sets(),
                 served_version=st.served_version, base_version=st.base_version,
                 architecture=root.architecture, data_type=root.data_type, seed=st.counters.batches)
 

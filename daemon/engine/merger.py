@@ -30,7 +30,8 @@ from daemon.learn.models import Architecture
 from daemon.learn.merging.gate import correctness, gate, paired_gate
 from daemon.learn.merging.controller import choose_plan
 from daemon.learn.merging.plans import apply_plan
-from daemon.learn.training import accuracy, model_input
+from daemon.learn.replay import balanced_rows
+from daemon.learn.training import accuracy, fit, model_input
 
 log = logging.getLogger("filial.engine")
 
@@ -56,7 +57,7 @@ class MergeSnapshot:
     weights: list[float]             # their sample counts
     ids: list[str]
     distill: dict[str, DistillChild]  # children merged by distillation
-    replay: tuple[torch.Tensor, torch.Tensor]
+    replay: Sets                     # replay rows by slice (distillation and consolidation train on them)
     heldout: Sets
     served_version: int
     base_version: int | None
@@ -132,6 +133,8 @@ def merge(snap: MergeSnapshot, settings: MergeSettings, learner: LearnerSettings
     if snap.distill:
         state, distilled, report = _distill(snap, state, learner, device)
         plan["distill"] = {"children": list(distilled), **report}
+    if settings.consolidate_epochs and snap.replay:
+        state, plan["consolidate"] = _consolidate(snap, state, settings, learner, device)
     served_rows, cand_rows = evaluate.correct(snap.served, judge), evaluate.correct(state, judge)
     verdict = paired_gate(served_rows, cand_rows, tolerance=settings.tolerance, alpha=settings.alpha,
                           guard_alpha=settings.guard_alpha)
@@ -184,9 +187,33 @@ def _distill(snap: MergeSnapshot, state: StateDict, learner: LearnerSettings, de
         model = students_models[node_id]
         model.load_state_dict(child.state)
         students[node_id] = (child.updates, model)
-    x, y = snap.replay
+    x, y = torch.cat([x for x, _ in snap.replay.values()]), torch.cat([y for _, y in snap.replay.values()])
     report = distill_into(candidate, [m for _, m in students.values()], model_input(x, snap.data_type), y,
                           epochs=learner.child_epochs, lr=learner.learning_rate,
                           batch_size=learner.train_batch_size, generator=torch.Generator().manual_seed(snap.seed))
     distilled = {node_id: (updates, cpu_state(m)) for node_id, (updates, m) in students.items()}
     return cpu_state(candidate), distilled, report.to_dict()
+
+
+def _consolidate(snap: MergeSnapshot, state: StateDict, settings: MergeSettings, learner: LearnerSettings,
+                 device: torch.device) -> tuple[StateDict, dict[str, Any]]:
+    """Rehearsal consolidation: the candidate trains on an equal share of every slice's replay rows.
+
+    Children and the served model learn each batch with the new slice in the majority; weight-space
+    merging then adds what they learned without re-balancing it. A few epochs over slice-balanced
+    replay (GDumb's balanced memory, Prabhu et al. 2020, used as a fine-tuning step rather than a
+    retrain from scratch) turn the candidate into one that serves every slice seen, which is what
+    the gate then checks on held-out rows no training step has seen.
+    """
+    started = time.perf_counter()
+    generator = torch.Generator().manual_seed(snap.seed)
+    with seeded(0):  # weights are loaded over these: only keep the global RNG untouched
+        model = snap.architecture.build().to(device)
+    model.load_state_dict(state)
+    per_slice = min(settings.consolidate_rows_per_slice, max(len(y) for _, y in snap.replay.values()))
+    x, y = balanced_rows(snap.replay, per_slice, generator)
+    history = fit(model, model_input(x, snap.data_type), y, epochs=settings.consolidate_epochs,
+                  lr=learner.learning_rate, batch_size=learner.train_batch_size, generator=generator)
+    return cpu_state(model), {"epochs": settings.consolidate_epochs, "rows_per_slice": per_slice,
+                              "slices": len(snap.replay), "loss": round(history[-1]["total"], 4),
+                              "seconds": round(time.perf_counter() - started, 3)}

@@ -79,12 +79,9 @@ class SliceBuffers:
             ys.append(r.y[idx])
         return torch.cat(xs), torch.cat(ys)
 
-    def replay_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Every replayed row of every slice, for distillation."""
-        parts = [r for _, r in sorted(self.replay.items()) if len(r)]
-        if not parts:
-            return None
-        return torch.cat([r.x for r in parts]), torch.cat([r.y for r in parts])
+    def replay_sets(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Every replayed row, by slice (what a merge distils and consolidates on)."""
+        return {name: (r.x, r.y) for name, r in sorted(self.replay.items()) if len(r)}
 
     def heldout_sets(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {name: (r.x, r.y) for name, r in sorted(self.heldout.items()) if len(r)}
@@ -105,3 +102,24 @@ class SliceBuffers:
             for name, seen in meta.get(kind, {}).items():
                 group[name] = Reservoir(cap, tensors.get(f"buf.{kind}.{name}.x"),
                                         tensors.get(f"buf.{kind}.{name}.y"), seen)
+
+
+def balanced_rows(sets: dict[str, tuple[torch.Tensor, torch.Tensor]], per_slice: int,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``per_slice`` rows of every slice in ``sets`` (slice-balanced rehearsal, as GDumb balances
+    its memory): a slice with more rows gives a random subset, one with fewer gives all of its rows
+    and then repeats random ones, so every slice weighs the same however much it sent."""
+    xs, ys = [], []
+    for _, (x, y) in sorted(sets.items()):
+        if not len(y) or per_slice <= 0:
+            continue
+        order = torch.randperm(len(y), generator=generator)
+        if len(y) < per_slice:
+            extra = torch.randint(len(y), (per_slice - len(y),), generator=generator)
+            order = torch.cat([order, extra])
+        idx = order[:per_slice]
+        xs.append(x[idx])
+        ys.append(y[idx])
+    if not xs:
+        return None
+    return torch.cat(xs), torch.cat(ys)

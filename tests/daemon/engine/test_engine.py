@@ -173,7 +173,8 @@ def test_compact_children_inherit_publish_on_their_own_line_and_merge_by_distill
 def test_gate_rejects_a_merge_with_a_child_trained_on_shuffled_labels(served, phases):
     from daemon.learn.training import fit, model_input
 
-    engine = _engine(merge={"method": "average", "level": "model"}, train_served=False)   # the gate is under test
+    engine = _engine(merge={"method": "average", "level": "model", "consolidate_epochs": 0},  # the gate is under test
+                     train_served=False)
     engine.restore(*served[0])
     (up, xu, yu), (rot, xr, yr) = phases
     first = engine.process(next(_batches(rot, xr, yr, offset=10)))

@@ -47,3 +47,17 @@ def test_replay_rehearses_the_other_slices_not_the_one_being_learned():
     assert (y == 0).all()
     _, y = SliceBuffers(100, 5, replay={"new": b.replay["new"]}).sample_replay(10, gen, learning="new")
     assert (y == 1).all()   # nothing else to rehearse: the slice's own past rows
+
+
+def test_balanced_rows_gives_every_slice_the_same_share():
+    from daemon.learn.replay import balanced_rows
+
+    sets = {"big": (torch.zeros(900, 1), torch.zeros(900, dtype=torch.long)),
+            "small": (torch.ones(10, 1), torch.ones(10, dtype=torch.long))}
+    x, y = balanced_rows(sets, 100, torch.Generator().manual_seed(0))
+    assert len(y) == 200 and int((y == 1).sum()) == 100 and int((y == 0).sum()) == 100
+    _, y_small = balanced_rows({"small": sets["small"]}, 10, torch.Generator().manual_seed(0))
+    assert len(y_small) == 10   # a slice with exactly enough rows gives each once
+    again = balanced_rows(sets, 100, torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], x)   # the generator decides
+    assert balanced_rows({}, 10, torch.Generator()) is None
