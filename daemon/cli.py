@@ -166,14 +166,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     from zoo_store.telemetry import Telemetry
     from zoo_store.versions import VersionStore
 
-    client = connect(args.redis_url)
-    keys = Keys(args.prefix)
+    client, keys = connect(args.redis_url), Keys(args.prefix)
     store, telemetry = VersionStore(client, keys), Telemetry(client, keys)
-    lines = {}
-    for line in store.lines():
-        lines[line] = [{"version": v, **{k: getattr(m, k) for k in ("created_at", "reason", "base_version",
-                                                                    "metrics")}}
-                       for v in store.versions(line) for m in [store.manifest(line, v)]]
+    fields = ("created_at", "reason", "base_version", "metrics", "continual")
+    lines = {line: [{"version": v, **{k: getattr(m, k) for k in fields}}
+                    for v in store.versions(line) for m in [store.manifest(line, v)]] for line in store.lines()}
     status = {"tree": telemetry.tree(), "lines": lines, "recent_decisions": telemetry.recent_decisions(args.recent),
               "recent_merges": telemetry.recent_merges(args.recent)}
     if args.json:
@@ -188,7 +185,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     for line, versions in lines.items():
         print(f"line {line}:")
         for v in versions:
-            print(f"  v{v['version']} {v['created_at']} {v['reason']:<9} base=v{v['base_version']} {v['metrics']}")
+            cl = v["continual"] or {}
+            print(f"  v{v['version']} {v['created_at']} {v['reason']:<9} base=v{v['base_version']} avg="
+                  f"{cl.get('average_accuracy')} forgetting={cl.get('average_forgetting')} bwt={cl.get('bwt')} "
+                  f"{v['metrics']}")
     print("recent decisions:")
     for d in status["recent_decisions"]:
         print(f"  {d['at']} {d['slice']:<10} {d['action']:<8} kl={d['kl']} acc={d['accuracy']} {d['reason']}")

@@ -44,6 +44,9 @@ class Manifest(BaseModel):
     lineage: list[LineageEntry] = Field(default_factory=list)
     metrics: dict[str, float | None] = Field(default_factory=dict, description="held-out accuracy per slice")
     merge: dict[str, Any] | None = Field(None, description="plan chosen and candidates' scores")
+    continual: dict[str, Any] | None = Field(None, description="continual-learning metrics of this version: "
+                                             "average_accuracy, forgetting per slice, average_forgetting, bwt, "
+                                             "learned (slices this version is the first to learn); README")
     weights_sha256: str
     weights_bytes: int
     publish_id: str

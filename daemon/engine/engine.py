@@ -31,6 +31,7 @@ from daemon.engine.seeding import seeded
 from daemon.engine.settings import LearnerSettings, MergeSettings, ModelSettings
 from daemon.engine.state import EngineState, cpu_state, decode, encode
 from daemon.engine.tree import ModelTree
+from daemon.learn.continual import continual_metrics
 from daemon.learn.replay import SliceBuffers
 from daemon.learn.drift import calibrate_threshold
 from daemon.learn.models import Architecture
@@ -175,8 +176,20 @@ class Engine:
         with self._lock:
             st = self._state
             lineage = [n.describe_lineage() for n in st.tree.nodes.values()]
-            arch, parent = st.root.architecture, st.served_version
-        return Release(reason, state, arch, parent, base_version, lineage, self.metrics(state), merge)
+            arch, parent, batches = st.root.architecture, st.served_version, st.counters.batches
+            learned, fresh = {s: acc for s, (acc, _) in st.learned.items()}, st.fresh_slices()
+        metrics = self.metrics(state)
+        return Release(reason, state, arch, parent, base_version, lineage, metrics, merge,
+                       continual_metrics(metrics, learned, fresh), batches)
+
+    def record_served(self, release: Release) -> None:
+        """``release`` was published and adopted: the slices it learned keep its accuracy on them,
+        from which their later forgetting is measured (:mod:`daemon.learn.continual`)."""
+        if release.continual is None:
+            return
+        with self._lock:
+            for s in release.continual.learned:
+                self._state.learned[s] = [release.metrics[s], release.batches]
 
     def release_bootstrap(self) -> Release:
         return self._release("bootstrap", self.working_state(), None, None)

@@ -95,6 +95,7 @@ class Learner:
                           state.generator)
         state.counters.batches += 1
         state.counters.samples += rows.size
+        state.slice_last_batch[rows.slice] = state.counters.batches
         return result
 
     # --- training sets --------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from daemon.learn.continual import ContinualMetrics
 from daemon.learn.models import Architecture
 from daemon.learn.merging.gate import GateVerdict
 
@@ -93,6 +94,8 @@ class Release:
     lineage: list[dict[str, Any]]
     metrics: dict[str, float]
     merge: dict[str, Any] | None = None
+    continual: ContinualMetrics | None = None  # average accuracy, forgetting, BWT of this version
+    batches: int = 0                           # the engine's batch count when it was taken
 
 
 @dataclass(frozen=True)

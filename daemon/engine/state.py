@@ -35,6 +35,14 @@ class EngineState:
     bootstrapped: bool = False  # the first model is complete (published, or being published)
     prequential: dict[str, list[float]] = field(default_factory=dict)  # slice -> [correct, seen]
     last_merge_signature: tuple = ()  # (child id, updates) of the last merge attempt
+    # continual-learning bookkeeping (daemon.learn.continual): the batch count at each slice's latest
+    # batch, and each slice's [held-out accuracy, batch count] when a published version last learned it
+    slice_last_batch: dict[str, int] = field(default_factory=dict)
+    learned: dict[str, list[float]] = field(default_factory=dict)
+
+    def fresh_slices(self) -> set[str]:
+        """Slices with batches that no published version has learned yet."""
+        return {s for s, b in self.slice_last_batch.items() if s not in self.learned or b > self.learned[s][1]}
 
     @property
     def root(self) -> Node | None:
@@ -59,6 +67,7 @@ def encode(state: EngineState) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
         "served_version": state.served_version, "base_version": state.base_version,
         "bootstrap_batches_seen": state.bootstrap_batches_seen, "bootstrapped": state.bootstrapped,
         "prequential": state.prequential, "kl_threshold": state.thresholds.kl,
+        "slice_last_batch": state.slice_last_batch, "learned": state.learned,
     }
     return meta, tensors
 
@@ -82,3 +91,5 @@ def decode(meta: dict[str, Any], tensors: dict[str, torch.Tensor], state: Engine
     state.bootstrapped = meta.get("bootstrapped", meta["served_version"] is not None)
     state.prequential = {k: list(v) for k, v in meta["prequential"].items()}
     state.thresholds = Thresholds(kl=meta["kl_threshold"], accuracy=state.thresholds.accuracy)
+    state.slice_last_batch = dict(meta.get("slice_last_batch", {}))  # absent before the CL metrics existed
+    state.learned = {k: list(v) for k, v in meta.get("learned", {}).items()}

@@ -78,11 +78,14 @@ class MergeJob:
             self.metrics.merges.labels("accepted" if outcome.accepted else "rejected").inc()
             record = outcome.record()
             if outcome.accepted:
+                release = self.engine.release_merge(outcome)
+
                 def adopt(published: Published) -> None:
                     self.engine.adopt_merge(outcome, published.manifest.version)
+                    self.engine.record_served(release)
                     self.on_published(published)
 
-                job = release_job(self.line, self.engine.release_merge(outcome), adopt)
+                job = release_job(self.line, release, adopt)
                 published = self._await(self.publisher.submit(job))
                 record["version"] = published.manifest.version if published else None
                 if published:

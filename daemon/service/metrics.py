@@ -7,6 +7,7 @@ Rates are left to PromQL (``rate(filial_batches_total[1m])`` = batches per secon
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -43,8 +44,33 @@ class ServiceMetrics:
                                    ["dependency"], registry=r)
         self.log_resets = Counter("filial_partition_log_resets", "Partitions whose broker log was found reset "
                                   "(e.g. a memory-only broker restarted)", ["partition"], registry=r)
+        self.served_accuracy = Gauge("filial_served_accuracy", "Held-out accuracy of the served version per "
+                                     "slice", ["slice"], registry=r)
+        self.served_forgetting = Gauge("filial_served_forgetting", "Accuracy of the served version on a slice when "
+                                       "it was last learned minus now (continual-learning forgetting)", ["slice"],
+                                       registry=r)
+        self.served_average_accuracy = Gauge("filial_served_average_accuracy", "Mean held-out accuracy of the "
+                                             "served version over every slice seen", registry=r)
+        self.served_bwt = Gauge("filial_served_bwt", "Backward transfer of the served version (minus the mean "
+                                "forgetting of the slices it learned earlier)", registry=r)
         self._last_checkpoint: float | None = None
         self.checkpoint_age.set_function(self._checkpoint_age)
+
+    def served_quality(self, accuracy: dict[str, float | None], continual: dict[str, Any] | None) -> None:
+        """The newest served version's held-out figures (labelled by slice, never by version: the
+        label sets stay bounded)."""
+        for name, value in accuracy.items():
+            self.served_accuracy.labels(name).set(float("nan") if value is None else value)
+        if continual is None:
+            return
+        for name, value in continual.get("forgetting", {}).items():
+            self.served_forgetting.labels(name).set(value)
+        for name in continual.get("learned", []):
+            self.served_forgetting.labels(name).set(0.0)
+        nan = float("nan")
+        average, bwt = continual.get("average_accuracy"), continual.get("bwt")
+        self.served_average_accuracy.set(nan if average is None else average)
+        self.served_bwt.set(nan if bwt is None else bwt)
 
     def checkpoint_saved(self) -> None:
         self._last_checkpoint = time.monotonic()

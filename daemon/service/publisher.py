@@ -65,7 +65,7 @@ def release_job(line: str, release: Release, on_published: Callable[[Published],
     weights, digest = serialize(release.state)
     fields = dict(architecture=release.architecture.model_dump(), base_version=release.base_version,
                   parent_version=release.parent_version, lineage=release.lineage, metrics=release.metrics,
-                  merge=release.merge)
+                  merge=release.merge, continual=release.continual.record() if release.continual else None)
     return PublishJob(line, release.reason, weights, f"{release.reason}:{release.parent_version}:{digest}", fields,
                       on_published)
 

@@ -217,8 +217,11 @@ class Service:
         if self._bootstrap_publish is not None and not self._bootstrap_publish.done():
             return
 
+        release = None
+
         def adopt(published: Published) -> None:
             self.engine.adopt_bootstrap(published.manifest.version)
+            self.engine.record_served(release)
             self._published(published)
 
         if self.redis_available:
@@ -226,7 +229,8 @@ class Service:
             # restart finds this checkpoint and serves the written version (restore) instead of
             # re-deriving a different first model
             self.checkpointer.maybe_save(force=True)
-        job = release_job(self.s.publish.line, self.engine.release_bootstrap(), adopt)
+        release = self.engine.release_bootstrap()
+        job = release_job(self.s.publish.line, release, adopt)
         self._bootstrap_publish = self.publisher.submit(job)
         if self.s.merge.trigger == "count":  # reproducible: the next batch always sees the adopted version
             self.merge_job.await_publish(self._bootstrap_publish)
@@ -244,6 +248,11 @@ class Service:
         self.published.append(version)
         self.checkpointer.note_adoption()
         self.metrics.served_version.set(version)
+        self.metrics.served_quality(published.manifest.metrics, published.manifest.continual)
+        self._best_effort(self.telemetry.metric, {"event": "version", "line": published.manifest.line,
+                                                  "version": version, "reason": published.manifest.reason,
+                                                  "accuracy": published.manifest.metrics,
+                                                  **(published.manifest.continual or {})})
         self._best_effort(self.telemetry.save_tree, self.engine.describe_tree())
 
     def _checkpointed(self, meta: dict[str, Any]) -> None:

@@ -234,3 +234,32 @@ def test_a_small_batch_never_spawns(phases):
     small = engine.process(Batch(xr[:16], yr[:16], "rot90", "image", "r-0", BatchSource("t", 0, 50)))
     assert small.drift and small.action == "keep" and "min_spawn_rows" in small.reason
     assert engine.counters.children_spawned == 0
+
+
+def test_releases_carry_continual_metrics_and_the_learned_record_survives_a_checkpoint():
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 8, generator=gen) * 3
+
+    def batch(name, classes, i):
+        y = torch.tensor(classes)[torch.randint(len(classes), (64,), generator=gen)]
+        return Batch(centres[y] + torch.randn(64, 8, generator=gen), y, name, "tabular", f"{name}{i}",
+                     BatchSource("t", 0, i))
+
+    engine = _engine(model={"num_classes": 4}, bootstrap_batches=2)
+    for i in range(2):
+        result = engine.process(batch("a", [0, 1], i))
+    assert result.publish_bootstrap
+    first = engine.release_bootstrap()
+    assert first.continual.learned == ["a"] and first.continual.forgetting == {}
+    engine.adopt_bootstrap(1)
+    engine.record_served(first)
+    for i in range(2, 6):
+        engine.process(batch("b", [2, 3], i))
+    second = engine.release_merge(engine.merge())
+    assert second.continual.learned == ["b"]      # a had no batch since v1 learned it
+    assert second.continual.forgetting == {"a": round(first.metrics["a"] - second.metrics["a"], 4)}
+
+    restored = _engine(model={"num_classes": 4}, bootstrap_batches=2)
+    restored.restore(*engine.checkpoint())
+    again = restored.release_merge(restored.merge())
+    assert again.continual.learned == ["b"] and set(again.continual.forgetting) == {"a"}

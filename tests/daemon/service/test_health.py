@@ -48,6 +48,9 @@ def test_health_ready_and_metrics_follow_redis(kafka, restartable_redis, unique,
     published = 'filial_publish_seconds_count{reason="bootstrap"} 1.0'
     assert wait_until(lambda: published in _get(base + "/metrics")[1].decode(), timeout=30), \
         [line for line in _get(base + "/metrics")[1].decode().splitlines() if "publish" in line]
+    text = _get(base + "/metrics")[1].decode()
+    assert 'filial_served_accuracy{slice="a"}' in text and "filial_served_average_accuracy" in text
+    assert "filial_served_bwt NaN" in text   # one slice, learned by this version: nothing to forget yet
 
     restartable_redis.stop()
     assert wait_until(lambda: _get(base + "/readyz")[0] == 503, timeout=10)

@@ -78,6 +78,22 @@ def test_end_to_end_with_dead_letters_and_restart(kafka, redis_server, unique, m
     manifest = service.versions.manifest(settings.publish.line, versions[-1])
     assert manifest.reason == "merge" and manifest.base_version == 1 and "rot90" in manifest.metrics
     assert {e.node_id for e in manifest.lineage} >= {"root", "c1"}
+    # continual-learning metrics per version: the first learned upright; the last one learned rot90
+    # and measures upright's forgetting from the version that learned it
+    first_manifest = service.versions.manifest(settings.publish.line, 1)
+    assert first_manifest.continual["learned"] == ["upright"] and first_manifest.continual["forgetting"] == {}
+    cl = manifest.continual
+    assert cl["average_accuracy"] == pytest.approx(sum(manifest.metrics.values()) / len(manifest.metrics), abs=1e-4)
+    learned_at = {}
+    for v in versions:
+        for name in service.versions.manifest(settings.publish.line, v).continual["learned"]:
+            learned_at[name] = service.versions.manifest(settings.publish.line, v).metrics[name]
+    assert set(learned_at) == {"upright", "rot90"}
+    for name, forgetting in cl["forgetting"].items():
+        assert forgetting == pytest.approx(learned_at[name] - manifest.metrics[name], abs=1e-4)
+    assert cl["bwt"] == (None if cl["average_forgetting"] is None else -cl["average_forgetting"])
+    stream = [m for m in service.telemetry.recent_metrics(100) if m.get("event") == "version"]
+    assert [m["version"] for m in stream] == versions and stream[-1]["average_accuracy"] == cl["average_accuracy"]
 
     service.stop()
     thread.join(timeout=60)
@@ -113,6 +129,7 @@ def test_end_to_end_with_dead_letters_and_restart(kafka, redis_server, unique, m
     assert cli_main(["status", "--redis-url", redis_server.address, "--prefix", unique, "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert [v["version"] for v in status["lines"]["main"]] == versions
+    assert status["lines"]["main"][-1]["continual"] == cl
     assert {n["node_id"] for n in status["tree"]["nodes"]} >= {"root", "c1"}
     assert cli_main(["watch", "--redis-url", redis_server.address, "--prefix", unique, "--load",
                      "--from-version", "1", "--count", str(len(versions))]) == 0
