@@ -210,7 +210,8 @@ def _consolidate(snap: MergeSnapshot, state: StateDict, settings: MergeSettings,
     with seeded(0):  # weights are loaded over these: only keep the global RNG untouched
         model = snap.architecture.build().to(device)
     model.load_state_dict(state)
-    per_slice = min(settings.consolidate_rows_per_slice, max(len(y) for _, y in snap.replay.values()))
+    per_slice = min(settings.consolidate_rows_per_slice, max(len(y) for _, y in snap.replay.values()),
+                    max(1, settings.consolidate_max_rows // len(snap.replay)))
     x, y = balanced_rows(snap.replay, per_slice, generator)
     history = fit(model, model_input(x, snap.data_type), y, epochs=settings.consolidate_epochs,
                   lr=learner.learning_rate, batch_size=learner.train_batch_size, generator=generator)

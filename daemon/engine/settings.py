@@ -98,6 +98,8 @@ class MergeSettings(BaseModel):
                                     "same, as in GDumb); 0: off")
     consolidate_rows_per_slice: int = Field(500, ge=1, description="rows of each slice's replay buffer per "
                                             "consolidation epoch (fewer are repeated, more are subsampled)")
+    consolidate_max_rows: int = Field(10_000, ge=1, description="cap on the rows of one consolidation epoch: "
+                                      "with many slices each gives max_rows / slices, so a merge's cost stays bounded")
     after_child_updates: int = Field(8, ge=1, description="merge after this many updates (batches that trained a "
                                      "child or the served model) since the last merge")
 

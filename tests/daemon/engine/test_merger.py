@@ -58,3 +58,10 @@ def test_consolidation_is_a_function_of_the_snapshot():
     snap = _snapshot()
     first, again = _merge(snap, 2), _merge(snap, 2)
     assert all(torch.equal(first.state[k], again.state[k]) for k in first.state)
+
+
+def test_consolidation_rows_are_capped_across_slices():
+    snap = _snapshot()
+    outcome = merge(snap, MergeSettings(consolidate_epochs=1, consolidate_max_rows=150), LearnerSettings(),
+                    torch.device("cpu"))
+    assert outcome.plan["consolidate"]["rows_per_slice"] == 75   # 150 rows shared by two slices
