@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test chaos bench-soak bench-merge bench-hkt bench-drift bench-pause bench-cl compose-config clean
+.PHONY: demo test chaos bench-soak bench-merge bench-hkt bench-drift bench-pause bench-cl bench-ablation compose-config clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ bench-cl: $(STAMP)
 	$(BIN)/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('avalanche') is None)" \
 		|| $(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/filial bench cl
+
+# which of the learner's tools pay off on which stream (filial only, its real path; last line: JSON)
+bench-ablation: $(STAMP)
+	$(BIN)/filial bench ablation
 
 # docker-compose 1.29.2 (PyPI) in its own tools venv, nested under .venv/ so `make clean` removes it but never
 # installed into the project's environment: it pins PyYAML 5.4.1, whose sdist only builds on Python 3.11
