@@ -52,7 +52,8 @@ class Engine:
         self._lock = threading.RLock()
         s = self.learner_settings
         self._state = EngineState(tree=ModelTree(), buffers=SliceBuffers(s.replay_per_slice, s.heldout_per_slice),
-                                  thresholds=Thresholds(kl=s.kl_threshold, accuracy=s.accuracy_threshold),
+                                  thresholds=Thresholds(kl=s.kl_threshold, accuracy=s.accuracy_threshold,
+                                                        concept_alpha=s.concept_drift_alpha),
                                   generator=torch.Generator().manual_seed(s.seed))
 
     # --- queries (copies, taken under the lock) ------------------------------------------------------
@@ -239,8 +240,8 @@ class Engine:
         st = self._state
         root = st.root
         feats = embed(root.model, model_input(root.reference_x, root.data_type))
-        st.thresholds = Thresholds(kl=calibrate_threshold(feats, self.learner_settings.train_batch_size, rate),
-                                   accuracy=st.thresholds.accuracy)
+        st.thresholds = replace(st.thresholds, kl=calibrate_threshold(feats, self.learner_settings.train_batch_size,
+                                                                      rate))
         log.info("calibrated kl_threshold %.4f at false-alarm rate %s", st.thresholds.kl, rate)
 
     def adopt_merge(self, outcome: MergeOutcome, version: int) -> None:

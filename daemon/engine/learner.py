@@ -184,12 +184,25 @@ class Learner:
         state.prequential[rows.slice] = [c + correct * rows.size, n + rows.size]
         return correct, root.kl_to(rows.x)
 
+    @staticmethod
+    def _expected_accuracy(state: EngineState, slice_name: str, min_rows: int = 100) -> float | None:
+        """The served model's prequential accuracy so far on this slice, or over every slice when
+        this one has fewer than ``min_rows`` rows measured (what a concept drift is measured against)."""
+        c, n = state.prequential.get(slice_name, (0.0, 0))
+        if n >= min_rows:
+            return c / n
+        c = sum(v[0] for v in state.prequential.values())
+        n = sum(v[1] for v in state.prequential.values())
+        return c / n if n >= min_rows else None
+
     def _decide_and_train(self, state: EngineState, rows: Rows) -> BatchResult:
+        expected = self._expected_accuracy(state, rows.slice)
         acc, kl = self._observe(state, rows)
         nearest, nearest_kl = state.tree.nearest_child(rows.x, rows.data_type)
         nearest_acc = float(accuracy(nearest.model, rows.x, rows.y)) if nearest is not None else None
         verdict: Verdict = decide(Observation(acc, kl, nearest.node_id if nearest else None, nearest_kl,
-                                              nearest_acc), state.thresholds, served_learns=self.s.train_served)
+                                              nearest_acc, expected, rows.size), state.thresholds,
+                                  served_learns=self.s.train_served)
         if verdict.action == "spawn" and rows.size < self.s.min_spawn_rows:
             verdict = Verdict("keep", f"{verdict.reason}; but {rows.size} rows < min_spawn_rows "
                                       f"{self.s.min_spawn_rows}: evaluated, no child spawned", verdict.drift)

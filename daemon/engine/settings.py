@@ -40,6 +40,9 @@ class LearnerSettings(BaseModel):
     kl_threshold: float = Field(0.5, gt=0, description="drift when KL(batch || reference) >= this")
     kl_false_alarm_rate: float | None = Field(None, gt=0, lt=0.5, description="set to calibrate "
                                               "kl_threshold on the reference at this false-alarm rate")
+    concept_drift_alpha: float = Field(1e-5, gt=0, lt=0.5, description="concept drift (labels changed where "
+                                       "feature KL sees nothing): a batch accuracy this improbable given the served "
+                                       "model's prequential accuracy so far (exact binomial tail; daemon/learn/drift.py)")
     accuracy_threshold: float = Field(0.70, gt=0, le=1, description="served model must reach this accuracy")
     bootstrap_batches: int = Field(8, ge=1, description="batches that train the first served model; it is "
                                    "published after them once its held-out accuracy reaches bootstrap_accuracy, "

@@ -7,7 +7,7 @@ guards it with one lock. :func:`encode` / :func:`decode` turn it into what
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -90,6 +90,6 @@ def decode(meta: dict[str, Any], tensors: dict[str, torch.Tensor], state: Engine
     state.bootstrap_batches_seen = meta["bootstrap_batches_seen"]
     state.bootstrapped = meta.get("bootstrapped", meta["served_version"] is not None)
     state.prequential = {k: list(v) for k, v in meta["prequential"].items()}
-    state.thresholds = Thresholds(kl=meta["kl_threshold"], accuracy=state.thresholds.accuracy)
+    state.thresholds = replace(state.thresholds, kl=meta["kl_threshold"])
     state.slice_last_batch = dict(meta.get("slice_last_batch", {}))  # absent before the CL metrics existed
     state.learned = {k: list(v) for k, v in meta.get("learned", {}).items()}

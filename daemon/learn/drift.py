@@ -29,6 +29,7 @@ threshold from reference-vs-reference splits, for users who do not want a fixed 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Mapping, Protocol, Self
 
@@ -113,3 +114,28 @@ def calibrate_threshold(reference_features: torch.Tensor, batch_size: int, false
         order = torch.randperm(n, generator=gen)
         values.append(detector.fit(reference_features[order[size:]]).score(reference_features[order[:size]]))
     return float(torch.tensor(values).quantile(1.0 - false_alarm_rate))
+
+
+MIN_CONCEPT_DROP = 0.05  # below this a significant drop is not worth an alarm (a model near 1.0 has tiny noise)
+
+
+def concept_drift(accuracy: float, rows: int, expected: float | None, alpha: float) -> bool:
+    """Concept drift (P(y|x) changed) that feature KL cannot see: the served model's accuracy on
+    the batch lies significantly below what it has scored so far (its prequential accuracy).
+
+    As DDM (Gama et al. 2004) monitors the error rate, but as one exact test per batch: drift when
+    ``P(X <= correct)`` for ``X ~ Binomial(rows, expected)`` is at most ``alpha`` and the drop is at
+    least :data:`MIN_CONCEPT_DROP`. Exact, because near 1.0 the normal approximation's tail is far
+    too light (at z = 4 a model at 0.98 would raise a false alarm every 300 batches of 50). With
+    ``alpha = 1e-5`` a stationary stream raises one about every 100,000 batches; two labels of five
+    swapped (0.98 -> 0.60 on 50 rows) has a tail probability near 1e-20. ``expected`` None
+    (nothing measured yet): no verdict.
+    """
+    if expected is None or rows <= 0 or expected - accuracy < MIN_CONCEPT_DROP:
+        return False
+    correct = round(accuracy * rows)
+    p = min(max(expected, 1e-9), 1 - 1e-9)
+    k = torch.arange(correct + 1, dtype=torch.float64)
+    log_pmf = (torch.lgamma(torch.tensor(rows + 1.0, dtype=torch.float64)) - torch.lgamma(k + 1)
+               - torch.lgamma(rows - k + 1) + k * math.log(p) + (rows - k) * math.log1p(-p))
+    return float(torch.logsumexp(log_pmf, 0)) <= math.log(alpha)

@@ -1,5 +1,10 @@
 """The per-batch decision: keep the served model, retrain the nearest child, or spawn one.
 
+A batch is *drift* when KL(batch || served reference) >= ``kl_threshold`` (covariate shift), or when
+the served model's accuracy on it is improbably low given its prequential accuracy so far
+(:func:`daemon.learn.drift.concept_drift`: labels changed where the features did not). Drift is
+counted and logged; the action follows the table.
+
 A pure function of what was measured (no model, no I/O), so the table below is testable alone
 and documented in the README:
 
@@ -28,8 +33,10 @@ served accuracy on batch     nearest child's KL          action
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
+
+from daemon.learn.drift import concept_drift
 
 Action = Literal["bootstrap", "keep", "retrain", "spawn"]
 
@@ -38,6 +45,7 @@ Action = Literal["bootstrap", "keep", "retrain", "spawn"]
 class Thresholds:
     kl: float = 0.5
     accuracy: float = 0.70
+    concept_alpha: float = 1e-5  # concept drift: batch accuracy this improbably low given the expected
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,8 @@ class Observation:
     nearest_child: str | None = None
     nearest_kl: float | None = None  # KL(batch || that child's reference), child's features
     nearest_accuracy: float | None = None  # that child's accuracy on the batch (label-aware routing)
+    expected_accuracy: float | None = None  # the served model's prequential accuracy so far (concept drift)
+    rows: int = 0
 
 
 @dataclass(frozen=True)
@@ -59,10 +69,21 @@ class Verdict:
 
 def decide(obs: Observation, th: Thresholds, served_learns: bool = False) -> Verdict:
     """``served_learns``: the served model trains on every batch (``learner.train_served``)."""
-    drift = obs.kl >= th.kl
+    concept = concept_drift(obs.accuracy, obs.rows, obs.expected_accuracy, th.concept_alpha)
+    drift = obs.kl >= th.kl or concept
     if obs.accuracy >= th.accuracy:
         why = "drift but the served model copes" if drift else "in distribution"
-        return Verdict("keep", f"{why}: accuracy {obs.accuracy:.3f} >= {th.accuracy}", drift)
+        verdict = Verdict("keep", f"{why}: accuracy {obs.accuracy:.3f} >= {th.accuracy}", drift)
+    else:
+        verdict = _route(obs, th, served_learns, drift)
+    if concept and obs.kl < th.kl:
+        verdict = replace(verdict, reason=f"{verdict.reason}; concept drift: accuracy {obs.accuracy:.3f} vs "
+                                          f"{obs.expected_accuracy:.3f} so far at KL {obs.kl:.3f}")
+    return verdict
+
+
+def _route(obs: Observation, th: Thresholds, served_learns: bool, drift: bool) -> Verdict:
+    """Below the accuracy threshold: retrain the nearest child, keep, or spawn (the table above)."""
     if obs.nearest_child is not None and obs.nearest_kl is not None and obs.nearest_kl < th.kl:
         if obs.nearest_accuracy is not None and obs.nearest_accuracy < obs.accuracy:
             if served_learns:

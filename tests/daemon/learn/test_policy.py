@@ -46,3 +46,29 @@ def test_spawn_method_table():
     assert spawn_method("hkt", compact=False) == "hkt"
     with pytest.raises(ValueError, match="copy"):
         spawn_method("copy", compact=True)
+
+
+def test_concept_drift_is_flagged_when_accuracy_falls_where_kl_sees_nothing():
+    # two labels of five swapped: same inputs (KL low), accuracy 0.98 -> 0.60 on 50 rows
+    v = decide(Observation(accuracy=0.60, kl=0.1, expected_accuracy=0.98, rows=50), TH)
+    assert v.drift and "concept drift" in v.reason and v.action == "spawn"
+    # the same batch accuracy is no alarm when the model never did better, nor on noise-level drops
+    assert not decide(Observation(accuracy=0.60, kl=0.1, expected_accuracy=0.62, rows=50), TH).drift
+    assert not decide(Observation(accuracy=0.88, kl=0.1, expected_accuracy=0.92, rows=50), TH).drift
+    assert not decide(Observation(accuracy=0.60, kl=0.1, expected_accuracy=None, rows=50), TH).drift
+    # it coping still keeps the model, with the drift counted
+    kept = decide(Observation(accuracy=0.75, kl=0.1, expected_accuracy=0.99, rows=200), TH)
+    assert kept.action == "keep" and kept.drift
+
+
+def test_concept_drift_false_alarms_are_rare_on_a_stationary_stream():
+    import torch
+
+    from daemon.learn.drift import concept_drift
+
+    gen = torch.Generator().manual_seed(0)
+    for expected in (0.9, 0.98):
+        batches = torch.bernoulli(torch.full((20_000, 50), expected), generator=gen).mean(1)
+        alarms = sum(concept_drift(float(a), 50, expected, alpha=1e-5) for a in batches)
+        assert alarms <= 2, (expected, alarms)   # 0.2 expected at alpha 1e-5
+    assert concept_drift(0.60, 50, 0.98, alpha=1e-5)
