@@ -24,10 +24,13 @@ served accuracy on batch     nearest child's KL          action
                                                          (it is ahead), else spawn (the labels
                                                          disagree with the child's: a concept
                                                          shift feature KL cannot see)
-<  accuracy_threshold        >= kl_threshold, or none    spawn a child that inherits from the
-                                                         served model (seed rule when the served
-                                                         KL < kl_threshold; for KL >= threshold
-                                                         inheriting measured better than scratch)
+<  accuracy_threshold        >= kl_threshold, or none    on drift (or when only children learn):
+                                                         spawn a child that inherits from the
+                                                         served model (inheriting measured better
+                                                         than scratch); no drift and the served
+                                                         model learns every batch: keep (an
+                                                         in-distribution batch it is still weak
+                                                         on is its own to learn, not a new child's)
 ===========================  ==========================  =========================================
 """
 
@@ -96,6 +99,9 @@ def _route(obs: Observation, th: Thresholds, served_learns: bool, drift: bool) -
         return Verdict("retrain", f"accuracy {obs.accuracy:.3f} < {th.accuracy}; child {obs.nearest_child} "
                                   f"is near (KL {obs.nearest_kl:.3f} < {th.kl})", drift, child=obs.nearest_child)
     near = "no child" if obs.nearest_child is None else f"nearest child {obs.nearest_child} at KL {obs.nearest_kl:.3f}"
+    if served_learns and not drift:
+        return Verdict("keep", f"accuracy {obs.accuracy:.3f} < {th.accuracy} but no drift ({near}; served KL "
+                               f"{obs.kl:.3f}): the served model learns this batch", drift)
     return Verdict("spawn", f"accuracy {obs.accuracy:.3f} < {th.accuracy}; {near}; served KL {obs.kl:.3f}",
                    drift)
 

@@ -72,3 +72,11 @@ def test_concept_drift_false_alarms_are_rare_on_a_stationary_stream():
         alarms = sum(concept_drift(float(a), 50, expected, alpha=1e-5) for a in batches)
         assert alarms <= 2, (expected, alarms)   # 0.2 expected at alpha 1e-5
     assert concept_drift(0.60, 50, 0.98, alpha=1e-5)
+
+
+def test_a_weak_batch_without_drift_is_the_served_models_to_learn_not_a_new_childs():
+    obs = Observation(accuracy=0.65, kl=0.2, expected_accuracy=0.8, rows=50)   # a 2-sd dip, no drift
+    assert decide(obs, TH, served_learns=True).action == "keep"
+    assert decide(obs, TH, served_learns=False).action == "spawn"   # the seed's rule when only children learn
+    drifted = Observation(accuracy=0.65, kl=0.9, expected_accuracy=0.8, rows=50)
+    assert decide(drifted, TH, served_learns=True).action == "spawn"
