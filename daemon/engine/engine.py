@@ -169,6 +169,10 @@ class Engine:
                 self._state.counters.merges_accepted += 1
             else:
                 self._state.counters.merges_rejected += 1
+                if outcome.working_takes_candidate:  # followers keep their version; the learner builds on it
+                    root = self._state.root
+                    root.model.load_state_dict(_carry_progress(outcome.state, outcome.working_state, root.model))
+                    root.refresh_fingerprint()
         return outcome
 
     # --- releases (what to publish) and adoption ----------------------------------------------------

@@ -133,15 +133,19 @@ def merge(snap: MergeSnapshot, settings: MergeSettings, learner: LearnerSettings
     if snap.distill:
         state, distilled, report = _distill(snap, state, learner, device)
         plan["distill"] = {"children": list(distilled), **report}
+    takes = False
     if settings.consolidate_epochs and snap.replay:
         state, plan["consolidate"] = _consolidate(snap, state, settings, learner, device)
+        if snap.working is not None:
+            takes = mean_accuracy(evaluate(state, select)) >= mean_accuracy(evaluate(snap.working, select))
+            plan["consolidate"]["working_takes_candidate"] = takes
     served_rows, cand_rows = evaluate.correct(snap.served, judge), evaluate.correct(state, judge)
     verdict = paired_gate(served_rows, cand_rows, tolerance=settings.tolerance, alpha=settings.alpha,
                           guard_alpha=settings.guard_alpha)
     served_metrics, cand_metrics = _accuracies(served_rows), _accuracies(cand_rows)
     return MergeOutcome(verdict.accepted, verdict.reason, state, snap.ids + list(distilled), snap.base_version,
                         snap.served_version, served_metrics, cand_metrics, plan, verdict,
-                        time.perf_counter() - started, distilled, snap.working)
+                        time.perf_counter() - started, distilled, snap.working, takes)
 
 
 def _weight_merge(snap: MergeSnapshot, members: list[StateDict], weights: list[float], settings: MergeSettings,

@@ -69,6 +69,10 @@ class MergeOutcome:
     distilled_children: dict[str, tuple[int, dict[str, torch.Tensor]]] = field(default_factory=dict)
     # the served model's weights when the merge was snapshotted: what it learned since is kept on adoption
     working_state: dict[str, torch.Tensor] | None = None
+    # the served model keeps learning from the candidate even when the gate rejects it (the gate
+    # decides what followers see, not what the learner builds on): set when the candidate scores at
+    # least as well as the served model as it was trained, on the selection rows
+    working_takes_candidate: bool = False
 
     def record(self) -> dict[str, Any]:
         return {"accepted": self.accepted, "reason": self.reason, "children": self.children,

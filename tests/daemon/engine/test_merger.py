@@ -52,6 +52,7 @@ def test_consolidation_restores_the_slice_new_classes_pushed_out():
     # with it both slices are served, and the gate publishes it
     assert consolidated.candidate_metrics["a"] > 0.9 and consolidated.candidate_metrics["b"] > 0.9
     assert consolidated.accepted, consolidated.reason
+    assert consolidated.working_takes_candidate and not plain.working_takes_candidate
 
 
 def test_consolidation_is_a_function_of_the_snapshot():
