@@ -8,6 +8,7 @@ or puts one in:
 - ``default``: the served model learns every batch, children by copy, the granularity controller,
   consolidation on slice-balanced replay;
 - ``no_consolidation``: ``merge_consolidate_epochs=0``;
+- ``consolidate_3_epochs``: always 3 epochs, no early stopping on the selection rows;
 - ``children_only``: ``train_served=false`` (the seed's behaviour: only children learn);
 - ``average_merge``: ``merge_method=average``, ``merge_level=model`` (no MagMax/TIES, no controller);
 - ``child_tuning``: ``child_tuning=fisher`` (Child-Tuning-D masks on same-size children);
@@ -34,6 +35,7 @@ from benchmarks.cl_metrics import mean_sd, summarize
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "no_consolidation": {"merge_consolidate_epochs": 0},
+    "consolidate_3_epochs": {"merge_consolidate_epochs": 3, "merge_consolidate_patience": 0},
     "children_only": {"train_served": False},
     "average_merge": {"merge_method": "average", "merge_level": "model"},
     "child_tuning": {"child_tuning": "fisher"},

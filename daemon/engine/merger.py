@@ -31,7 +31,7 @@ from daemon.learn.merging.gate import correctness, gate, paired_gate
 from daemon.learn.merging.controller import choose_plan
 from daemon.learn.merging.plans import apply_plan
 from daemon.learn.replay import balanced_rows
-from daemon.learn.training import accuracy, fit, model_input
+from daemon.learn.training import EarlyStopping, Hook, accuracy, fit, model_input
 
 log = logging.getLogger("filial.engine")
 
@@ -135,7 +135,7 @@ def merge(snap: MergeSnapshot, settings: MergeSettings, learner: LearnerSettings
         plan["distill"] = {"children": list(distilled), **report}
     takes = False
     if settings.consolidate_epochs and snap.replay:
-        state, plan["consolidate"] = _consolidate(snap, state, settings, learner, device)
+        state, plan["consolidate"] = _consolidate(snap, state, select, settings, learner, device)
         if snap.working is not None:
             takes = mean_accuracy(evaluate(state, select)) >= mean_accuracy(evaluate(snap.working, select))
             plan["consolidate"]["working_takes_candidate"] = takes
@@ -199,15 +199,18 @@ def _distill(snap: MergeSnapshot, state: StateDict, learner: LearnerSettings, de
     return cpu_state(candidate), distilled, report.to_dict()
 
 
-def _consolidate(snap: MergeSnapshot, state: StateDict, settings: MergeSettings, learner: LearnerSettings,
-                 device: torch.device) -> tuple[StateDict, dict[str, Any]]:
+def _consolidate(snap: MergeSnapshot, state: StateDict, select: Sets, settings: MergeSettings,
+                 learner: LearnerSettings, device: torch.device) -> tuple[StateDict, dict[str, Any]]:
     """Rehearsal consolidation: the candidate trains on an equal share of every slice's replay rows.
 
     Children and the served model learn each batch with the new slice in the majority; weight-space
-    merging then adds what they learned without re-balancing it. A few epochs over slice-balanced
-    replay (GDumb's balanced memory, Prabhu et al. 2020, used as a fine-tuning step rather than a
-    retrain from scratch) turn the candidate into one that serves every slice seen, which is what
-    the gate then checks on held-out rows no training step has seen.
+    merging then adds what they learned without re-balancing it. Epochs over slice-balanced replay
+    (GDumb's balanced memory, Prabhu et al. 2020, used as a fine-tuning step rather than a retrain
+    from scratch) turn the candidate into one that serves every slice seen, which is what the gate
+    then checks on held-out rows no training step has seen. With ``consolidate_patience`` the
+    epochs stop once the mean accuracy on the selection rows has not improved for that many, and
+    the best epoch's weights are kept: a stream that needs many passes gets them, one that does
+    not stops early (the gate's rows are the other half, so this choice does not flatter it).
     """
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(snap.seed)
@@ -217,8 +220,18 @@ def _consolidate(snap: MergeSnapshot, state: StateDict, settings: MergeSettings,
     per_slice = min(settings.consolidate_rows_per_slice, max(len(y) for _, y in snap.replay.values()),
                     max(1, settings.consolidate_max_rows // len(snap.replay)))
     x, y = balanced_rows(snap.replay, per_slice, generator)
+    hooks: tuple[Hook, ...] = ()
+    stopper = None
+    if settings.consolidate_patience and select:
+        stopper = EarlyStopping(lambda m: mean_accuracy(heldout_accuracy(m, snap.data_type, select)),
+                                settings.consolidate_patience).start(model)
+        hooks = (stopper,)
     history = fit(model, model_input(x, snap.data_type), y, epochs=settings.consolidate_epochs,
-                  lr=learner.learning_rate, batch_size=learner.train_batch_size, generator=generator)
-    return cpu_state(model), {"epochs": settings.consolidate_epochs, "rows_per_slice": per_slice,
-                              "slices": len(snap.replay), "loss": round(history[-1]["total"], 4),
-                              "seconds": round(time.perf_counter() - started, 3)}
+                  lr=learner.learning_rate, batch_size=learner.train_batch_size, hooks=hooks, generator=generator)
+    report: dict[str, Any] = {"epochs": len(history), "rows_per_slice": per_slice, "slices": len(snap.replay),
+                              "loss": round(history[-1]["total"], 4) if history else None}
+    if stopper is not None:
+        stopper.restore_best(model)
+        report.update(best_epoch=stopper.best_epoch, selection=[round(v, 4) for v in stopper.scores])
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    return cpu_state(model), report

@@ -96,9 +96,12 @@ class MergeSettings(BaseModel):
     alpha: float = Field(0.05, gt=0, lt=1, description="a merge publishes only when its overall gain on the held-out "
                          "rows is significant at this level (paired test on per-row correctness; 0.5: any gain)")
     guard_alpha: float = Field(0.10, gt=0, lt=1, description="confidence of the per-slice guard's drop bound")
-    consolidate_epochs: int = Field(3, ge=0, description="epochs the merge candidate trains on slice-balanced "
+    consolidate_epochs: int = Field(8, ge=0, description="most epochs the merge candidate trains on slice-balanced "
                                     "replay before the gate (rehearsal consolidation: every slice seen weighs the "
                                     "same, as in GDumb); 0: off")
+    consolidate_patience: int = Field(2, ge=0, description="stop consolidating once the selection rows' mean "
+                                      "accuracy has not improved for this many epochs, keeping the best (0: always "
+                                      "run every epoch)")
     consolidate_rows_per_slice: int = Field(500, ge=1, description="rows of each slice's replay buffer per "
                                             "consolidation epoch (fewer are repeated, more are subsampled)")
     consolidate_max_rows: int = Field(10_000, ge=1, description="cap on the rows of one consolidation epoch: "

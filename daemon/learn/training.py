@@ -108,11 +108,47 @@ class Hook:
     Child-Tuning masks gradients); ``after_epoch`` after each epoch, 1-based, with the model in
     eval mode and the epoch's mean loss terms (where the benchmarks evaluate)."""
 
+    stop_requested: bool = False  # set by a hook to end training after the current epoch
+
     def before_step(self, model: nn.Module) -> None:
         pass
 
     def after_epoch(self, epoch: int, model: nn.Module, losses: dict[str, float]) -> None:
         pass
+
+
+class EarlyStopping(Hook):
+    """Ends :func:`fit` once ``score(model)`` (higher is better, e.g. accuracy on validation rows)
+    has not improved for ``patience`` epochs, and keeps the best weights seen, the starting ones
+    included (:meth:`start`); :meth:`restore_best` loads them back."""
+
+    def __init__(self, score: Callable[[nn.Module], float], patience: int) -> None:
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1, got {patience}")
+        self.score, self.patience = score, patience
+        self.best, self.best_epoch, self.best_state, self.waited = float("-inf"), 0, None, 0
+        self.scores: list[float] = []
+
+    def start(self, model: nn.Module) -> "EarlyStopping":
+        self._consider(0, model)
+        return self
+
+    def _consider(self, epoch: int, model: nn.Module) -> None:
+        value = self.score(model)
+        self.scores.append(value)
+        if value > self.best:
+            self.best, self.best_epoch, self.waited = value, epoch, 0
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            self.waited += 1
+            self.stop_requested = self.waited >= self.patience
+
+    def after_epoch(self, epoch: int, model: nn.Module, losses: dict[str, float]) -> None:
+        self._consider(epoch, model)
+
+    def restore_best(self, model: nn.Module) -> None:
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
 
 
 class EpochCallback(Hook):
@@ -171,6 +207,8 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: 
             history.append({name: total.item() / count for name, total in sums.items()} or {"total": 0.0})
             for hook in hooks:
                 hook.after_epoch(epoch, model, history[-1])
+            if any(hook.stop_requested for hook in hooks):
+                break
     model.eval()
     return history
 

@@ -114,3 +114,22 @@ def test_cross_entropy_is_the_default_and_frozen_restores():
     with frozen(teacher):
         assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+
+
+def test_early_stopping_ends_fit_after_patience_and_keeps_the_best_weights():
+    from daemon.learn.training import EarlyStopping
+
+    model = torch.nn.Linear(2, 2)
+    x, y = torch.randn(64, 2), torch.randint(2, (64,))
+    scores = iter([0.5, 0.7, 0.9, 0.8, 0.85, 0.95, 0.99])   # start, then one per epoch
+    seen = []
+
+    def score(m):
+        seen.append({k: v.clone() for k, v in m.state_dict().items()})
+        return next(scores)
+
+    stopper = EarlyStopping(score, patience=2).start(model)
+    history = fit(model, x, y, epochs=10, lr=0.1, hooks=(stopper,), generator=torch.Generator().manual_seed(0))
+    assert len(history) == 4 and stopper.best_epoch == 2 and stopper.scores == [0.5, 0.7, 0.9, 0.8, 0.85]
+    stopper.restore_best(model)
+    assert all(torch.equal(model.state_dict()[k], seen[2][k]) for k in seen[2])
