@@ -17,7 +17,9 @@ holds after each experience is evaluated on every slice's test rows.
 filial's stored rows), GDumb (500 and filial's stored rows) and JointTraining (the ceiling), same
 architecture (``infer_architecture``), Adam at the learner's learning rate and mini-batch size; each
 at its best of ``--epochs`` epochs per experience (the best average accuracy on the first seed; the
-other seeds run at that setting).
+other seeds run at that setting). They run in ``--jobs`` worker processes (default: one per CPU core,
+one torch thread each) while filial runs here; each run seeds itself and builds its own model, so
+its matrix is the one a serial run (``--jobs 1``, all in this process) gives.
 
 Measured, per stream and contender, mean over ``--seeds`` (sd of the average accuracy): the
 **accuracy matrix** as Avalanche builds it (a row after each experience, a recurring slice being a
@@ -25,9 +27,10 @@ new experience; a column per distinct slice; a follower that has received nothin
 **avg_acc** = mean of the last row; **forgetting** = Avalanche's StreamForgetting (accuracy on a slice
 right after the last experience that trained on it minus at the end, averaged over the slices trained
 before the last experience); **bwt** = its negative (Lopez-Paz & Ranzato 2017); wall **seconds**
-(training and the per-experience evaluations; filial: the whole path); **optimizer_steps** (every
-optimiser step in the process, via a global post-step hook); **stored_rows** (rows kept: replay
-memory; filial: its replay plus held-out buffers, from its settings; joint: every row).
+(training and the per-experience evaluations; filial: the whole path; with ``--jobs`` above 1, on
+cores shared with the other runs); **optimizer_steps** (every optimiser step in the process, via a
+global post-step hook); **stored_rows** (rows kept: replay memory; filial: its replay plus held-out
+buffers, from its settings; joint: every row).
 
 filial only: **time_to_serve** per slice = batches from the slice's first batch until the version the
 follower holds reaches 90 % of the slice's final accuracy (1 = at its first batch; the worst seed);
@@ -48,7 +51,8 @@ fails (its daemon stops), the bench says so in ``errors`` and goes on with the b
 Needs the ``bench`` extra (avalanche-lib 0.6.0) for the baselines.
 
 Over 300 lines: the orchestration of streams x contenders x seeds and the summary it prints; the
-streams, metrics, filial's path, the baselines and the plot are their own modules.
+streams, metrics, filial's path, the baselines (and their worker pool) and the plot are their own
+modules.
 """
 
 from __future__ import annotations
@@ -58,20 +62,28 @@ import contextlib
 import json
 import logging
 import math
+import os
+import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from benchmarks import progress
-from benchmarks.cl_metrics import mean_sd, summarize
+from benchmarks.cl_metrics import aggregate, mean_matrix, mean_sd, rounded as _r, summarize, worst
 
 STREAM_NAMES = ("split", "permuted", "rotated", "tabular", "stationary")
 QUICK = {"seeds": "0", "epochs": "5", "rows_per_slice": 300, "stationary_batches": 40}
 FULL = {"seeds": "0,1,2", "epochs": "2,5,20", "rows_per_slice": None, "stationary_batches": 320}
 
-log = progress("cl")
+_progress, _log_lock = progress("cl"), threading.Lock()
+
+
+def log(msg: str) -> None:
+    with _log_lock:  # whole lines: the pool's threads log finished runs too
+        _progress(msg)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,6 +111,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="device of filial and the baselines (default %(default)s)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: frugal on a shared machine; 0 leaves torch's)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="worker processes for the baselines, one torch thread each (default: the CPU "
+                        "cores, %(default)s); 1 runs them in this process, one after another")
     parser.add_argument("--verbose", action="store_true", help="the daemon's INFO log (one line per batch)")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--out-dir", default="bench-results")
@@ -116,37 +131,21 @@ def _names(text: str, known: tuple[str, ...], what: str) -> list[str]:
     return names
 
 
-def _r(x: float | None, nd: int = 4) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(x, nd)
-
-
-def _mean_matrix(matrices: list[list[list[float]]]) -> list[list[float]]:
-    return [[sum(m[i][j] for m in matrices) / len(matrices) for j in range(len(matrices[0][i]))]
-            for i in range(len(matrices[0]))]
-
-
-def _aggregate(runs: list, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Mean over seeds (and sd of the average accuracy) of runs with ``matrix``, ``order``, ``seconds``,
-    ``optimizer_steps`` and ``stored_rows``."""
-    figures = [summarize(r.matrix, r.order) for r in runs]
-    avg, sd = mean_sd([f["avg_acc"] for f in figures])
-    out = {"avg_acc": _r(avg), "avg_acc_sd": _r(sd),
-           "forgetting": _r(mean_sd([f["forgetting"] for f in figures])[0]),
-           "bwt": _r(mean_sd([f["bwt"] for f in figures])[0]),
-           "seconds": _r(mean_sd([r.seconds for r in runs])[0], 1),
-           "optimizer_steps": round(mean_sd([r.optimizer_steps for r in runs])[0]),
-           "stored_rows": round(mean_sd([r.stored_rows for r in runs])[0])}
-    out.update(extra or {})
-    return out
-
-
-def _worst(values: list[int | None]) -> int | None:
-    return None if any(v is None for v in values) else max(values)
+def _log_run(task, future) -> None:
+    """Progress: one line per finished baseline run (from the thread that got its result)."""
+    where = f"{task.spec.stream}: {task.name} at {task.epochs} epochs, seed {task.seed}"
+    if future.exception() is not None:
+        log(f"{where} FAILED: {future.exception()}")
+        return
+    run = future.result()
+    f = summarize(run.matrix, run.order)
+    log(f"{where}: avg {f['avg_acc']:.4f}, forgetting {_r(f['forgetting'])}, {run.seconds:.1f}s, "
+        f"{run.optimizer_steps} steps")
 
 
 class _Bench:
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
+    def __init__(self, args: argparse.Namespace, rows_per_slice: int | None = None) -> None:
+        self.args, self.rows_per_slice = args, rows_per_slice
         self.device = torch.device(args.device)
         self.matrices: dict[str, dict[str, Any]] = {}
         self.servers: tuple[Any, Any] | None = None
@@ -177,9 +176,12 @@ class _Bench:
         return runner.run(kafka, seed)
 
     # --- one stream ----------------------------------------------------------------------------------
-    def _filial(self, stream, seeds: list[int], out: dict[str, Any], mats: dict[str, Any]) -> None:
+    def stream(self, stream, contenders: list[str], seeds: list[int]) -> dict[str, Any]:
+        """filial's runs on ``stream``, here (the baselines' are queued on the pool: :meth:`baselines`)."""
+        out: dict[str, Any] = {"contenders": {}, "time_to_serve": None, "drift_delay": None}
+        mats = self.matrices.setdefault(stream.name, {"columns": stream.columns, "order": stream.order})
         runs = []
-        for seed in seeds:
+        for seed in seeds if "filial" in contenders else []:
             log(f"{stream.name}: filial, seed {seed} ({len(stream.order)} experiences, "
                 f"{sum(len(stream.slices[j].y_train) for j in stream.order)} train rows)")
             try:
@@ -194,51 +196,56 @@ class _Bench:
                 f"{r.counters.get('children_spawned')} spawns, {r.seconds:.0f}s; time to serve "
                 f"{r.time_to_serve}; drift delay {r.drift_delay}")
         if not runs:
-            out["contenders"]["filial"] = {"avg_acc": None, "error": self.errors[-1]}
-            return
+            if "filial" in contenders:
+                out["contenders"]["filial"] = {"avg_acc": None, "error": self.errors[-1]}
+            return out
         c = lambda key: _r(mean_sd([r.counters.get(key, 0) for r in runs])[0], 2)  # noqa: E731
-        out["contenders"]["filial"] = _aggregate(runs, {
+        out["contenders"]["filial"] = aggregate(runs, {
             "versions": _r(mean_sd([r.versions for r in runs])[0], 2), "batches": runs[0].batches,
             "drift_events": c("drift_events"), "spawns": c("children_spawned"),
             "merges_accepted": c("merges_accepted"), "merges_rejected": c("merges_rejected")})
-        out["time_to_serve"] = {s: _worst([r.time_to_serve[s] for r in runs]) for s in runs[0].time_to_serve}
-        out["drift_delay"] = {s: _worst([r.drift_delay[s] for r in runs]) for s in runs[0].drift_delay}
-        mats["filial"] = {"mean": _mean_matrix([r.matrix for r in runs]), "per_seed": [r.matrix for r in runs],
+        out["time_to_serve"] = {s: worst([r.time_to_serve[s] for r in runs]) for s in runs[0].time_to_serve}
+        out["drift_delay"] = {s: worst([r.drift_delay[s] for r in runs]) for s in runs[0].drift_delay}
+        mats["filial"] = {"mean": mean_matrix([r.matrix for r in runs]), "per_seed": [r.matrix for r in runs],
                           "served": [r.served for r in runs]}
-
-    def stream(self, stream, contenders: list[str], seeds: list[int], epochs: list[int]) -> dict[str, Any]:
-        out: dict[str, Any] = {"contenders": {}, "time_to_serve": None, "drift_delay": None}
-        mats = self.matrices.setdefault(stream.name, {"columns": stream.columns, "order": stream.order})
-        if "filial" in contenders:
-            self._filial(stream, seeds, out, mats)
-        baselines = [c for c in contenders if c != "filial"]
-        if baselines:
-            from benchmarks.cl_baselines import Baselines
-
-            learner = self.settings(stream, 0).learner
-            zoo = Baselines(stream, lr=learner.learning_rate, batch_size=learner.train_batch_size,
-                            device=self.device, ewc_lambda=self.args.ewc_lambda, lwf_alpha=self.args.lwf_alpha,
-                            lwf_temperature=self.args.lwf_temperature)
-            filial_rows = self.filial_rows(stream)
-            for name in baselines:
-                # the epochs are chosen on the first seed; the other seeds run at that setting only
-                first = {}
-                for e in epochs:
-                    first[e] = zoo.run(name, e, seeds[0], filial_rows)
-                    f = summarize(first[e].matrix, first[e].order)
-                    log(f"{stream.name}: {name} at {e} epochs, seed {seeds[0]}: avg {f['avg_acc']:.4f}, "
-                        f"forgetting {_r(f['forgetting'])}, {first[e].seconds:.1f}s, {first[e].optimizer_steps} steps")
-                best = max(epochs, key=lambda e: summarize(first[e].matrix, first[e].order)["avg_acc"])
-                runs = [first[best], *(zoo.run(name, best, seed, filial_rows) for seed in seeds[1:])]
-                agg = out["contenders"][name] = _aggregate(runs, {
-                    "epochs": best,
-                    "by_epochs": {str(e): _r(summarize(first[e].matrix, first[e].order)["avg_acc"]) for e in epochs}})
-                if len(seeds) > 1:
-                    log(f"{stream.name}: {name} at {best} epochs over seeds {seeds}: avg {agg['avg_acc']:.4f} +- "
-                        f"{agg['avg_acc_sd']:.4f}")
-                mats[name] = {"mean": _mean_matrix([r.matrix for r in runs]), "per_seed": [r.matrix for r in runs],
-                              "epochs": best}
         return out
+
+    # --- the baselines, on the pool --------------------------------------------------------------------
+    def plan(self, stack: contextlib.ExitStack, built: dict[str, Any], contenders: list[str], seeds: list[int],
+             epochs: list[int], ds) -> dict[str, dict[str, Any]]:
+        """Start the pool (``--jobs``) and queue every baseline run of every stream on it now, so that the
+        workers are busy while filial runs here."""
+        from benchmarks.cl_baselines import Plan, Spec, Task, pool
+        from benchmarks.cl_streams import IMAGE_STREAMS
+
+        baselines = [c for c in contenders if c != "filial"]
+        if not baselines or not built:
+            return {}
+        runner = stack.enter_context(pool(self.args.jobs, {"mnist5k": ds} if ds is not None else None))
+        plans: dict[str, dict[str, Any]] = {}
+        for name, stream in built.items():
+            learner = self.settings(stream, 0).learner
+            spec = Spec(name, "mnist5k" if name in IMAGE_STREAMS else None, self.rows_per_slice, stream.data_type,
+                        learner.learning_rate, learner.train_batch_size, self.args.device, self.args.ewc_lambda,
+                        self.args.lwf_alpha, self.args.lwf_temperature)
+            task = Task(spec, "", 0, seeds[0], self.filial_rows(stream))
+            plans[name] = {c: Plan(runner, replace(task, name=c), seeds, epochs, log=_log_run) for c in baselines}
+        return plans
+
+    def baselines(self, stream, plans: dict[str, Any], seeds: list[int], epochs: list[int],
+                  out: dict[str, Any]) -> None:
+        """Each baseline at its best epochs (chosen on the first seed), over the seeds (waits for the runs)."""
+        mats = self.matrices.setdefault(stream.name, {"columns": stream.columns, "order": stream.order})
+        for name, plan in plans.items():
+            runs, best, first = plan.runs(), plan.best(), {e: plan.first[e].result() for e in epochs}
+            agg = out["contenders"][name] = aggregate(runs, {
+                "epochs": best,
+                "by_epochs": {str(e): _r(summarize(r.matrix, r.order)["avg_acc"]) for e, r in first.items()}})
+            if len(seeds) > 1:
+                log(f"{stream.name}: {name} at {best} epochs over seeds {seeds}: avg {agg['avg_acc']:.4f} +- "
+                    f"{agg['avg_acc_sd']:.4f}")
+            mats[name] = {"mean": mean_matrix([r.matrix for r in runs]), "per_seed": [r.matrix for r in runs],
+                          "epochs": best}
 
     # --- stationary control --------------------------------------------------------------------------
     def stationary(self, ds, seed: int, epochs: list[int]) -> dict[str, Any]:
@@ -275,6 +282,19 @@ class _Bench:
                 "versions": run.versions, "seconds": _r(run.seconds, 1), "seed": seed}
 
 
+def _stationary(bench: _Bench, ds, contenders: list[str], seeds: list[int], epochs: list[int]) -> dict | None:
+    if "filial" not in contenders:
+        log("stationary: skipped (it measures filial; add it to --contenders)")
+        return None
+    try:
+        result = bench.stationary(ds, seeds[0], epochs)
+    except Exception as exc:  # reported, as for the streams
+        bench.errors.append(f"stationary filial seed {seeds[0]}: {type(exc).__name__}: {exc}")
+        result = {"acc": None, "error": bench.errors[-1]}
+    log(f"stationary: {result}")
+    return result
+
+
 def main(args: argparse.Namespace) -> dict:
     from benchmarks.cl_baselines import BASELINE_IMPL, BASELINES, avalanche_problem
     from benchmarks.cl_streams import build_stream
@@ -298,7 +318,7 @@ def main(args: argparse.Namespace) -> dict:
     from tools.datasets import load_dataset
 
     ds = load_dataset("mnist5k") if set(streams) - {"tabular"} else None
-    bench = _Bench(args)
+    bench = _Bench(args, rows_per_slice)
     summary: dict[str, Any] = {
         "bench": "cl", "baseline_impl": BASELINE_IMPL if any(c != "filial" for c in contenders) else None,
         "streams": {}, "time_to_serve": {}, "drift_delay": {}, "stationary": None,
@@ -306,33 +326,29 @@ def main(args: argparse.Namespace) -> dict:
                    "batch_size": args.batch_size, "merge_every": args.merge_every,
                    "stationary_batches": args.stationary_batches, "ewc_lambda": args.ewc_lambda,
                    "lwf_alpha": args.lwf_alpha, "lwf_temperature": args.lwf_temperature,
-                   "device": args.device, "threads": torch.get_num_threads()}}
-    needs_servers = "filial" in contenders
+                   "device": args.device, "threads": torch.get_num_threads(), "jobs": args.jobs}}
+    built = {name: build_stream(name, ds, rows_per_slice) for name in streams if name != "stationary"}
     with contextlib.ExitStack() as stack:
-        if needs_servers:
+        plans = bench.plan(stack, built, contenders, seeds, epochs, ds)
+        if "filial" in contenders:
             from daemon.service.embedded import EmbeddedKafka, EmbeddedRedis
 
             bench.servers = (stack.enter_context(EmbeddedKafka()), stack.enter_context(EmbeddedRedis()))
+        results: dict[str, dict[str, Any]] = {}
         for name in streams:
             if name == "stationary":
-                if "filial" not in contenders:
-                    log("stationary: skipped (it measures filial; add it to --contenders)")
-                    continue
-                try:
-                    summary["stationary"] = bench.stationary(ds, seeds[0], epochs)
-                except Exception as exc:  # reported, as for the streams
-                    bench.errors.append(f"stationary filial seed {seeds[0]}: {type(exc).__name__}: {exc}")
-                    summary["stationary"] = {"acc": None, "error": bench.errors[-1]}
-                log(f"stationary: {summary['stationary']}")
+                summary["stationary"] = _stationary(bench, ds, contenders, seeds, epochs)
                 continue
-            stream = build_stream(name, ds, rows_per_slice)
+            stream = built[name]
             log(f"stream {name}: slices {stream.columns}, {sum(len(s.y_train) for s in stream.slices)} train / "
                 f"{sum(len(s.y_test) for s in stream.slices)} test rows")
-            result = bench.stream(stream, contenders, seeds, epochs)
-            summary["streams"][name] = result["contenders"]
-            if result["time_to_serve"] is not None:
-                summary["time_to_serve"][name] = result["time_to_serve"]
-                summary["drift_delay"][name] = result["drift_delay"]
+            results[name] = bench.stream(stream, contenders, seeds)
+        for name, stream in built.items():
+            bench.baselines(stream, plans.get(name, {}), seeds, epochs, results[name])
+            summary["streams"][name] = results[name]["contenders"]
+            if results[name]["time_to_serve"] is not None:
+                summary["time_to_serve"][name] = results[name]["time_to_serve"]
+                summary["drift_delay"][name] = results[name]["drift_delay"]
     summary["errors"] = bench.errors
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     out_dir = Path(args.out_dir)

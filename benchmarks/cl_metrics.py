@@ -11,14 +11,15 @@ experience ``i`` trained on (a recurring slice is a new experience, its column i
   ``mean_j R[T-1][j] - R[e_j][j]``.
 
 Plus the two delays of the benchmark, in batches (1 = at the slice's first batch): *time to serve*
-and *drift delay* (:func:`time_to_serve`, :func:`drift_delay`).
+and *drift delay* (:func:`time_to_serve`, :func:`drift_delay`); and the figures over seeds
+(:func:`aggregate`, :func:`mean_matrix`, :func:`worst`).
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from typing import Sequence
+from typing import Any, Sequence
 
 
 def avg_acc(R: Sequence[Sequence[float]]) -> float:
@@ -104,3 +105,33 @@ def drift_delay(flags: dict[str, Sequence[bool]]) -> dict[str, int | None]:
     """Per slice, from the daemon's drift flag on each of its batches (first appearance, in order):
     the 1-based index of the first flagged batch, ``None`` if none was flagged."""
     return {s: next((i + 1 for i, flagged in enumerate(fs) if flagged), None) for s, fs in flags.items()}
+
+
+# --- over seeds ----------------------------------------------------------------------------------------
+def rounded(x: float | None, nd: int = 4) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(x, nd)
+
+
+def mean_matrix(matrices: list[list[list[float]]]) -> list[list[float]]:
+    return [[sum(m[i][j] for m in matrices) / len(matrices) for j in range(len(matrices[0][i]))]
+            for i in range(len(matrices[0]))]
+
+
+def aggregate(runs: list, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Mean over seeds (and sd of the average accuracy) of runs with ``matrix``, ``order``, ``seconds``,
+    ``optimizer_steps`` and ``stored_rows``."""
+    figures = [summarize(r.matrix, r.order) for r in runs]
+    avg, sd = mean_sd([f["avg_acc"] for f in figures])
+    out = {"avg_acc": rounded(avg), "avg_acc_sd": rounded(sd),
+           "forgetting": rounded(mean_sd([f["forgetting"] for f in figures])[0]),
+           "bwt": rounded(mean_sd([f["bwt"] for f in figures])[0]),
+           "seconds": rounded(mean_sd([r.seconds for r in runs])[0], 1),
+           "optimizer_steps": round(mean_sd([r.optimizer_steps for r in runs])[0]),
+           "stored_rows": round(mean_sd([r.stored_rows for r in runs])[0])}
+    out.update(extra or {})
+    return out
+
+
+def worst(values: list[int | None]) -> int | None:
+    """The largest delay over seeds; ``None`` (never) when any seed never got there."""
+    return None if any(v is None for v in values) else max(values)
