@@ -217,7 +217,7 @@ class Service:
         if self._bootstrap_publish is not None and not self._bootstrap_publish.done():
             return
 
-        release = None
+        release = self.engine.release_bootstrap()
 
         def adopt(published: Published) -> None:
             self.engine.adopt_bootstrap(published.manifest.version)
@@ -229,7 +229,6 @@ class Service:
             # restart finds this checkpoint and serves the written version (restore) instead of
             # re-deriving a different first model
             self.checkpointer.maybe_save(force=True)
-        release = self.engine.release_bootstrap()
         job = release_job(self.s.publish.line, release, adopt)
         self._bootstrap_publish = self.publisher.submit(job)
         if self.s.merge.trigger == "count":  # reproducible: the next batch always sees the adopted version
