@@ -121,11 +121,12 @@ def merge(snap: MergeSnapshot, settings: MergeSettings, learner: LearnerSettings
                             "selection_rows": sum(len(y) for _, y in select.values()),
                             "gate_rows": sum(len(y) for _, y in judge.values())}
     state = snap.working if snap.working is not None else snap.served
+    # the served model as trained, scored once on the selection rows (the merge and consolidation compare with it)
+    working_score = mean_accuracy(evaluate(snap.working, select)) if snap.working is not None else None
     if members:
         merged, chosen = _weight_merge(snap, members, weights, settings, evaluate, select)
         plan.update(chosen)
-        if snap.working is not None and mean_accuracy(evaluate(snap.working, select)) >= mean_accuracy(
-                evaluate(merged, select)):
+        if working_score is not None and working_score >= mean_accuracy(evaluate(merged, select)):
             plan["chosen"] = "served model as trained (scores at least the merge on the selection rows)"
         else:
             state = merged
@@ -136,8 +137,8 @@ def merge(snap: MergeSnapshot, settings: MergeSettings, learner: LearnerSettings
     takes = False
     if settings.consolidate_epochs and snap.replay:
         state, plan["consolidate"] = _consolidate(snap, state, select, settings, learner, device)
-        if snap.working is not None:
-            takes = mean_accuracy(evaluate(state, select)) >= mean_accuracy(evaluate(snap.working, select))
+        if working_score is not None:
+            takes = mean_accuracy(evaluate(state, select)) >= working_score
             plan["consolidate"]["working_takes_candidate"] = takes
     served_rows, cand_rows = evaluate.correct(snap.served, judge), evaluate.correct(state, judge)
     verdict = paired_gate(served_rows, cand_rows, tolerance=settings.tolerance, alpha=settings.alpha,
