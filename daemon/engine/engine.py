@@ -155,7 +155,8 @@ class Engine:
                          for c in active if not c.in_weight_space_of(root)},
                 replay=st.buffers.replay_sets(), heldout=st.buffers.heldout_sets(),
                 served_version=st.served_version, base_version=st.base_version,
-                architecture=root.architecture, data_type=root.data_type, seed=st.counters.batches)
+                architecture=root.architecture, data_type=root.data_type, seed=st.counters.batches,
+                slice_age={s: st.counters.batches - b for s, b in st.slice_last_batch.items()})
 
     def merge(self) -> MergeOutcome | None:
         """Merge the active children into a candidate and gate it; None when there is nothing new.

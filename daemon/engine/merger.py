@@ -27,7 +27,7 @@ from daemon.engine.settings import LearnerSettings, MergeSettings
 from daemon.engine.state import cpu_state
 from daemon.learn.merging.distill import distill_into
 from daemon.learn.models import Architecture
-from daemon.learn.merging.gate import correctness, gate, paired_gate
+from daemon.learn.merging.gate import correctness, gate, paired_gate, recency_weights
 from daemon.learn.merging.controller import choose_plan
 from daemon.learn.merging.plans import apply_plan
 from daemon.learn.replay import balanced_rows
@@ -64,6 +64,7 @@ class MergeSnapshot:
     architecture: Architecture
     data_type: str
     seed: int
+    slice_age: dict[str, int] | None = None  # batches since each slice was last seen (recency weights)
 
 
 def split_heldout(sets: Sets) -> tuple[Sets, Sets]:
@@ -141,8 +142,11 @@ def merge(snap: MergeSnapshot, settings: MergeSettings, learner: LearnerSettings
             takes = mean_accuracy(evaluate(state, select)) >= working_score
             plan["consolidate"]["working_takes_candidate"] = takes
     served_rows, cand_rows = evaluate.correct(snap.served, judge), evaluate.correct(state, judge)
-    verdict = paired_gate(served_rows, cand_rows, tolerance=settings.tolerance, alpha=settings.alpha,
-                          guard_alpha=settings.guard_alpha)
+    weights = None
+    if settings.recency_half_life and snap.slice_age is not None:
+        weights = recency_weights({s: -snap.slice_age.get(s, 0) for s in served_rows}, 0, settings.recency_half_life)
+    verdict = paired_gate(served_rows, cand_rows, weights=weights, tolerance=settings.tolerance,
+                          alpha=settings.alpha, guard_alpha=settings.guard_alpha)
     served_metrics, cand_metrics = _accuracies(served_rows), _accuracies(cand_rows)
     return MergeOutcome(verdict.accepted, verdict.reason, state, snap.ids + list(distilled), snap.base_version,
                         snap.served_version, served_metrics, cand_metrics, plan, verdict,

@@ -96,6 +96,8 @@ class MergeSettings(BaseModel):
     alpha: float = Field(0.05, gt=0, lt=1, description="a merge publishes only when its overall gain on the held-out "
                          "rows is significant at this level (paired test on per-row correctness; 0.5: any gain)")
     guard_alpha: float = Field(0.10, gt=0, lt=1, description="confidence of the per-slice guard's drop bound")
+    recency_half_life: float = Field(48, ge=0, description="the gate's overall gain weighs each slice by "
+                                     "2^-(batches since it was last seen / this); 0: every slice the same")
     consolidate_epochs: int = Field(8, ge=0, description="most epochs the merge candidate trains on slice-balanced "
                                     "replay before the gate (rehearsal consolidation: every slice seen weighs the "
                                     "same, as in GDumb); 0: off")

@@ -4,7 +4,9 @@ what a class-incremental stream made the served model forget."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
+import pytest
 import torch
 
 from daemon.engine.merger import MergeSnapshot, merge
@@ -66,3 +68,15 @@ def test_consolidation_rows_are_capped_across_slices():
     outcome = merge(snap, MergeSettings(consolidate_epochs=1, consolidate_max_rows=150), LearnerSettings(),
                     torch.device("cpu"))
     assert outcome.plan["consolidate"]["rows_per_slice"] == 75   # 150 rows shared by two slices
+
+
+def test_the_gate_weighs_slices_by_recency():
+    """With ``recency_half_life`` the gate's overall gain weighs a slice by 2^-(its age / half-life)
+    in batches: b, seen just now, counts four times a, last seen two half-lives ago."""
+    snap = dataclasses.replace(_snapshot(), slice_age={"a": 32, "b": 0})
+    equal = merge(snap, MergeSettings(consolidate_epochs=1, recency_half_life=0), LearnerSettings(), torch.device("cpu"))
+    recent = merge(snap, MergeSettings(consolidate_epochs=1, recency_half_life=16), LearnerSettings(),
+                   torch.device("cpu"))
+    assert {s.slice: round(s.weight, 3) for s in equal.verdict.slices} == {"a": 0.5, "b": 0.5}
+    assert {s.slice: round(s.weight, 3) for s in recent.verdict.slices} == {"a": 0.2, "b": 0.8}
+    assert recent.verdict.gain == pytest.approx(sum(s.weight * s.diff for s in recent.verdict.slices))
