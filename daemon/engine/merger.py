@@ -74,9 +74,21 @@ def split_heldout(sets: Sets) -> tuple[Sets, Sets]:
     return select, judge
 
 
-def mean_accuracy(metrics: dict[str, float]) -> float:
-    values = [v for v in metrics.values() if v == v]
-    return sum(values) / len(values) if values else float("nan")
+def mean_accuracy(metrics: dict[str, float], weights: dict[str, float] | None = None) -> float:
+    """The mean over the slices measured (NaN skipped), weighted by ``weights`` (default equal; a
+    slice without a weight counts 1)."""
+    pairs = [(v, 1.0 if weights is None else weights.get(k, 1.0)) for k, v in metrics.items() if v == v]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total > 0 else float("nan")
+
+
+def slice_weights(snap: MergeSnapshot, settings: MergeSettings) -> dict[str, float] | None:
+    """The gate's recency weights, 2^-(batches since a slice was last seen / half-life), which the
+    selection uses too: a candidate is chosen and consolidated for what it will be judged on.
+    None: every slice the same."""
+    if not settings.recency_half_life or snap.slice_age is None:
+        return None
+    return recency_weights({s: -snap.slice_age.get(s, 0) for s in snap.heldout}, 0, settings.recency_half_life)
 
 
 def heldout_accuracy(model: torch.nn.Module, data_type: str, sets: Sets) -> dict[str, float]:
@@ -123,11 +135,12 @@ def merge(snap: MergeSnapshot, settings: MergeSettings, learner: LearnerSettings
                             "gate_rows": sum(len(y) for _, y in judge.values())}
     state = snap.working if snap.working is not None else snap.served
     # the served model as trained, scored once on the selection rows (the merge and consolidation compare with it)
-    working_score = mean_accuracy(evaluate(snap.working, select)) if snap.working is not None else None
+    recency = slice_weights(snap, settings)
+    working_score = mean_accuracy(evaluate(snap.working, select), recency) if snap.working is not None else None
     if members:
         merged, chosen = _weight_merge(snap, members, weights, settings, evaluate, select)
         plan.update(chosen)
-        if working_score is not None and working_score >= mean_accuracy(evaluate(merged, select)):
+        if working_score is not None and working_score >= mean_accuracy(evaluate(merged, select), recency):
             plan["chosen"] = "served model as trained (scores at least the merge on the selection rows)"
         else:
             state = merged
@@ -137,15 +150,12 @@ def merge(snap: MergeSnapshot, settings: MergeSettings, learner: LearnerSettings
         plan["distill"] = {"children": list(distilled), **report}
     takes = False
     if settings.consolidate_epochs and snap.replay:
-        state, plan["consolidate"] = _consolidate(snap, state, select, settings, learner, device)
+        state, plan["consolidate"] = _consolidate(snap, state, select, recency, settings, learner, device)
         if working_score is not None:
-            takes = mean_accuracy(evaluate(state, select)) >= working_score
+            takes = mean_accuracy(evaluate(state, select), recency) >= working_score
             plan["consolidate"]["working_takes_candidate"] = takes
     served_rows, cand_rows = evaluate.correct(snap.served, judge), evaluate.correct(state, judge)
-    weights = None
-    if settings.recency_half_life and snap.slice_age is not None:
-        weights = recency_weights({s: -snap.slice_age.get(s, 0) for s in served_rows}, 0, settings.recency_half_life)
-    verdict = paired_gate(served_rows, cand_rows, weights=weights, tolerance=settings.tolerance,
+    verdict = paired_gate(served_rows, cand_rows, weights=recency, tolerance=settings.tolerance,
                           alpha=settings.alpha, guard_alpha=settings.guard_alpha)
     served_metrics, cand_metrics = _accuracies(served_rows), _accuracies(cand_rows)
     return MergeOutcome(verdict.accepted, verdict.reason, state, snap.ids + list(distilled), snap.base_version,
@@ -204,8 +214,9 @@ def _distill(snap: MergeSnapshot, state: StateDict, learner: LearnerSettings, de
     return cpu_state(candidate), distilled, report.to_dict()
 
 
-def _consolidate(snap: MergeSnapshot, state: StateDict, select: Sets, settings: MergeSettings,
-                 learner: LearnerSettings, device: torch.device) -> tuple[StateDict, dict[str, Any]]:
+def _consolidate(snap: MergeSnapshot, state: StateDict, select: Sets, recency: dict[str, float] | None,
+                 settings: MergeSettings, learner: LearnerSettings,
+                 device: torch.device) -> tuple[StateDict, dict[str, Any]]:
     """Rehearsal consolidation: the candidate trains on an equal share of every slice's replay rows.
 
     Children and the served model learn each batch with the new slice in the majority; weight-space
@@ -228,7 +239,7 @@ def _consolidate(snap: MergeSnapshot, state: StateDict, select: Sets, settings: 
     hooks: tuple[Hook, ...] = ()
     stopper = None
     if settings.consolidate_patience and select:
-        stopper = EarlyStopping(lambda m: mean_accuracy(heldout_accuracy(m, snap.data_type, select)),
+        stopper = EarlyStopping(lambda m: mean_accuracy(heldout_accuracy(m, snap.data_type, select), recency),
                                 settings.consolidate_patience).start(model)
         hooks = (stopper,)
     history = fit(model, model_input(x, snap.data_type), y, epochs=settings.consolidate_epochs,
