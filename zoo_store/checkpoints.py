@@ -4,11 +4,17 @@ A checkpoint is two keys written in one transaction: JSON metadata (offsets appl
 tree structure, a sequence number and the tensors' sha256) and one safetensors blob with every
 tensor (model weights, replay and held-out buffers). Kafka offsets are committed only after
 :meth:`CheckpointStore.save` returns.
+
+Next to it, :class:`InFlightMarker`: the batch being applied right now, written before the engine
+takes it and deleted after. A process that dies inside a batch (out of memory, a native crash)
+leaves the marker behind; the next start reads it and can tell a batch that keeps killing the
+process from one that was merely interrupted.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -50,3 +56,32 @@ class CheckpointStore:
         if blob is None or sha256_hex(blob) != meta.get("tensors_sha256"):
             raise CorruptCheckpoint("checkpoint tensors are missing or do not match their sha256")
         return meta, st_load(blob)
+
+
+@dataclass(frozen=True)
+class InFlight:
+    source: str    # topic:partition:offset
+    crashes: int   # consecutive crashes it was in flight at before this attempt
+    since: str     # when this attempt began (UTC)
+
+
+class InFlightMarker:
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.client = client
+        self.key = keys.checkpoint_inflight
+
+    def mark(self, source: str, crashes: int) -> None:
+        self.client.set(self.key, json.dumps({"source": source, "crashes": crashes, "since": utc_now()}))
+
+    def clear(self) -> None:
+        self.client.delete(self.key)
+
+    def read(self) -> InFlight | None:
+        raw = self.client.get(self.key)
+        if raw is None:
+            return None
+        try:
+            doc = json.loads(raw)
+            return InFlight(str(doc["source"]), int(doc["crashes"]), str(doc.get("since", "")))
+        except (ValueError, KeyError, TypeError):
+            return None  # unreadable: treated as no marker (the worst case is one more crash)

@@ -20,6 +20,8 @@ key                                type    content
 {p}:tree                           STRING  JSON snapshot of the model tree
 {p}:checkpoint:meta                STRING  JSON engine checkpoint (offsets, counters, tree)
 {p}:checkpoint:tensors             STRING  safetensors bytes of the checkpoint's tensors
+{p}:checkpoint:inflight            STRING  JSON: the batch being applied now and at how many
+                                           consecutive crashes it was in flight (crash loops)
 =================================  ======  =================================================
 """
 
@@ -62,6 +64,10 @@ class Keys:
     @property
     def checkpoint_tensors(self) -> str:
         return f"{self.prefix}:checkpoint:tensors"
+
+    @property
+    def checkpoint_inflight(self) -> str:
+        return f"{self.prefix}:checkpoint:inflight"
 
 
 @dataclass(frozen=True)
