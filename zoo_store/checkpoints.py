@@ -8,7 +8,8 @@ tensor (model weights, replay and held-out buffers). Kafka offsets are committed
 Next to it, :class:`InFlightMarker`: the batch being applied right now, written before the engine
 takes it and deleted after. A process that dies inside a batch (out of memory, a native crash)
 leaves the marker behind; the next start reads it and can tell a batch that keeps killing the
-process from one that was merely interrupted.
+process from one that was merely interrupted. And :class:`DeadLetterLog`: the dead letters sent
+since the last checkpoint, so a message re-read after a crash is not dead-lettered twice.
 """
 
 from __future__ import annotations
@@ -85,3 +86,28 @@ class InFlightMarker:
             return InFlight(str(doc["source"]), int(doc["crashes"]), str(doc.get("since", "")))
         except (ValueError, KeyError, TypeError):
             return None  # unreadable: treated as no marker (the worst case is one more crash)
+
+
+class DeadLetterLog:
+    """Sources dead-lettered (the broker acknowledged) that no checkpoint covers yet: after a crash
+    they are re-read from the checkpoint's offsets, and this says they were already sent."""
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.client = client
+        self.key = keys.checkpoint_dead_letters
+
+    def record(self, source: str, reason: str) -> None:
+        self.client.hset(self.key, source, reason)
+
+    def sources(self) -> set[str]:
+        return {raw.decode() if isinstance(raw, bytes) else raw for raw in self.client.hkeys(self.key)}
+
+    def trim(self, applied_offsets: dict[str, int]) -> None:
+        """Forget the sources a checkpoint now covers (below its applied offset of their partition)."""
+        covered = []
+        for source in self.sources():
+            partition, _, offset = source.rpartition(":")
+            if partition in applied_offsets and offset.isdigit() and int(offset) < applied_offsets[partition]:
+                covered.append(source)
+        if covered:
+            self.client.hdel(self.key, *covered)

@@ -37,7 +37,7 @@ from daemon.service.checkpointer import Checkpointer
 from daemon.service.failpoints import Failpoints
 from daemon.service.health import HealthState
 from daemon.service.metrics import ServiceMetrics
-from zoo_store.checkpoints import InFlightMarker
+from zoo_store.checkpoints import DeadLetterLog, InFlightMarker
 from zoo_store.connection import CappedBackoff
 
 log = logging.getLogger("filial.service")
@@ -48,7 +48,7 @@ class ConsumeLoop:
                  metrics: ServiceMetrics, health: HealthState, failpoints: Failpoints, backoff_cap: float,
                  stop_event: threading.Event, record: Callable[[dict[str, Any]], None],
                  after_batch: Callable[[BatchResult], None], inflight: InFlightMarker | None = None,
-                 crash_loop_after: int = 2) -> None:
+                 crash_loop_after: int = 2, dead_letter_log: DeadLetterLog | None = None) -> None:
         self.engine = engine
         self.ledger = ledger
         self.checkpointer = checkpointer
@@ -64,13 +64,16 @@ class ConsumeLoop:
         self.dead_lettered = 0
         self.inflight = inflight            # None: no crash-loop protection (tests of other parts)
         self.crash_loop_after = crash_loop_after
+        self.dead_letter_log = dead_letter_log  # None: a dead letter re-read after a crash is sent again
         self._crashed_on: tuple[str, int] | None = None  # (source, consecutive crashes) from the marker
+        self._sent_before: set[str] = set()  # dead letters of earlier lives no checkpoint covers
         self._expected_conflict_logged = False
         self._next_lag_at = 0.0
         self.metrics.pending_age.set_function(self.health.pending_age)
 
     def run(self, consumer: BatchConsumer, dead_letters: DeadLetterProducer) -> None:
         self._read_crash_marker()
+        self._sent_before = self._redis(lambda log_: log_.sources(), default=set())
         while not self.stop_event.is_set():
             self.health.tick()
             handled = 0
@@ -104,6 +107,11 @@ class ConsumeLoop:
             self.health.released()
 
     def _handle(self, record, dead_letters: DeadLetterProducer, source: BatchSource, where: str) -> None:
+        if where in self._sent_before:  # dead-lettered, then a crash came before a checkpoint covered it
+            log.info("%s was dead-lettered before the restart; not again", where)
+            self._sent_before.discard(where)
+            self._passed(source)
+            return
         try:
             batch = decode_batch(record.value, record.headers, self.limits, expected=self._expected(), source=source)
         except DecodeError as exc:
@@ -200,22 +208,44 @@ class ConsumeLoop:
         where = f"{record.topic}:{record.partition}:{record.offset}"
         log.warning("dead-letter %s: %s", where, exc)
         self.health.holding(where, f"dead-lettering ({exc.reason})")
+        if not self._send_dead_letter(record, exc, dead_letters, where):
+            return  # stopping, not acknowledged: the offset stays, it is re-read after restart
+        self._redis(lambda log_: log_.record(where, exc.reason), default=None)
+        self.metrics.decode_failures.labels(exc.reason).inc()
+        self._passed(source)
+        self.dead_lettered += 1
+
+    def _passed(self, source: BatchSource) -> None:
+        """A dead-lettered record's offset moves on through the next checkpoint like an applied one's."""
+        self.ledger.mark_applied(source, None)
+        self.checkpointer.note_batch()
+
+    def checkpointed(self, applied_offsets: dict[str, int]) -> None:
+        """A checkpoint covers everything below ``applied_offsets``: its dead letters need no record."""
+        self._redis(lambda log_: log_.trim(applied_offsets), default=None)
+
+    def _redis(self, call: Callable[[DeadLetterLog], Any], default: Any) -> Any:
+        if self.dead_letter_log is None or not self.health.available("redis"):
+            return default  # Redis away: at worst a message re-read after a crash is dead-lettered twice
+        try:
+            return call(self.dead_letter_log)
+        except redis.RedisError as exc:
+            log.debug("dead-letter log not reached: %s", exc)
+            return default
+
+    def _send_dead_letter(self, record, exc: DecodeError, dead_letters: DeadLetterProducer, where: str) -> bool:
         backoff = CappedBackoff(base=0.5, cap=self.backoff_cap)
         while True:
             try:
                 dead_letters.send(record.value, record.headers, exc.reason, exc.detail, where)
-                break
+                return True
             except KafkaError as err:
-                if self.stop_event.is_set():  # not acknowledged: leave the offset, it is re-read after restart
-                    return
+                if self.stop_event.is_set():
+                    return False
                 wait = backoff.failed()
                 log.warning("dead-letter topic unreachable (%s); retrying %s in %.1fs", err, where, wait)
                 self.health.holding(where, f"dead-lettering ({exc.reason}): the dead-letter topic refuses it: {err}")
                 backoff.sleep(self.stop_event)
-        self.metrics.decode_failures.labels(exc.reason).inc()
-        self.ledger.mark_applied(source, None)
-        self.dead_lettered += 1
-        self.checkpointer.note_batch()
 
     def _log(self, r: BatchResult) -> None:
         kl = f"{r.kl:.3f}" if r.kl is not None else "-"

@@ -162,7 +162,7 @@ def _daemon(kafka: str, redis_url: str, name: str, env: dict) -> subprocess.Pope
             "--topic", f"{name}.in", "--dead-letter-topic", f"{name}.dlq", "--group-id", name,
             "--redis-prefix", name, "--kafka-session-timeout-ms", "6000", "--model-family", "tabular_mlp",
             "--device", "cpu", "--bootstrap-batches", "2", "--bootstrap-epochs", "2", "--bootstrap-accuracy", "0.01",
-            "--checkpoint-every-batches", "1", "--health-port", "-1", "--backoff-max-seconds", "2"]
+            "--checkpoint-every-batches", "100", "--checkpoint-every-seconds", "2", "--health-port", "-1", "--backoff-max-seconds", "2"]
     return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             stdin=subprocess.DEVNULL)
 
@@ -171,6 +171,10 @@ def test_a_batch_that_kills_the_process_twice_is_dead_lettered_as_crash_loop(kaf
     topic, dlq = f"{unique}.in", f"{unique}.dlq"
     kafka.create_topics({topic: 1, dlq: 1})
     produce_tabular(kafka.address, topic, "a", 3, "a")
+    producer = KafkaProducer(bootstrap_servers=kafka.address)  # re-read after each crash: dead-lettered once
+    _send(producer, topic, b"\x00garbage", [("slice", b"a"), ("data_type", b"tabular"), ("schema", b"1"),
+                                            ("batch_id", b"garbage")])
+    producer.close()
     produce_tabular(kafka.address, topic, "boom", 1, "boom")  # the failpoint SIGKILLs the process on it
     produce_tabular(kafka.address, topic, "a", 2, "a", start=3)
     env = {**os.environ, "FILIAL_CHAOS_CRASH_SLICE": "boom", "PYTHONPATH": os.getcwd()}
@@ -179,22 +183,21 @@ def test_a_batch_that_kills_the_process_twice_is_dead_lettered_as_crash_loop(kaf
     for life in (1, 2):  # a real crash at the same batch, each time
         proc = _daemon(kafka.address, redis_server.address, unique, env)
         assert proc.wait(timeout=180) == -signal.SIGKILL, f"life {life} did not crash"
-        assert json.loads(redis.get(inflight))["source"] == f"{topic}:0:3"
+        assert json.loads(redis.get(inflight))["source"] == f"{topic}:0:4"
     proc = _daemon(kafka.address, redis_server.address, unique, env)
     try:
         def applied() -> dict:
             raw = redis.get(Keys(unique).checkpoint_meta)
             return json.loads(raw)["applied_offsets"] if raw else {}
 
-        assert wait_until(lambda: applied().get(f"{topic}:0") == 6, timeout=180)
+        assert wait_until(lambda: applied().get(f"{topic}:0") == 7, timeout=180)
         assert proc.poll() is None  # the third life went past it
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
     assert redis.get(inflight) is None
-    letters = _dead_letters(kafka.address, dlq, 1)
-    assert len(letters) == 1
-    h = _headers(letters[0])
-    assert (h["filial-reason"], h["filial-source"], h["batch_id"]) == ("crash_loop", f"{topic}:0:3", "boom-0")
+    letters = [_headers(r) for r in _dead_letters(kafka.address, dlq, 2)]
+    assert [(h["filial-reason"], h["filial-source"], h["batch_id"]) for h in letters] == [
+        ("bad_bytes", f"{topic}:0:3", "garbage"), ("crash_loop", f"{topic}:0:4", "boom-0")]
     meta = json.loads(redis.get(Keys(unique).checkpoint_meta))
     assert meta["counters"]["batches"] == 5  # the five good batches, each once
