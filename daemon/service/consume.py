@@ -130,7 +130,8 @@ class ConsumeLoop:
                 self._clear_marker()
                 return
             result = self._apply(batch, where, crashes)
-            self._crashed_on = None  # it got through this process (applied or quarantined): the loop is broken
+            if crashes:  # the culprit got through this process (applied or quarantined): the loop is broken
+                self._crashed_on = None
             if isinstance(result, DecodeError):  # quarantined
                 self._dead_letter(record, result, dead_letters, source)
                 self._clear_marker()

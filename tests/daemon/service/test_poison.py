@@ -170,27 +170,28 @@ def _daemon(kafka: str, redis_url: str, name: str, env: dict) -> subprocess.Pope
 def test_a_batch_that_kills_the_process_twice_is_dead_lettered_as_crash_loop(kafka, redis_server, unique):
     topic, dlq = f"{unique}.in", f"{unique}.dlq"
     kafka.create_topics({topic: 1, dlq: 1})
-    produce_tabular(kafka.address, topic, "a", 3, "a")
+    # batches no checkpoint covers before the culprit: re-applied in each life before it comes up again
+    produce_tabular(kafka.address, topic, "a", 6, "a")
     producer = KafkaProducer(bootstrap_servers=kafka.address)  # re-read after each crash: dead-lettered once
     _send(producer, topic, b"\x00garbage", [("slice", b"a"), ("data_type", b"tabular"), ("schema", b"1"),
                                             ("batch_id", b"garbage")])
     producer.close()
     produce_tabular(kafka.address, topic, "boom", 1, "boom")  # the failpoint SIGKILLs the process on it
-    produce_tabular(kafka.address, topic, "a", 2, "a", start=3)
+    produce_tabular(kafka.address, topic, "a", 2, "a", start=6)
     env = {**os.environ, "FILIAL_CHAOS_CRASH_SLICE": "boom", "PYTHONPATH": os.getcwd()}
     redis = connect(redis_server.address)
     inflight = Keys(unique).checkpoint_inflight
     for life in (1, 2):  # a real crash at the same batch, each time
         proc = _daemon(kafka.address, redis_server.address, unique, env)
         assert proc.wait(timeout=180) == -signal.SIGKILL, f"life {life} did not crash"
-        assert json.loads(redis.get(inflight))["source"] == f"{topic}:0:4"
+        assert json.loads(redis.get(inflight))["source"] == f"{topic}:0:7"
     proc = _daemon(kafka.address, redis_server.address, unique, env)
     try:
         def applied() -> dict:
             raw = redis.get(Keys(unique).checkpoint_meta)
             return json.loads(raw)["applied_offsets"] if raw else {}
 
-        assert wait_until(lambda: applied().get(f"{topic}:0") == 7, timeout=180)
+        assert wait_until(lambda: applied().get(f"{topic}:0") == 10, timeout=180)
         assert proc.poll() is None  # the third life went past it
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -198,6 +199,6 @@ def test_a_batch_that_kills_the_process_twice_is_dead_lettered_as_crash_loop(kaf
     assert redis.get(inflight) is None
     letters = [_headers(r) for r in _dead_letters(kafka.address, dlq, 2)]
     assert [(h["filial-reason"], h["filial-source"], h["batch_id"]) for h in letters] == [
-        ("bad_bytes", f"{topic}:0:3", "garbage"), ("crash_loop", f"{topic}:0:4", "boom-0")]
+        ("bad_bytes", f"{topic}:0:6", "garbage"), ("crash_loop", f"{topic}:0:7", "boom-0")]
     meta = json.loads(redis.get(Keys(unique).checkpoint_meta))
-    assert meta["counters"]["batches"] == 5  # the five good batches, each once
+    assert meta["counters"]["batches"] == 8  # the eight good batches, each once
