@@ -14,7 +14,6 @@ See docs/architecture.md for the threads and locks.
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 import time
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 
 from consumers.wire import Batch
-from daemon.engine import merger
+from daemon.engine import atomic, merger
 from daemon.engine.learner import Learner
 from daemon.engine.records import BatchResult, ChildRelease, Counters, EngineStatus, MergeOutcome, Release
 from daemon.engine.seeding import seeded
@@ -51,14 +50,11 @@ class Engine:
         self.device = device or torch.device("cpu")
         self._learner = Learner(self.model_settings, self.learner_settings, self.merge_settings, self.device)
         self._lock = threading.RLock()
-        self._state = self._empty_state()
-
-    def _empty_state(self) -> EngineState:
         s = self.learner_settings
-        return EngineState(tree=ModelTree(), buffers=SliceBuffers(s.replay_per_slice, s.heldout_per_slice),
-                           thresholds=Thresholds(kl=s.kl_threshold, accuracy=s.accuracy_threshold,
-                                                 concept_alpha=s.concept_drift_alpha),
-                           generator=torch.Generator().manual_seed(s.seed))
+        self._state = EngineState(tree=ModelTree(), buffers=SliceBuffers(s.replay_per_slice, s.heldout_per_slice),
+                                  thresholds=Thresholds(kl=s.kl_threshold, accuracy=s.accuracy_threshold,
+                                                        concept_alpha=s.concept_drift_alpha),
+                                  generator=torch.Generator().manual_seed(s.seed))
 
     # --- queries (copies, taken under the lock) ------------------------------------------------------
     @property
@@ -123,35 +119,17 @@ class Engine:
 
     # --- per batch ------------------------------------------------------------------------------------
     def process(self, batch: Batch) -> BatchResult:
-        """Apply one batch, all or nothing: if the learner raises, the state is put back as it was
-        before the batch (tree, buffers, counters, random state) and the exception propagates, so
-        the service can retry or quarantine the batch without a half-applied one behind it."""
+        """Apply one batch, all or nothing (:mod:`daemon.engine.atomic`): if the learner raises, the
+        state is put back as it was before the batch and the exception propagates."""
         started = time.perf_counter()
         with self._lock:
-            before = self._snapshot()
+            before = atomic.snapshot(self._state)
             try:
                 result = self._learner.apply(self._state, batch)
             except Exception:
-                self._rollback(before)
+                self._state = atomic.rolled_back(before, self._state, self.device)
                 raise
         return replace(result, seconds=time.perf_counter() - started)
-
-    def _snapshot(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """An in-memory checkpoint (the codec the durable one uses, so it covers everything a batch
-        changes), with copies: the learner updates weights and full reservoirs in place. Chosen over
-        staging the learner's changes (every learner path would have to stage) and over restoring
-        the durable checkpoint (it would re-apply the batches since, and rewind the consumer); its
-        cost per batch is in docs/architecture.md."""
-        meta, tensors = encode(self._state)
-        return copy.deepcopy(meta), {k: v.clone() for k, v in tensors.items()}
-
-    def _rollback(self, snapshot: tuple[dict[str, Any], dict[str, torch.Tensor]]) -> None:
-        # into a fresh state, so nothing the failed batch added (a child, a slice's buffers) survives
-        meta, tensors = snapshot
-        fresh = self._empty_state()
-        decode(meta, tensors, fresh, self.device)
-        fresh.last_merge_signature = self._state.last_merge_signature
-        self._state = fresh
 
     def count_duplicate(self) -> None:
         """A replayed batch the ledger recognised: counted, not applied."""
