@@ -27,7 +27,7 @@ from typing import Any, Callable
 import redis
 from kafka.errors import KafkaError
 
-from consumers.batch_consumer import BatchConsumer
+from consumers.batch_consumer import BatchConsumer, record_batch_id
 from consumers.dead_letter import DeadLetterProducer
 from consumers.ledger import AppliedLedger
 from consumers.wire import Batch, BatchSource, DecodeError, Expected, WireLimits, decode_batch
@@ -110,7 +110,7 @@ class ConsumeLoop:
         if where in self._sent_before:  # dead-lettered, then a crash came before a checkpoint covered it
             log.info("%s was dead-lettered before the restart; not again", where)
             self._sent_before.discard(where)
-            self._passed(source)
+            self._passed(record, source)
             return
         try:
             batch = decode_batch(record.value, record.headers, self.limits, expected=self._expected(), source=source)
@@ -213,12 +213,12 @@ class ConsumeLoop:
             return  # stopping, not acknowledged: the offset stays, it is re-read after restart
         self._redis(lambda log_: log_.record(where, exc.reason), default=None)
         self.metrics.decode_failures.labels(exc.reason).inc()
-        self._passed(source)
+        self._passed(record, source)
         self.dead_lettered += 1
 
-    def _passed(self, source: BatchSource) -> None:
+    def _passed(self, record, source: BatchSource) -> None:
         """A dead-lettered record's offset moves on through the next checkpoint like an applied one's."""
-        self.ledger.mark_applied(source, None)
+        self.ledger.mark_dead_lettered(source, record_batch_id(record))
         self.checkpointer.note_batch()
 
     def checkpointed(self, applied_offsets: dict[str, int]) -> None:
