@@ -4,7 +4,9 @@ Per partition (``"topic:partition"``): the next offset to apply, and the produce
 the last ``max_ids`` batches applied from it. A record is a duplicate when its offset is below the
 partition's next offset, or its ``batch_id`` was applied from that partition (a producer retry, or
 a log that was reset and refilled). Keyed per partition so that a partition can move to another
-process with its own entries.
+process with its own entries. The ``batch_id`` of the last ``max_ids`` dead-lettered records is
+kept too (not as applied): the consumer's log-reset check asks whether it knows the record at
+the last applied offset, and that record may be a dead letter.
 
 The service saves the ledger in the same checkpoint as the engine's state and commits offsets
 from that checkpoint only: an offset is committed only once what it applied is durable.
@@ -32,6 +34,17 @@ class _Partition:
     next_offset: int = 0
     ids: deque[str] = field(default_factory=deque)
     id_set: set[str] = field(default_factory=set)
+    dead_ids: deque[str] = field(default_factory=deque)
+    dead_id_set: set[str] = field(default_factory=set)
+
+
+def _remember(ids: deque[str], id_set: set[str], batch_id: str, cap: int) -> None:
+    if batch_id in id_set:
+        return
+    if len(ids) >= cap:
+        id_set.discard(ids.popleft())
+    ids.append(batch_id)
+    id_set.add(batch_id)
 
 
 class AppliedLedger:
@@ -57,11 +70,18 @@ class AppliedLedger:
         with self._lock:
             part = self._partitions.setdefault(source_key(source), _Partition())
             part.next_offset = max(part.next_offset, source.offset + 1)
-            if batch_id is not None and batch_id not in part.id_set:
-                if len(part.ids) >= self.max_ids:
-                    part.id_set.discard(part.ids.popleft())
-                part.ids.append(batch_id)
-                part.id_set.add(batch_id)
+            if batch_id is not None:
+                _remember(part.ids, part.id_set, batch_id, self.max_ids)
+
+    def mark_dead_lettered(self, source: BatchSource | None, batch_id: str | None) -> None:
+        """The record was dead-lettered: its offset moves on; its ``batch_id`` (from the raw headers, if
+        any) is known, not applied."""
+        self.mark_applied(source, None)
+        if source is None or batch_id is None:
+            return
+        with self._lock:
+            part = self._partitions[source_key(source)]
+            _remember(part.dead_ids, part.dead_id_set, batch_id, self.max_ids)
 
     def next_offsets(self) -> dict[str, int]:
         """``{"topic:partition": next offset}``: what a commit after this checkpoint may say."""
@@ -77,7 +97,7 @@ class AppliedLedger:
     def knows_batch(self, partition_key: str, batch_id: str) -> bool:
         with self._lock:
             part = self._partitions.get(partition_key)
-            return part is not None and batch_id in part.id_set
+            return part is not None and (batch_id in part.id_set or batch_id in part.dead_id_set)
 
     def forget_partition(self, partition_key: str, reason: str) -> int | None:
         """The broker's log for this partition was reset: its offsets no longer name the batches
@@ -92,7 +112,8 @@ class AppliedLedger:
     # --- checkpoints (JSON) ------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         with self._lock:
-            return {key: {"next_offset": p.next_offset, "batch_ids": list(p.ids)}
+            return {key: {"next_offset": p.next_offset, "batch_ids": list(p.ids),
+                          "dead_lettered_ids": list(p.dead_ids)}
                     for key, p in self._partitions.items()}
 
     @classmethod
@@ -100,5 +121,6 @@ class AppliedLedger:
         ledger = cls(max_ids)
         for key, entry in data.items():
             ids = deque(entry["batch_ids"][-max_ids:])
-            ledger._partitions[key] = _Partition(int(entry["next_offset"]), ids, set(ids))
+            dead = deque(entry.get("dead_lettered_ids", [])[-max_ids:])  # absent in older checkpoints
+            ledger._partitions[key] = _Partition(int(entry["next_offset"]), ids, set(ids), dead, set(dead))
         return ledger

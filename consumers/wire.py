@@ -12,14 +12,18 @@ Headers (UTF-8 strings):
   ``batch_id``   optional, producer-side unique id (≤ 128 chars) used to apply each batch once.
 
 :func:`decode_batch` never raises anything but :class:`DecodeError`, whose ``reason`` is one
-of :data:`REASONS` (it becomes the ``filial-reason`` header on the dead-letter topic).
+of :data:`REASONS` (it becomes the ``filial-reason`` header on the dead-letter topic). A batch
+that decodes but that the served model cannot take (another data_type, another row shape) is
+``incompatible``: it is refused here, before it reaches training, where it would crash the
+learner on every restart. The last two reasons of :data:`REASONS` are given by the consume loop
+(daemon/service/consume.py), not by the decoder.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from pydantic import BaseModel, Field
@@ -41,13 +45,16 @@ REASONS = (
     "missing_tensor",     # x or y absent
     "unexpected_tensor",  # a tensor other than x and y
     "bad_dtype",          # x or y of a dtype the data type does not allow
-    "bad_shape",          # wrong rank, empty batch, x/y length mismatch, shape unlike the stream's
+    "bad_shape",          # wrong rank, empty batch, x/y length mismatch, negative token ids
+    "incompatible",       # a data_type or row shape the served model cannot take
     "non_finite",         # NaN or Inf in x
     "label_out_of_range",
     "missing_header",
     "bad_header",         # undecodable, duplicated or malformed header value
     "unknown_data_type",
     "unknown_schema",
+    "engine_error",       # the engine raised on it twice (the exception in filial-detail); its changes undone
+    "crash_loop",         # it was in flight at consecutive crashes of the process; not applied again
 )
 
 Headers = Sequence[tuple[str, bytes]]
@@ -70,6 +77,18 @@ class WireLimits(BaseModel):
     max_dims: int = Field(4, ge=2)
     max_dim_size: int = Field(4096, gt=0)
     num_classes: int = Field(10, ge=2)
+    data_type: Literal["image", "sequence", "tabular"] | None = Field(
+        None, description="the data_type the served model takes; unset: the first batch's (then the model's)")
+    row_shape: tuple[int, ...] | None = Field(
+        None, description="shape of one row of x (x.shape[1:], e.g. [28,28] or [64]); unset: the first "
+                          "batch's (then the model's)")
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the served model takes; a field left None is not checked (nothing fixed it yet)."""
+    data_type: str | None = None
+    row_shape: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -124,9 +143,9 @@ def _headers(raw: Headers | None, limits: WireLimits) -> dict[str, str]:
 
 
 def decode_batch(value: bytes | None, headers: Headers | None, limits: WireLimits,
-                 expected_shape: dict[str, tuple[int, ...]] | None = None,
-                 source: BatchSource | None = None) -> Batch:
-    """Validate and decode one message. ``expected_shape`` maps data_type → x.shape[1:]."""
+                 expected: Expected | None = None, source: BatchSource | None = None) -> Batch:
+    """Validate and decode one message; ``expected`` is what the served model takes (``incompatible``
+    otherwise)."""
     h = _headers(headers, limits)
     for key in ("slice", "data_type", "schema"):
         if key not in h:
@@ -176,9 +195,11 @@ def decode_batch(value: bytes | None, headers: Headers | None, limits: WireLimit
         raise DecodeError("too_large", f"batch has {len(x)} rows > {limits.max_batch_rows}")
     if any(d > limits.max_dim_size for d in x.shape[1:]):
         raise DecodeError("too_large", f"x shape {tuple(x.shape)} has a dimension > {limits.max_dim_size}")
-    if expected_shape and data_type in expected_shape and tuple(x.shape[1:]) != expected_shape[data_type]:
-        raise DecodeError("bad_shape", f"x rows are {tuple(x.shape[1:])}; this stream's {data_type} "
-                                       f"rows are {expected_shape[data_type]}")
+    if expected is not None and expected.data_type is not None and data_type != expected.data_type:
+        raise DecodeError("incompatible", f"data_type {data_type!r}; the served model takes {expected.data_type!r}")
+    if expected is not None and expected.row_shape is not None and tuple(x.shape[1:]) != expected.row_shape:
+        raise DecodeError("incompatible", f"x rows are {tuple(x.shape[1:])}; the served model takes "
+                                          f"{data_type} rows of {expected.row_shape}")
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         raise DecodeError("non_finite", "x contains NaN or Inf")
     if data_type == "sequence" and bool((x < 0).any()):

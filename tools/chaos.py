@@ -12,11 +12,20 @@
    back from the trace after the kill (the last ``begin``/``at`` without its ``end``), not assumed.
 4. After the last kill the daemon runs until every produced batch is in a durable checkpoint,
    then is stopped with SIGTERM.
-5. The audit reads only Redis: the final checkpoint's applied batch ids and batch counter
+5. The audit reads Redis: the final checkpoint's applied batch ids and batch counter
    (applied = produced ids present; applied twice = batches counted minus distinct ids; lost =
    produced ids absent), and every version: numbers 1..latest without gaps, one publish id each,
    no two versions with the same (reason, parent, weights), and every event's manifest and
    weights present and verified (sha256 + HMAC).
+
+The poison phase: between the valid batches the producer injects, at random (``--poison``, a
+share of the batches), messages no engine may apply: ``oversize`` (over the daemon's message
+limit, set to 64 KiB here), ``incompatible`` (20 features to a model of 64), ``non_finite``
+(NaN) and ``garbage`` (not safetensors), each with a ``batch_id`` ``poison-<kind>-<n>``. The
+audit also reads the dead-letter topic: every poison message dead-lettered exactly once, no
+valid batch dead-lettered, none applied. A thread polls each life's ``/healthz`` every second
+(``health_stall_seconds`` fixed at 60): a 503 is a stall (no message applied or dead-lettered for
+60 s while one waits). A life that dies without being killed is a crash loop.
 
 The last stdout line is one JSON object; it and the driver's log go to ``<out-dir>/chaos.json``
 and ``<out-dir>/chaos.log``. Run: ``python -m tools.chaos`` (``make chaos``).
@@ -44,6 +53,8 @@ from pathlib import Path
 log = logging.getLogger("filial.chaos")
 
 PHASES = ("train", "merge", "publish", "checkpoint")
+POISON_KINDS = ("oversize", "incompatible", "non_finite", "garbage")
+MESSAGE_LIMIT = 64 * 1024  # the daemon's max_message_bytes here: a valid batch is 17 kB, an oversize one 77 kB
 SIGNING_KEY = "chaos-signing-key"
 RISKY_POINT = {"train": "batch applied in memory", "merge": "planned and gated, not yet published",
                "publish": "version written, not yet adopted or checkpointed",
@@ -57,6 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=float, default=5.0, help="batches per second produced (default 5)")
     parser.add_argument("--pause", type=float, default=0.3, help="seconds each risky point is held open")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--poison", type=float, default=0.05, help="share of batches followed by a poison message "
+                        "(default 0.05)")
     parser.add_argument("--out-dir", default="bench-results")
 
 
@@ -78,11 +91,35 @@ def _stream(n: int, rows: int, seed: int):
         yield f"chaos-{i}", name, x[lo:lo + rows][:, slices[name]].contiguous(), y[lo:lo + rows].contiguous()
 
 
+def _poison(kind: str, slice_name: str, batch_id: str, rows: int, gen) -> tuple[bytes, list]:
+    import torch
+
+    from consumers.wire import encode_batch
+
+    y = torch.randint(0, 10, (rows,), generator=gen)
+    if kind == "garbage":
+        return b"\x00garbage " + batch_id.encode(), [("slice", slice_name.encode()), ("data_type", b"tabular"),
+                                                     ("schema", b"1"), ("batch_id", batch_id.encode())]
+    if kind == "oversize":
+        big = 300
+        return encode_batch(torch.rand(big, 64, generator=gen), torch.randint(0, 10, (big,), generator=gen),
+                            slice_name, "tabular", batch_id)
+    if kind == "incompatible":
+        return encode_batch(torch.rand(rows, 20, generator=gen), y, slice_name, "tabular", batch_id)
+    x = torch.rand(rows, 64, generator=gen)
+    x[0, 0] = float("nan")
+    return encode_batch(x, y, slice_name, "tabular", batch_id)
+
+
 class Producer(threading.Thread):
-    def __init__(self, bootstrap: str, topic: str, n: int, rows: int, rate: float, seed: int) -> None:
+    def __init__(self, bootstrap: str, topic: str, n: int, rows: int, rate: float, seed: int,
+                 poison: float = 0.0) -> None:
         super().__init__(name="chaos-producer", daemon=True)
         self.bootstrap, self.topic, self.n, self.rows, self.rate, self.seed = bootstrap, topic, n, rows, rate, seed
+        self.poison_share = poison
         self.ids: list[str] = []
+        self.poison: dict[str, str] = {}  # batch id -> kind
+        self.ends: dict[int, int] = {}  # partition -> offset after the last message sent to it
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -90,12 +127,25 @@ class Producer(threading.Thread):
 
         from consumers.wire import encode_batch
 
+        import torch
+
         try:
             producer = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=2)
+            rng, gen = random.Random(self.seed + 1), torch.Generator().manual_seed(self.seed + 1)
             started = time.monotonic()
+
+            def send(value: bytes, headers: list) -> None:
+                meta = producer.send(self.topic, value=value, headers=headers).get(timeout=30)
+                self.ends[meta.partition] = max(self.ends.get(meta.partition, 0), meta.offset + 1)
+
             for i, (batch_id, name, x, y) in enumerate(_stream(self.n, self.rows, self.seed)):
+                if i >= 8 and rng.random() < self.poison_share:  # after the first model exists
+                    kind = rng.choice(POISON_KINDS)
+                    poison_id = f"poison-{kind}-{i}"
+                    send(*_poison(kind, name, poison_id, self.rows, gen))
+                    self.poison[poison_id] = kind
                 value, headers = encode_batch(x, y, name, "tabular", batch_id)
-                producer.send(self.topic, value=value, headers=headers).get(timeout=30)
+                send(value, headers)
                 self.ids.append(batch_id)
                 time.sleep(max(0.0, (i + 1) / self.rate - (time.monotonic() - started)))
             producer.close(timeout=10)
@@ -115,9 +165,13 @@ class Daemon:
                      "--train-batch-size", "16", "--merge-after-child-updates", "6",
                      "--merge-interval-seconds", "5", "--merge-tolerance", "0.05", "--checkpoint-every-batches", "5",
                      "--checkpoint-every-seconds", "2", "--keep-versions", "100000", "--signing-key", SIGNING_KEY,
-                     "--health-port", "0", "--publish-drain-seconds", "5", "--backoff-max-seconds", "2"]
+                     "--health-port", "0", "--publish-drain-seconds", "5", "--backoff-max-seconds", "2",
+                     "--health-stall-seconds", "60",
+                     # this harness's SIGKILLs land inside a batch on purpose: two in a row on one batch
+                     # happen, and must not read as a batch that kills the process
+                     "--crash-loop-after", "3"]
         self.env = {**os.environ, "FILIAL_CHAOS_TRACE": str(trace), "FILIAL_CHAOS_PAUSE": str(pause),
-                    "PYTHONUNBUFFERED": "1"}
+                    "FILIAL_LIMITS__MAX_MESSAGE_BYTES": str(MESSAGE_LIMIT), "PYTHONUNBUFFERED": "1"}
         self.proc: subprocess.Popen | None = None
         self.life = 0
 
@@ -204,6 +258,102 @@ def _wait_ready(daemon: Daemon, since_log: int, timeout: float = 60.0) -> bool:
     return False
 
 
+class HealthWatch(threading.Thread):
+    """Polls the running life's ``/healthz`` every second; each run of 503s is one stall."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        super().__init__(name="chaos-health", daemon=True)
+        self.daemon_ = daemon
+        self.url: str | None = None
+        self.stalls: list[dict] = []
+        self._stalled = False
+        self._stop = threading.Event()
+
+    def watch(self, since_log: int) -> None:
+        """A new life: find its health URL in its log (port 0: each life has its own)."""
+        self.url, self._stalled = None, False
+        with open(self.daemon_.log_path) as fh:
+            fh.seek(since_log)
+            for line in fh:
+                if "health and metrics on " in line:
+                    self.url = line.split("health and metrics on ", 1)[1].split()[0]
+
+    def unwatch(self) -> None:
+        self.url = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        import urllib.error
+        import urllib.request
+
+        while not self._stop.wait(1.0):
+            url = self.url
+            if url is None:
+                continue
+            try:
+                with urllib.request.urlopen(url + "/healthz", timeout=5):
+                    self._stalled = False
+            except urllib.error.HTTPError as err:
+                if err.code == 503 and not self._stalled and self.url == url:
+                    self._stalled = True
+                    self.stalls.append({"life": self.daemon_.life, "body": err.read().decode()[:500]})
+                    log.warning("stall in life %d: %s", self.daemon_.life, self.stalls[-1]["body"])
+            except OSError:
+                pass  # the life is being killed or restarted
+
+
+def _wait_applied(client, meta_key: str, ids: list[str], ends: dict[str, int], alive, timeout: float) -> bool:
+    """Until a checkpoint holds every valid id and is past every message sent (poison included)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive():
+        raw = client.get(meta_key)
+        if raw:
+            meta = json.loads(raw)
+            offsets = meta.get("applied_offsets", {})
+            if set(ids) <= set(applied_batch_ids(meta)) and all(offsets.get(k, 0) >= v for k, v in ends.items()):
+                return True
+        time.sleep(1.0)
+    return False
+
+
+def dead_letters(bootstrap: str, topic: str) -> list[dict[str, str]]:
+    """Every record of the dead-letter topic, as its headers."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        ends = consumer.end_offsets(parts)
+        records: list[dict[str, str]] = []
+        deadline = time.monotonic() + 60
+        while any(consumer.position(tp) < ends[tp] for tp in parts) and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=1000).values():
+                records += [{k: v.decode(errors="replace") for k, v in r.headers} for r in batch]
+        return records
+    finally:
+        consumer.close()
+
+
+def poison_audit(letters: list[dict[str, str]], produced: list[str], poison: dict[str, str],
+                 applied_ids: list[str]) -> dict:
+    per_id = Counter(h.get("batch_id") for h in letters)
+    per_source = Counter(h.get("filial-source") for h in letters)
+    return {
+        "poison_injected": len(poison),
+        "poison_injected_by_kind": dict(Counter(poison.values())),
+        "poison_dead_lettered": sum(1 for i in poison if per_id[i]),
+        "poison_not_dead_lettered": sorted(i for i in poison if not per_id[i]),
+        "poison_applied": len(set(poison) & set(applied_ids)),
+        "dead_lettered_twice": sum(n - 1 for n in per_source.values() if n > 1),
+        "valid_dead_lettered": sorted(i for i in produced if per_id[i]),
+        "dead_letter_reasons": dict(Counter(h.get("filial-reason") for h in letters)),
+    }
+
+
 # --- the audit ----------------------------------------------------------------------------------------
 def applied_batch_ids(meta: dict) -> list[str]:
     """The batch ids a checkpoint's ledger (consumers.ledger) records, over all partitions."""
@@ -279,18 +429,33 @@ def main(args: argparse.Namespace) -> dict:
     with EmbeddedKafka() as kafka, EmbeddedRedis() as redis_server:
         kafka.create_topics({f"{name}.in": 2, f"{name}.dlq": 1})
         daemon = Daemon(kafka.address, redis_server.address, name, trace, daemon_log, args.pause)
-        producer = Producer(kafka.address, f"{name}.in", args.batches, args.rows, args.rate, args.seed)
+        producer = Producer(kafka.address, f"{name}.in", args.batches, args.rows, args.rate, args.seed, args.poison)
         producer.start()
-        kills = []
+        health = HealthWatch(daemon)
+        health.start()
+        kills, crash_loops = [], []
+
+        def start_life() -> int:
+            log_size = daemon_log.stat().st_size
+            since = daemon.start()
+            if not _wait_ready(daemon, log_size):
+                raise RuntimeError(f"daemon did not start; see {daemon_log}")
+            health.watch(log_size)
+            return since
+
+        def died_by_itself(where: str) -> None:
+            code = daemon.proc.returncode
+            crash_loops.append({"life": daemon.life, "code": code, "where": where})
+            log.warning("life %d exited by itself (code %s) %s", daemon.life, code, where)
+            if len(crash_loops) > 5:
+                raise RuntimeError(f"daemon keeps exiting by itself; see {daemon_log}")
+
         targets = [PHASES[i % len(PHASES)] for i in range(args.kills)]
         rng.shuffle(targets)
         for i, target in enumerate(targets):
             if rng.random() < 0.15:
                 target = "any"
-            log_size = daemon_log.stat().st_size
-            since = daemon.start()
-            if not _wait_ready(daemon, log_size):
-                raise RuntimeError(f"daemon did not start; see {daemon_log}")
+            since = start_life()
             time.sleep(rng.uniform(0.5, 3.0))  # somewhere into its life, not always at the first chance
             if target == "any":
                 time.sleep(rng.uniform(0.0, 2.0))
@@ -299,7 +464,9 @@ def main(args: argparse.Namespace) -> dict:
                 if not found:
                     target = f"{target} (not reached in 25s: any moment)"
             if not daemon.running():
-                raise RuntimeError(f"daemon exited by itself (code {daemon.proc.returncode}); see {daemon_log}")
+                died_by_itself(f"before kill {i + 1}")
+                continue
+            health.unwatch()
             daemon.kill()
             moment = _interrupted(_trace_lines(trace, since))
             kills.append({"kill": i + 1, "target": target, "interrupted": moment,
@@ -310,20 +477,25 @@ def main(args: argparse.Namespace) -> dict:
         if producer.error:
             raise RuntimeError(f"producer failed: {producer.error}")
         # last life: run until every batch is in a durable checkpoint, then stop cleanly
-        log_size = daemon_log.stat().st_size
-        daemon.start()
-        _wait_ready(daemon, log_size)
         client = connect(redis_server.address)
         meta_key = Keys(name).checkpoint_meta
+        ends = {f"{name}.in:{p}": end for p, end in producer.ends.items()}
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            raw = client.get(meta_key)
-            if raw and set(producer.ids) <= set(applied_batch_ids(json.loads(raw))):
+        while True:
+            start_life()
+            if _wait_applied(client, meta_key, producer.ids, ends, daemon.running, deadline - time.monotonic()):
                 break
-            time.sleep(1.0)
+            if daemon.running():
+                break  # out of time: the audit says what is missing
+            died_by_itself("in the last life")
+        health.unwatch()
+        health.stop()
         code = daemon.terminate()
         log.info("final life stopped with exit code %d", code)
         summary = audit(redis_server.address, name, producer.ids)
+        meta = json.loads(client.get(meta_key))
+        summary.update(poison_audit(dead_letters(kafka.address, f"{name}.dlq"), producer.ids, producer.poison,
+                                    applied_batch_ids(meta)))
     moments = Counter(k["interrupted"].split(" ")[0] for k in kills)
     result = {"kills": len(kills), **{k: summary[k] for k in (
         "batches_produced", "batches_applied", "batches_lost", "batches_applied_twice", "versions", "version_gaps",
@@ -331,6 +503,11 @@ def main(args: argparse.Namespace) -> dict:
               "interrupted": dict(moments), "served_version": summary["served_version"],
               "orphaned_versions": summary["orphaned_versions"], "duplicates_skipped": summary["duplicates_skipped"],
               "merges_accepted": summary["merges_accepted"], "seconds": round(time.monotonic() - started, 1),
+              "poison_injected": summary["poison_injected"], "poison_dead_lettered": summary["poison_dead_lettered"],
+              "stalls": len(health.stalls), "crash_loops": len(crash_loops),
+              **{k: summary[k] for k in ("poison_injected_by_kind", "poison_not_dead_lettered", "poison_applied",
+                                         "dead_lettered_twice", "valid_dead_lettered", "dead_letter_reasons")},
+              "stall_log": health.stalls, "crash_loop_log": crash_loops,
               "kill_log": kills, "problems": summary["problems"]}
     (out / "chaos.json").write_text(json.dumps(result, indent=2))
     log.info("result: %s", json.dumps({k: v for k, v in result.items() if k != "kill_log"}))
@@ -348,11 +525,14 @@ def cli() -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     result = main(args)
     order = ["kills", "batches_produced", "batches_applied", "batches_lost", "batches_applied_twice", "versions",
-             "version_gaps", "duplicate_versions", "events_without_data"]
+             "version_gaps", "duplicate_versions", "events_without_data", "poison_injected", "poison_dead_lettered",
+             "stalls", "crash_loops"]
     last = {k: result[k] for k in order}
     print(json.dumps(last), flush=True)
     ok = all(result[k] == 0 for k in ("batches_lost", "batches_applied_twice", "version_gaps", "duplicate_versions",
-                                      "events_without_data"))
+                                      "events_without_data", "stalls", "crash_loops", "poison_applied",
+                                      "dead_lettered_twice"))
+    ok = ok and result["poison_dead_lettered"] == result["poison_injected"] and not result["valid_dead_lettered"]
     return 0 if ok and result["kills"] >= 10 else 1
 
 

@@ -4,11 +4,18 @@ A checkpoint is two keys written in one transaction: JSON metadata (offsets appl
 tree structure, a sequence number and the tensors' sha256) and one safetensors blob with every
 tensor (model weights, replay and held-out buffers). Kafka offsets are committed only after
 :meth:`CheckpointStore.save` returns.
+
+Next to it, :class:`InFlightMarker`: the batch being applied right now, written before the engine
+takes it and deleted after. A process that dies inside a batch (out of memory, a native crash)
+leaves the marker behind; the next start reads it and can tell a batch that keeps killing the
+process from one that was merely interrupted. And :class:`DeadLetterLog`: the dead letters sent
+since the last checkpoint, so a message re-read after a crash is not dead-lettered twice.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -50,3 +57,57 @@ class CheckpointStore:
         if blob is None or sha256_hex(blob) != meta.get("tensors_sha256"):
             raise CorruptCheckpoint("checkpoint tensors are missing or do not match their sha256")
         return meta, st_load(blob)
+
+
+@dataclass(frozen=True)
+class InFlight:
+    source: str    # topic:partition:offset
+    crashes: int   # consecutive crashes it was in flight at before this attempt
+    since: str     # when this attempt began (UTC)
+
+
+class InFlightMarker:
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.client = client
+        self.key = keys.checkpoint_inflight
+
+    def mark(self, source: str, crashes: int) -> None:
+        self.client.set(self.key, json.dumps({"source": source, "crashes": crashes, "since": utc_now()}))
+
+    def clear(self) -> None:
+        self.client.delete(self.key)
+
+    def read(self) -> InFlight | None:
+        raw = self.client.get(self.key)
+        if raw is None:
+            return None
+        try:
+            doc = json.loads(raw)
+            return InFlight(str(doc["source"]), int(doc["crashes"]), str(doc.get("since", "")))
+        except (ValueError, KeyError, TypeError):
+            return None  # unreadable: treated as no marker (the worst case is one more crash)
+
+
+class DeadLetterLog:
+    """Sources dead-lettered (the broker acknowledged) that no checkpoint covers yet: after a crash
+    they are re-read from the checkpoint's offsets, and this says they were already sent."""
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.client = client
+        self.key = keys.checkpoint_dead_letters
+
+    def record(self, source: str, reason: str) -> None:
+        self.client.hset(self.key, source, reason)
+
+    def sources(self) -> set[str]:
+        return {raw.decode() if isinstance(raw, bytes) else raw for raw in self.client.hkeys(self.key)}
+
+    def trim(self, applied_offsets: dict[str, int]) -> None:
+        """Forget the sources a checkpoint now covers (below its applied offset of their partition)."""
+        covered = []
+        for source in self.sources():
+            partition, _, offset = source.rpartition(":")
+            if partition in applied_offsets and offset.isdigit() and int(offset) < applied_offsets[partition]:
+                covered.append(source)
+        if covered:
+            self.client.hdel(self.key, *covered)

@@ -20,6 +20,10 @@ key                                type    content
 {p}:tree                           STRING  JSON snapshot of the model tree
 {p}:checkpoint:meta                STRING  JSON engine checkpoint (offsets, counters, tree)
 {p}:checkpoint:tensors             STRING  safetensors bytes of the checkpoint's tensors
+{p}:checkpoint:inflight            STRING  JSON: the batch being applied now and at how many
+                                           consecutive crashes it was in flight (crash loops)
+{p}:checkpoint:dead_letters        HASH    source (topic:partition:offset) -> reason: dead letters
+                                           the broker acknowledged that no checkpoint covers yet
 =================================  ======  =================================================
 """
 
@@ -62,6 +66,14 @@ class Keys:
     @property
     def checkpoint_tensors(self) -> str:
         return f"{self.prefix}:checkpoint:tensors"
+
+    @property
+    def checkpoint_dead_letters(self) -> str:
+        return f"{self.prefix}:checkpoint:dead_letters"
+
+    @property
+    def checkpoint_inflight(self) -> str:
+        return f"{self.prefix}:checkpoint:inflight"
 
 
 @dataclass(frozen=True)

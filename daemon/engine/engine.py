@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from consumers.wire import Batch
-from daemon.engine import merger
+from daemon.engine import atomic, merger
 from daemon.engine.learner import Learner
 from daemon.engine.records import BatchResult, ChildRelease, Counters, EngineStatus, MergeOutcome, Release
 from daemon.engine.seeding import seeded
@@ -119,9 +119,16 @@ class Engine:
 
     # --- per batch ------------------------------------------------------------------------------------
     def process(self, batch: Batch) -> BatchResult:
+        """Apply one batch, all or nothing (:mod:`daemon.engine.atomic`): if the learner raises, the
+        state is put back as it was before the batch and the exception propagates."""
         started = time.perf_counter()
         with self._lock:
-            result = self._learner.apply(self._state, batch)
+            before = atomic.snapshot(self._state)
+            try:
+                result = self._learner.apply(self._state, batch)
+            except Exception:
+                self._state = atomic.rolled_back(before, self._state, self.device)
+                raise
         return replace(result, seconds=time.perf_counter() - started)
 
     def count_duplicate(self) -> None:

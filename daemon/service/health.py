@@ -1,8 +1,11 @@
 """Health and metrics over HTTP (stdlib, one thread per request):
 
-- ``GET /healthz``: 200 while the consume loop is alive (it ticked within ``health_stall_seconds``),
-  body ``{"status": "ok" | "degraded", ...}``; 503 when the loop is stuck or stopped. An outage of
-  Redis or Kafka is ``degraded``, not dead: the daemon is riding it out, restarting it would not help.
+- ``GET /healthz``: 200 while the consume loop is alive (it ticked within ``health_stall_seconds``
+  and no message has been in its hands longer), body ``{"status": "ok" | "degraded", ...}``; 503
+  when the loop is stuck (the problems name the message and what the loop is doing with it) or
+  stopped. An outage of Redis or Kafka is ``degraded``, not dead: the daemon is riding it out,
+  restarting it would not help; but a message held past ``health_stall_seconds`` (e.g. a dead
+  letter the broker keeps refusing) is a stall whatever the cause, and says so.
 - ``GET /readyz``: 200 only when Redis and the broker answer and the loop is consuming; 503 with
   the reasons otherwise (``starting``, ``redis unreachable``, ``kafka unreachable``, ...).
 - ``GET /metrics``: Prometheus text format (daemon.service.metrics).
@@ -32,6 +35,9 @@ class HealthState:
         self._started = False
         self._stopped = False
         self._last_tick: float | None = None
+        # the message the loop holds: (topic:partition:offset, taken at, what it is doing with it)
+        self._in_hand: tuple[str, float, str] | None = None
+        self._pending_since: float | None = None  # when the oldest fetched, unfinished message was fetched
 
     def dependency(self, name: str, problem: str | None) -> None:
         """Record a probe: ``problem`` None when ``name`` answered."""
@@ -63,9 +69,44 @@ class HealthState:
         with self._lock:
             self._last_tick = time.monotonic()
 
+    def fetched(self, at: float | None) -> None:
+        """The oldest message fetched and not yet applied or dead-lettered was fetched ``at``
+        (monotonic); None: the loop holds none."""
+        with self._lock:
+            self._pending_since = at
+
+    def holding(self, where: str, doing: str) -> None:
+        """The loop took message ``where`` in hand (or, for the same message, moved on to ``doing``)."""
+        with self._lock:
+            same = self._in_hand is not None and self._in_hand[0] == where
+            self._in_hand = (where, self._in_hand[1] if same else time.monotonic(), doing)
+
+    def released(self) -> None:
+        """The message in hand was applied, skipped or dead-lettered."""
+        with self._lock:
+            self._in_hand = None
+
+    def pending_age(self) -> float:
+        """Seconds the oldest message fetched but not yet applied or dead-lettered has waited (0: none)."""
+        with self._lock:
+            return 0.0 if self._pending_since is None else time.monotonic() - self._pending_since
+
+    def _stall(self) -> str | None:
+        if self._in_hand is None:
+            return None
+        where, since, doing = self._in_hand
+        held = time.monotonic() - since
+        if held < self.stall_seconds:
+            return None
+        return (f"stalled: message {where} in hand for {held:.0f}s > health_stall_seconds "
+                f"{self.stall_seconds:g} ({doing})")
+
     def problems(self) -> list[str]:
         with self._lock:
             problems = [f"{name} unavailable: {p}" for name, p in sorted(self._deps.items()) if p]
+            stall = self._stall()
+            if stall:
+                problems.insert(0, stall)
             if not self._started:
                 problems.insert(0, "starting (restoring the checkpoint, joining the group)")
             if self._stopped:
@@ -74,7 +115,7 @@ class HealthState:
 
     def alive(self) -> bool:
         with self._lock:
-            if self._stopped:
+            if self._stopped or self._stall():
                 return False
             return self._last_tick is None or time.monotonic() - self._last_tick < self.stall_seconds
 
@@ -82,7 +123,11 @@ class HealthState:
         problems = self.problems()
         with self._lock:
             age = None if self._last_tick is None else round(time.monotonic() - self._last_tick, 3)
-        return {"status": "ok" if not problems else "degraded", "problems": problems, "loop_tick_age_s": age}
+            in_hand = None if self._in_hand is None else {
+                "message": self._in_hand[0], "held_s": round(time.monotonic() - self._in_hand[1], 3),
+                "doing": self._in_hand[2]}
+        return {"status": "ok" if not problems else "degraded", "problems": problems, "loop_tick_age_s": age,
+                "in_hand": in_hand}
 
 
 class HealthServer:

@@ -19,7 +19,8 @@ class ServiceMetrics:
         self.samples = Counter("filial_samples", "Samples (rows) applied by the engine", ["slice"], registry=r)
         self.duplicates = Counter("filial_duplicate_batches", "Replayed batches skipped (already applied)",
                                   registry=r)
-        self.decode_failures = Counter("filial_decode_failures", "Messages dead-lettered, by reason", ["reason"],
+        self.decode_failures = Counter("filial_decode_failures", "Messages dead-lettered, by reason "
+                                       "(the decoder's, incompatible, engine_error, crash_loop)", ["reason"],
                                        registry=r)
         self.lag = Gauge("filial_consumer_lag", "Messages behind the log end", ["partition"], registry=r)
         self.kl = Gauge("filial_kl", "Last KL(batch || served reference) per slice", ["slice"], registry=r)
@@ -53,6 +54,10 @@ class ServiceMetrics:
                                              "served version over every slice seen", registry=r)
         self.served_bwt = Gauge("filial_served_bwt", "Backward transfer of the served version (minus the mean "
                                 "forgetting of the slices it learned earlier)", registry=r)
+        self.pending_age = Gauge("filial_oldest_pending_message_age_seconds", "Seconds the oldest message fetched "
+                                 "and not yet applied or dead-lettered has waited (0: none in hand)", registry=r)
+        self.engine_errors = Counter("filial_engine_errors", "Attempts to apply a batch that raised (each undone; "
+                                     "the second failure quarantines the batch)", registry=r)
         self._last_checkpoint: float | None = None
         self.checkpoint_age.set_function(self._checkpoint_age)
 

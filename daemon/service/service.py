@@ -45,7 +45,7 @@ from daemon.service.metrics import ServiceMetrics
 from daemon.service.publisher import PublishAbandoned, Publisher, release_job
 from daemon.service.recovery import adopt_unrecorded_versions, ledger_from, load_checkpoint
 from daemon.service.settings import Settings
-from zoo_store.checkpoints import CheckpointStore
+from zoo_store.checkpoints import CheckpointStore, DeadLetterLog, InFlightMarker
 from zoo_store.connection import probe_client
 from zoo_store.keys import Keys
 from zoo_store.telemetry import Telemetry
@@ -90,7 +90,9 @@ class Service:
                                 health=self.health, failpoints=self.failpoints,
                                 backoff_cap=settings.ops.backoff_max_seconds, stop_event=self.stop_event,
                                 record=lambda record: self._best_effort(self.telemetry.decision, record),
-                                after_batch=self._after_batch)
+                                after_batch=self._after_batch, inflight=InFlightMarker(self.redis, keys),
+                                crash_loop_after=settings.ops.crash_loop_after,
+                                dead_letter_log=DeadLetterLog(self.redis, keys))
         self.health_server: HealthServer | None = None
         self._consumer: BatchConsumer | None = None
         self._bootstrap_publish: Future | None = None
@@ -255,6 +257,7 @@ class Service:
         self._best_effort(self.telemetry.save_tree, self.engine.describe_tree())
 
     def _checkpointed(self, meta: dict[str, Any]) -> None:
+        self.loop.checkpointed(meta["applied_offsets"])
         if self._consumer is not None:
             try:
                 self._consumer.commit(meta["applied_offsets"])

@@ -118,7 +118,9 @@ class OpsSettings(BaseModel):
     health_port: int = Field(8080, ge=-1, le=65535, description="port of /healthz /readyz /metrics; "
                              "0: any free port; -1: no server")
     health_stall_seconds: float = Field(300.0, gt=0, description="/healthz fails when the consume loop has "
-                                        "not ticked for this long")
+                                        "not ticked, or has held one message, for this long")
+    crash_loop_after: int = Field(2, ge=1, description="a batch in flight at this many consecutive crashes of "
+                                  "the process is dead-lettered as crash_loop instead of being applied again")
     health_probe_seconds: float = Field(1.0, gt=0, description="how often Redis and the broker are probed")
     backoff_max_seconds: float = Field(30.0, gt=0, description="cap of the exponential backoff when "
                                        "reconnecting and retrying publishes and checkpoints")

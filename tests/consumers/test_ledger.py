@@ -24,6 +24,17 @@ def test_a_dead_letter_advances_the_offset_without_an_id():
     assert ledger.next_offsets() == {"t:0": 1} and ledger.to_json()["t:0"]["batch_ids"] == []
 
 
+def test_a_dead_lettered_batch_id_is_known_but_not_applied():
+    ledger = AppliedLedger()
+    ledger.mark_dead_lettered(BatchSource("t", 0, 4), "poison-1")
+    assert ledger.next_offsets() == {"t:0": 5}
+    assert ledger.knows_batch("t:0", "poison-1")  # the log-reset check recognises the record at offset 4
+    assert not ledger.already_applied(BatchSource("t", 0, 9), "poison-1")
+    restored = AppliedLedger.from_json(ledger.to_json())
+    assert restored.knows_batch("t:0", "poison-1") and restored.to_json()["t:0"]["batch_ids"] == []
+    assert AppliedLedger.from_json({"t:0": {"next_offset": 3, "batch_ids": ["a"]}}).knows_batch("t:0", "a")
+
+
 def test_forgetting_a_partition_keeps_its_batch_ids():
     ledger = AppliedLedger()
     ledger.mark_applied(BatchSource("t", 0, 7), "b7")
@@ -37,7 +48,7 @@ def test_json_round_trip_and_id_cap():
     ledger = AppliedLedger(max_ids=3)
     for i in range(5):
         ledger.mark_applied(BatchSource("t", 2, i), f"b{i}")
-    assert ledger.to_json() == {"t:2": {"next_offset": 5, "batch_ids": ["b2", "b3", "b4"]}}
+    assert ledger.to_json() == {"t:2": {"next_offset": 5, "batch_ids": ["b2", "b3", "b4"], "dead_lettered_ids": []}}
     twin = AppliedLedger.from_json(ledger.to_json(), max_ids=3)
     assert twin.to_json() == ledger.to_json()
     assert twin.knows_batch("t:2", "b4") and not twin.knows_batch("t:2", "b0")

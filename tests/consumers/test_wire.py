@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors.torch import save as st_save
 
-from consumers.wire import REASONS, DecodeError, WireLimits, decode_batch, encode_batch
+from consumers.wire import REASONS, DecodeError, Expected, WireLimits, decode_batch, encode_batch
 
 LIMITS = WireLimits()
 GOOD_HEADERS = [("slice", b"s1"), ("data_type", b"image"), ("schema", b"1")]
@@ -59,7 +59,21 @@ def test_each_rejection_names_its_reason():
     assert _reason(ok, GOOD_HEADERS + [("note", b"x" * 1000)]) == "too_large"
     assert _reason(ok, limits=WireLimits(max_message_bytes=100)) == "too_large"
     assert _reason(ok, limits=WireLimits(max_batch_rows=2)) == "too_large"
-    assert _reason(ok, expected_shape={"image": (32, 32)}) == "bad_shape"
+
+
+
+def test_a_batch_the_served_model_cannot_take_is_incompatible():
+    x, y = _images()
+    ok = st_save({"x": x, "y": y})
+    assert _reason(ok, expected=Expected("image", (32, 32))) == "incompatible"
+    tabular = st_save({"x": torch.rand(4, 20), "y": y})
+    tab_headers = [("slice", b"s1"), ("data_type", b"tabular"), ("schema", b"1")]
+    assert _reason(tabular, tab_headers, expected=Expected("image", (28, 28))) == "incompatible"
+    assert _reason(tabular, tab_headers, expected=Expected("tabular", (21,))) == "incompatible"
+    # only what is known is checked: before the first batch nothing is, then the first batch's form
+    assert decode_batch(tabular, tab_headers, LIMITS, expected=Expected()).x.shape == (4, 20)
+    assert decode_batch(tabular, tab_headers, LIMITS, expected=Expected("tabular", None)).x.shape == (4, 20)
+    assert decode_batch(ok, GOOD_HEADERS, LIMITS, expected=Expected("image", (28, 28))).x.shape == (4, 28, 28)
 
 
 def test_sequence_and_tabular_rules():
