@@ -91,7 +91,7 @@ def _stream(n: int, rows: int, seed: int):
         yield f"chaos-{i}", name, x[lo:lo + rows][:, slices[name]].contiguous(), y[lo:lo + rows].contiguous()
 
 
-def _poison(kind: str, slice_name: str, batch_id: str, rows: int, gen) -> tuple[bytes, list]:
+def poison_message(kind: str, slice_name: str, batch_id: str, rows: int, gen) -> tuple[bytes, list]:
     import torch
 
     from consumers.wire import encode_batch
@@ -142,7 +142,7 @@ class Producer(threading.Thread):
                 if i >= 8 and rng.random() < self.poison_share:  # after the first model exists
                     kind = rng.choice(POISON_KINDS)
                     poison_id = f"poison-{kind}-{i}"
-                    send(*_poison(kind, name, poison_id, self.rows, gen))
+                    send(*poison_message(kind, name, poison_id, self.rows, gen))
                     self.poison[poison_id] = kind
                 value, headers = encode_batch(x, y, name, "tabular", batch_id)
                 send(value, headers)
