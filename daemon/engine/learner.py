@@ -251,12 +251,14 @@ class Learner:
         if active < self.s.max_children:
             return verdict
         if nearest is None:
-            return Verdict("keep", f"{verdict.reason}; but {active} children = max_children and none of this "
-                                   f"data type: no child spawned", verdict.drift)
+            return Verdict("keep", f"{verdict.reason}; but {active} active children (max_children "
+                                   f"{self.s.max_children}) and none of this data type: no child spawned",
+                           verdict.drift)
         log.info("max_children %d reached: retraining the nearest child %s instead of spawning",
                  self.s.max_children, nearest.node_id)
-        return Verdict("retrain", f"{verdict.reason}; but {active} children = max_children: retraining the "
-                                  f"nearest child {nearest.node_id} instead", verdict.drift, nearest.node_id)
+        return Verdict("retrain", f"{verdict.reason}; but {active} active children (max_children "
+                                  f"{self.s.max_children}): retraining the nearest child {nearest.node_id} instead",
+                       verdict.drift, nearest.node_id)
 
     def _update_served(self, state: EngineState, rows: Rows, in_distribution: bool) -> None:
         """The served model learns the batch plus experience-balanced replay. Rows it already copes
