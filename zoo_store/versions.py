@@ -110,16 +110,27 @@ class VersionStore:
         return Published(manifest, created=True)
 
     def _expire_old(self, line: str, newest: int) -> None:
+        """Delete versions older than the last ``keep_versions``, their events and their publish ids.
+
+        Dropping an old version's publish id keeps the exactly-once guarantee: the publisher
+        retries one job at a time, in order, until it is written, so the only publish that can be
+        retried after an ambiguous EXEC is the newest version on the line, and retention always
+        keeps that one (``keep_versions >= 1``). An id whose version is gone could only answer
+        with a manifest that no longer exists, so it goes with the data, in the same transaction.
+        """
         oldest_kept = newest - self.keep_versions + 1
         if oldest_kept <= 1:
             return
         lk = self.keys.line(line)
         stale = [v for v in self.versions(line) if v < oldest_kept]
-        if not stale:
+        stale_ids = [pid for pid, v in self.client.hscan_iter(lk.publish_ids) if int(v) < oldest_kept]
+        if not stale and not stale_ids:
             return
         with self.client.pipeline(transaction=True) as pipe:
             # trim the stream first: an event must never outlive its data
             pipe.xtrim(lk.events, minid=event_id(oldest_kept), approximate=False)
             for v in stale:
                 pipe.delete(lk.weights(v), lk.manifest(v))
+            if stale_ids:
+                pipe.hdel(lk.publish_ids, *stale_ids)
             pipe.execute()

@@ -254,6 +254,7 @@ class Engine:
         feats = embed(root.model, model_input(root.reference_x, root.data_type))
         st.thresholds = replace(st.thresholds, kl=calibrate_threshold(feats, self.learner_settings.train_batch_size,
                                                                       rate))
+        st.kl_calibrated_rate = rate
         log.info("calibrated kl_threshold %.4f at false-alarm rate %s", st.thresholds.kl, rate)
 
     def adopt_merge(self, outcome: MergeOutcome, version: int) -> None:
@@ -317,6 +318,25 @@ class Engine:
     def restore(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         with self._lock:
             decode(meta, tensors, self._state, self.device)
+            self._settle_kl_threshold(meta)
+
+    def _settle_kl_threshold(self, meta: dict[str, Any]) -> None:
+        """The settings win over the checkpoint's KL threshold: a checkpointed threshold is kept only
+        when it was calibrated at the false-alarm rate still configured (the same calibration, not
+        refitted on a reference that has grown since). Otherwise ``kl_threshold`` applies, or, with a
+        new ``kl_false_alarm_rate``, the threshold is calibrated again on the restored served model."""
+        st, rate = self._state, self.learner_settings.kl_false_alarm_rate
+        saved, saved_rate = meta["kl_threshold"], meta.get("kl_calibrated_rate")
+        if rate is not None and saved_rate == rate:
+            st.thresholds = replace(st.thresholds, kl=saved)
+            st.kl_calibrated_rate = rate
+            return
+        st.kl_calibrated_rate = None
+        if rate is not None and st.served_version is not None:
+            self._calibrate()
+        if st.thresholds.kl != saved:
+            log.info("kl_threshold %.4f from the settings replaces the checkpoint's %.4f%s", st.thresholds.kl, saved,
+                     f" (calibrated at {saved_rate})" if saved_rate is not None else "")
 
 
 def _carry_progress(published: dict[str, torch.Tensor], working_then: dict[str, torch.Tensor] | None,

@@ -82,6 +82,7 @@ class Learner:
                     batch.x[held], batch.y[held])
 
     def apply(self, state: EngineState, batch: Batch) -> BatchResult:
+        evicted = self._admit_slice(state, batch.slice)
         rows = self.split(state, batch)
         if state.bootstrapped:
             result = self._decide_and_train(state, rows)
@@ -96,7 +97,19 @@ class Learner:
         state.counters.batches += 1
         state.counters.samples += rows.size
         state.slice_last_batch[rows.slice] = state.counters.batches
-        return result
+        return replace(result, evicted_slice=evicted) if evicted else result
+
+    def _admit_slice(self, state: EngineState, name: str) -> str | None:
+        """A new slice name beyond ``max_slices`` evicts the least recently seen slice (returned)."""
+        known = state.known_slices()
+        if name in known or len(known) < self.s.max_slices:
+            return None
+        oldest = min(known, key=lambda s: (state.slice_last_batch.get(s, 0), s))
+        state.forget_slice(oldest)
+        log.warning("slice %r is new and %d slices are held (max_slices): evicted the least recently seen, %r "
+                    "(its buffers and accuracy bookkeeping; the models keep what they learned from it)",
+                    name, len(known), oldest)
+        return oldest
 
     # --- training sets --------------------------------------------------------------------------------
     def _training_set(self, state: EngineState, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,6 +219,8 @@ class Learner:
         if verdict.action == "spawn" and rows.size < self.s.min_spawn_rows:
             verdict = Verdict("keep", f"{verdict.reason}; but {rows.size} rows < min_spawn_rows "
                                       f"{self.s.min_spawn_rows}: evaluated, no child spawned", verdict.drift)
+        if verdict.action == "spawn":
+            verdict = self._within_max_children(state, verdict, nearest)
         if verdict.drift:
             state.counters.drift_events += 1
         child_id = None
@@ -228,6 +243,22 @@ class Learner:
             merge_due = state.counters.child_updates_since_merge >= self.merge_after
         return BatchResult(rows.slice, rows.size, verdict.action, verdict.reason, kl, acc, verdict.drift,
                            child=child_id, nearest_kl=nearest_kl, merge_due=merge_due)
+
+    def _within_max_children(self, state: EngineState, verdict: Verdict, nearest: Node | None) -> Verdict:
+        """At ``max_children`` a spawn becomes a retrain of the nearest child: nothing learned is
+        discarded, and the per-batch cost (one forward pass per child) stays bounded."""
+        active = len(state.tree.active_children())
+        if active < self.s.max_children:
+            return verdict
+        if nearest is None:
+            return Verdict("keep", f"{verdict.reason}; but {active} active children (max_children "
+                                   f"{self.s.max_children}) and none of this data type: no child spawned",
+                           verdict.drift)
+        log.info("max_children %d reached: retraining the nearest child %s instead of spawning",
+                 self.s.max_children, nearest.node_id)
+        return Verdict("retrain", f"{verdict.reason}; but {active} active children (max_children "
+                                  f"{self.s.max_children}): retraining the nearest child {nearest.node_id} instead",
+                       verdict.drift, nearest.node_id)
 
     def _update_served(self, state: EngineState, rows: Rows, in_distribution: bool) -> None:
         """The served model learns the batch plus experience-balanced replay. Rows it already copes

@@ -46,6 +46,7 @@ class BatchResult:
     publish_bootstrap: bool = False
     merge_due: bool = False
     seconds: float = 0.0
+    evicted_slice: str | None = None  # the least recently seen slice this batch's new slice displaced (max_slices)
 
     def record(self) -> dict[str, Any]:
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}

@@ -64,7 +64,14 @@ class LearnerSettings(BaseModel):
     min_spawn_rows: int = Field(32, ge=1, description="a batch with fewer rows never spawns a child (KL on tiny "
                                 "batches is noisy): it is evaluated and, with train_served, learned by the served model")
     reference_size: int = Field(512, ge=32, description="samples in each model's reference fingerprint")
-    max_children: int = Field(32, ge=1, description="cap on active children (oldest merged one is retired)")
+    max_children: int = Field(32, ge=1, description="cap on active children, enforced at spawn: when full, a "
+                              "batch that would spawn retrains the nearest child instead (nothing learned is "
+                              "discarded; the decision's reason says so). An accepted merge that leaves this many "
+                              "active retires them all: their knowledge is in the served model, its new base")
+    max_slices: int = Field(64, ge=2, description="cap on distinct slice names held (each costs replay and "
+                            "held-out buffers and metric labels): a batch of a new slice beyond it evicts the "
+                            "least recently seen slice's buffers, accuracy bookkeeping and labels (logged); "
+                            "what the models learned from it stays in their weights")
     child_size_ratio: float = Field(1.0, gt=0, le=1, description="width of a child relative to the served model; "
                                     "< 1: compact children, trained by hereditary knowledge transfer, published "
                                     "on their own model lines and merged into the served model by distillation")

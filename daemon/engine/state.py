@@ -7,7 +7,7 @@ guards it with one lock. :func:`encode` / :func:`decode` turn it into what
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -39,10 +39,27 @@ class EngineState:
     # batch, and each slice's [held-out accuracy, batch count] when a published version last learned it
     slice_last_batch: dict[str, int] = field(default_factory=dict)
     learned: dict[str, list[float]] = field(default_factory=dict)
+    # the false-alarm rate ``thresholds.kl`` was calibrated at; None: it is the kl_threshold setting
+    kl_calibrated_rate: float | None = None
 
     def fresh_slices(self) -> set[str]:
         """Slices with batches that no published version has learned yet."""
         return {s for s, b in self.slice_last_batch.items() if s not in self.learned or b > self.learned[s][1]}
+
+    def known_slices(self) -> set[str]:
+        """Every slice name the state holds something for (buffers or bookkeeping)."""
+        return (set(self.slice_last_batch) | set(self.buffers.replay) | set(self.buffers.heldout)
+                | set(self.prequential))
+
+    def forget_slice(self, name: str) -> None:
+        """Drop what is held per slice (``learner.max_slices``): its buffers, prequential and
+        continual bookkeeping, and its name in the served model's slice list. Node lineage
+        (a child's ``slice``) stays: it is history, bounded by ``max_children``."""
+        for per_slice in (self.buffers.replay, self.buffers.heldout, self.prequential, self.slice_last_batch,
+                          self.learned):
+            per_slice.pop(name, None)
+        if self.root is not None and name in self.root.slices:
+            self.root.slices.remove(name)
 
     @property
     def root(self) -> Node | None:
@@ -67,6 +84,7 @@ def encode(state: EngineState) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
         "served_version": state.served_version, "base_version": state.base_version,
         "bootstrap_batches_seen": state.bootstrap_batches_seen, "bootstrapped": state.bootstrapped,
         "prequential": state.prequential, "kl_threshold": state.thresholds.kl,
+        "kl_calibrated_rate": state.kl_calibrated_rate,
         "slice_last_batch": state.slice_last_batch, "learned": state.learned,
     }
     return meta, tensors
@@ -74,7 +92,9 @@ def encode(state: EngineState) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
 
 def decode(meta: dict[str, Any], tensors: dict[str, torch.Tensor], state: EngineState,
            device: torch.device) -> None:
-    """Load a checkpoint into ``state`` (whose buffers and thresholds carry the settings)."""
+    """Load a checkpoint into ``state`` (whose buffers and thresholds carry the settings). The
+    checkpoint's KL threshold is not applied here: the settings win unless it was calibrated under
+    the same setting (the engine decides, :meth:`daemon.engine.engine.Engine.restore`)."""
     state.tree = ModelTree.from_checkpoint(meta["tree"], tensors, device)
     state.buffers.load_tensors(tensors, meta["buffers"])
     base = {k[5:]: v for k, v in tensors.items() if k.startswith("base.")}
@@ -90,6 +110,5 @@ def decode(meta: dict[str, Any], tensors: dict[str, torch.Tensor], state: Engine
     state.bootstrap_batches_seen = meta["bootstrap_batches_seen"]
     state.bootstrapped = meta.get("bootstrapped", meta["served_version"] is not None)
     state.prequential = {k: list(v) for k, v in meta["prequential"].items()}
-    state.thresholds = replace(state.thresholds, kl=meta["kl_threshold"])
     state.slice_last_batch = dict(meta.get("slice_last_batch", {}))  # absent before the CL metrics existed
     state.learned = {k: list(v) for k, v in meta.get("learned", {}).items()}

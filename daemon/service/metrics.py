@@ -77,6 +77,15 @@ class ServiceMetrics:
         self.served_average_accuracy.set(nan if average is None else average)
         self.served_bwt.set(nan if bwt is None else bwt)
 
+    def forget_slice(self, name: str) -> None:
+        """The engine evicted a slice (``learner.max_slices``): its labels go too, so they stay bounded."""
+        for metric in (self.batches, self.samples, self.kl, self.prequential, self.served_accuracy,
+                       self.served_forgetting):
+            try:
+                metric.remove(name)
+            except KeyError:  # never set for this slice
+                pass
+
     def checkpoint_saved(self) -> None:
         self._last_checkpoint = time.monotonic()
 

@@ -15,6 +15,7 @@ keep being applied in memory, checkpoints and publishes retry with capped backof
 stay uncommitted until a checkpoint lands. On stop: the batch in hand finishes, a running merge
 finishes, queued publishes get ``publish.drain_seconds``, a last checkpoint is saved and its
 offsets committed. The invariants and threads: docs/architecture.md.
+(Over 300 lines: this is the wiring of every part and the callbacks between them; logic lives in the parts.)
 """
 
 from __future__ import annotations
@@ -137,6 +138,7 @@ class Service:
         except redis.RedisError as exc:  # then the state is re-derived, as before recovery existed
             log.warning("could not look for versions written after the checkpoint (%s)", exc)
         self.metrics.served_version.set(self.engine.served_version or 0)
+        self._best_effort(self.telemetry.save_tree, self.engine.describe_tree())
 
     def run(self) -> None:
         """Consume until :meth:`stop`; returns after the final checkpoint and commit."""
@@ -197,6 +199,10 @@ class Service:
 
     # --- after each batch, each publish, each checkpoint ----------------------------------------------
     def _after_batch(self, result: BatchResult) -> None:
+        if result.evicted_slice:
+            self.metrics.forget_slice(result.evicted_slice)
+        if result.action in ("spawn", "retrain") or result.evicted_slice:  # {p}:tree is fresh between publishes
+            self._best_effort(self.telemetry.save_tree, self.engine.describe_tree())
         if result.publish_bootstrap:
             self._publish_bootstrap()
         if result.merge_due:

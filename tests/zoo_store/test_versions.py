@@ -81,6 +81,17 @@ def test_retention_deletes_old_data_and_their_events_together(redis_client, uniq
     assert seen == [4, 5, 6]
 
 
+def test_retention_trims_publish_ids_with_their_versions_and_keeps_the_newest_idempotent(redis_client, unique):
+    keys = Keys(unique)
+    store = VersionStore(redis_client, keys, keep_versions=2)
+    for i in range(5):
+        store.publish("main", _weights(i), publish_id=f"id{i}", reason="merge", architecture=ARCH)
+    ids = {k.decode(): int(v) for k, v in redis_client.hgetall(keys.line("main").publish_ids).items()}
+    assert ids == {"id3": 4, "id4": 5}  # bounded: only the ids of the versions still stored
+    again = store.publish("main", _weights(4), publish_id="id4", reason="merge", architecture=ARCH)
+    assert not again.created and again.manifest.version == 5 and store.versions("main") == [4, 5]
+
+
 def test_follower_refuses_tampered_weights_and_bad_signatures(redis_client, unique):
     keys = Keys(unique)
     store = VersionStore(redis_client, keys, signing_key=b"secret")
