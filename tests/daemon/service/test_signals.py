@@ -139,3 +139,23 @@ def test_filial_run_stops_on_a_double_signal(tmp_path, kafka, redis_server, uniq
                 proc.kill()
         text = log.read_text()
         assert "stopping faster" in text and "stopped: " in text and "Traceback" not in text, text
+
+
+def test_a_hurried_stop_abandons_queued_publishes_instead_of_draining_them():
+    # Redis unreachable: the job retries forever; without the hurry, stop would wait out the 600 s drain
+    import redis
+
+    from daemon.service.publisher import PublishAbandoned, Publisher, PublishJob
+    from zoo_store.versions import VersionStore
+
+    unreachable = redis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2, socket_timeout=0.2)
+    publisher = Publisher(VersionStore(unreachable, Keys("hurry")), backoff_cap=0.5).start()
+    job = publisher.submit(PublishJob("main", "merge", b"w", "merge:1:x", {"architecture": {}}))
+    hurry = threading.Event()
+    stopper = threading.Thread(target=publisher.stop, args=(600.0,), kwargs={"hurry": hurry}, daemon=True)
+    stopper.start()
+    assert wait_until(lambda: publisher.pending == 1, timeout=10)  # draining: still waiting for the job
+    hurry.set()
+    stopper.join(timeout=HANG_BOUND_SECONDS)
+    assert not stopper.is_alive()
+    assert isinstance(job.exception(timeout=10), PublishAbandoned)
