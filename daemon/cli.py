@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 from typing import Any
 
@@ -41,19 +40,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from daemon.service.failpoints import Failpoints
     from daemon.service.logs import setup_logging
     from daemon.service.service import Service
+    from daemon.service.signals import stop_service_on_signals
 
     settings = _settings_from(args)
     setup_logging(settings.ops.log_level, settings.ops.log_format)
     with EmbeddedInfrastructure(settings) as live:
         service = Service(live, failpoints=Failpoints.from_env())  # make chaos's markers; inert otherwise
-
-        def stop(signum, _frame):
-            log.info("received %s: finishing the batch in hand, then stopping", signal.Signals(signum).name)
-            service.stop()
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
-        service.run()
+        with stop_service_on_signals(service):  # the handler only wakes a watcher: no lock in it
+            service.run()
     return 0
 
 

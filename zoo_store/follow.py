@@ -31,7 +31,7 @@ from safetensors.torch import load as st_load
 
 from zoo_store.connection import CappedBackoff, connect
 from zoo_store.keys import Keys, event_id
-from zoo_store.models import Manifest, VersionEvent, sha256_hex
+from zoo_store.models import SIGNATURE_SCHEMES, Manifest, VersionEvent, sha256_hex
 from zoo_store.versions import VersionNotFound, VersionStore
 
 
@@ -99,6 +99,10 @@ class Follower:
             if manifest.signature is None:
                 raise VerificationError(f"{what}: manifest is unsigned and this follower requires a signature "
                                         "(a signing key is configured)")
+            if manifest.signature_scheme not in (None, *SIGNATURE_SCHEMES):
+                raise VerificationError(f"{what}: manifest is signed with scheme {manifest.signature_scheme!r}, "
+                                        f"which this follower does not know (known: {', '.join(SIGNATURE_SCHEMES)}); "
+                                        "upgrade the follower")
             if not manifest.signature_valid(self.signing_key):
                 raise VerificationError(f"{what}: manifest signature is invalid (tampered, or signed with "
                                         "another key)")

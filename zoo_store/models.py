@@ -5,20 +5,48 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 from datetime import datetime, timezone
 from typing import Any, Literal
 
+import rfc8785
 from pydantic import BaseModel, Field
 
 MANIFEST_SCHEMA = 1
+# The manifest's signature scheme (README, "Signed manifests"): HMAC-SHA256 over the RFC 8785 (JCS)
+# form of the stored manifest JSON without ``signature``. Manifests without ``signature_scheme`` were
+# signed before it existed, over LEGACY_CANONICAL_JSON's bytes, and still verify.
+SIGNATURE_SCHEME = "hmac-sha256-jcs"
+SIGNATURE_SCHEMES = (SIGNATURE_SCHEME,)
 
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def canonical_json(data: dict[str, Any]) -> bytes:
+def canonical_json(data: Any) -> bytes:
+    """RFC 8785 (JCS) bytes of ``data``: what any language's JCS library writes for the same JSON
+    (numbers as ECMAScript writes them, ``1.0`` → ``1``; UTF-8, not \\u escapes). NaN and infinities
+    have no JSON form: ValueError (a manifest stores them as null; see :meth:`Manifest.signing_payload`)."""
+    _refuse_non_finite(data)
+    return rfc8785.dumps(data)
+
+
+def legacy_canonical_json(data: dict[str, Any]) -> bytes:
+    """The form manifests without ``signature_scheme`` were signed over (Python's float formatting,
+    ASCII escapes): kept only to verify them."""
     return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _refuse_non_finite(data: Any) -> None:
+    if isinstance(data, float) and not math.isfinite(data):
+        raise ValueError(f"{data!r} has no JSON form (RFC 8785 refuses it)")
+    if isinstance(data, dict):
+        for value in data.values():
+            _refuse_non_finite(value)
+    elif isinstance(data, (list, tuple)):
+        for value in data:
+            _refuse_non_finite(value)
 
 
 class LineageEntry(BaseModel):
@@ -50,18 +78,33 @@ class Manifest(BaseModel):
     weights_sha256: str
     weights_bytes: int
     publish_id: str
+    signature_scheme: str | None = Field(None, description=f"{SIGNATURE_SCHEME!r} for signed manifests; absent "
+                                         "on those signed before it existed (legacy canonical JSON)")
     signature: str | None = Field(None, description="hex HMAC-SHA256 of the manifest without this field")
 
     def signing_payload(self) -> bytes:
-        return canonical_json(self.model_dump(mode="json", exclude={"signature"}))
+        """The bytes the HMAC covers. With ``signature_scheme``: the JCS form of the manifest exactly
+        as stored (its JSON, NaN and infinities written as null, as pydantic stores them) without
+        ``signature``, so a follower in any language signs what it reads. Without it: the legacy form."""
+        if self.signature_scheme is None:
+            return legacy_canonical_json(self.model_dump(mode="json", exclude={"signature", "signature_scheme"}))
+        if self.signature_scheme not in SIGNATURE_SCHEMES:
+            raise ValueError(f"unknown signature_scheme {self.signature_scheme!r} (known: {', '.join(SIGNATURE_SCHEMES)})")
+        return canonical_json(json.loads(self.model_dump_json(exclude={"signature"})))
 
     def sign(self, key: bytes) -> "Manifest":
-        return self.model_copy(update={"signature": hmac.new(key, self.signing_payload(), hashlib.sha256).hexdigest()})
+        scheme = self.model_copy(update={"signature_scheme": SIGNATURE_SCHEME})
+        return scheme.model_copy(update={"signature": hmac.new(key, scheme.signing_payload(),
+                                                                hashlib.sha256).hexdigest()})
 
     def signature_valid(self, key: bytes) -> bool:
         if not self.signature:
             return False
-        expected = hmac.new(key, self.signing_payload(), hashlib.sha256).hexdigest()
+        try:
+            payload = self.signing_payload()
+        except ValueError:  # an unknown scheme (a newer writer) or a legacy manifest holding NaN
+            return False
+        expected = hmac.new(key, payload, hashlib.sha256).hexdigest()
         return hmac.compare_digest(expected, self.signature)
 
 

@@ -112,12 +112,13 @@ class Publisher:
         self._jobs.put(job)
         return job.future
 
-    def stop(self, drain_seconds: float) -> None:
-        """Let queued jobs finish for up to ``drain_seconds`` (a Redis outage may outlast it), then
-        abandon the rest: their futures fail with :class:`PublishAbandoned`."""
+    def stop(self, drain_seconds: float, hurry: threading.Event | None = None) -> None:
+        """Let queued jobs finish for up to ``drain_seconds`` (a Redis outage may outlast it), or
+        until ``hurry`` is set, then abandon the rest: their futures fail with :class:`PublishAbandoned`."""
+        hurry = hurry or threading.Event()
         deadline = time.monotonic() + drain_seconds
-        while self.pending and time.monotonic() < deadline:
-            time.sleep(0.05)
+        while self.pending and time.monotonic() < deadline and not hurry.is_set():
+            hurry.wait(0.05)
         self._stop.set()
         self._jobs.put(None)
         self._thread.join(timeout=max(1.0, deadline - time.monotonic()) + 10)

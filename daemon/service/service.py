@@ -66,6 +66,7 @@ class Service:
         self.engine = Engine(settings.model, settings.learner, settings.merge, resolve_device(settings.model.device))
         self.ledger = AppliedLedger()
         self.stop_event = threading.Event()
+        self.hurry = threading.Event()  # a second stop signal: skip the publish drain (stop(hurry=True))
         self.metrics = ServiceMetrics()
         self.health = HealthState(settings.ops.health_stall_seconds)
         self.redis = redis_client(settings)
@@ -115,7 +116,12 @@ class Service:
     def merge_now(self) -> MergeOutcome | None:
         return self.merge_job.merge_now()
 
-    def stop(self) -> None:
+    def stop(self, hurry: bool = False) -> None:
+        """Stop :meth:`run` (from any thread; never from a signal handler: daemon/service/signals.py).
+        ``hurry``: a faster stop that loses nothing: queued publishes are abandoned instead of being
+        given ``publish.drain_seconds`` (a publish whose transaction is under way still completes)."""
+        if hurry:
+            self.hurry.set()
         self.stop_event.set()
 
     # --- running ----------------------------------------------------------------------------------------
@@ -159,7 +165,7 @@ class Service:
                 return  # stopped while the broker was away
             life.start(self.checkpointer)  # stops with the last checkpoint, before the clients close
             life.start(Hooks("publisher", start=self.publisher.start,
-                             stop=lambda: self.publisher.stop(self.s.publish.drain_seconds)))
+                             stop=lambda: self.publisher.stop(self.s.publish.drain_seconds, hurry=self.hurry)))
             life.start(self.merge_job)
             self.health.started()
             log.info("consuming %s as group %s; publishing to %s (line %s)", self.s.kafka.topic,
