@@ -18,6 +18,9 @@ held-out rows, after twice as many at the latest, or as soon as a batch of anoth
 
 The batch is converted to the model's input form once (:class:`Rows`) and passed down. The
 caller (the engine facade) holds the lock; nothing here does I/O or starts threads.
+
+Over 300 lines because the steps above share one state and one converted batch; the algorithms
+they call (policy, drift, replay, training, inheritance) are in ``daemon/learn``.
 """
 
 from __future__ import annotations
