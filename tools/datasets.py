@@ -63,17 +63,54 @@ def _torchvision(spec: str) -> Dataset:
 
 
 def _npz(path: str) -> Dataset:
-    with np.load(Path(path).expanduser(), allow_pickle=False) as arrays:
+    """An ``.npz`` file, its arrays converted to what the wire format takes (``consumers.wire``):
+    float x (float64 included, numpy's default) becomes float32; integer image or tabular x becomes
+    uint8 when every value is in 0..255 (pixels, divided by 255 by the daemon), else float32; sequence
+    x (token ids) becomes int64; y becomes int64 when its values are whole numbers. Anything else is
+    refused with one line, so a producer never sends batches the daemon would dead-letter."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ValueError(f"{path}: no such file (an npz dataset is 'npz:<path to .npz>')")
+    with np.load(file, allow_pickle=False) as arrays:
         if "x" not in arrays or "y" not in arrays:
             raise ValueError(f"{path}: an .npz dataset needs arrays 'x' and 'y' (has {sorted(arrays)})")
-        x, y = torch.from_numpy(arrays["x"].copy()), torch.from_numpy(arrays["y"].copy()).long()
+        x_np, y_np = arrays["x"], arrays["y"]
         if "data_type" in arrays:
             data_type = str(arrays["data_type"])
         else:
-            data_type = "image" if x.dim() >= 3 else ("sequence" if not x.is_floating_point() else "tabular")
-    if len(x) != len(y):
-        raise ValueError(f"{path}: x has {len(x)} rows but y has {len(y)}")
-    return Dataset(f"npz:{path}", x, y, data_type)
+            data_type = "image" if x_np.ndim >= 3 else ("sequence" if not np.issubdtype(x_np.dtype, np.floating)
+                                                         else "tabular")
+    if len(x_np) != len(y_np):
+        raise ValueError(f"{path}: x has {len(x_np)} rows but y has {len(y_np)}")
+    return Dataset(f"npz:{path}", _wire_x(path, x_np, data_type), _wire_y(path, y_np), data_type)
+
+
+def _wire_x(path: str, x: np.ndarray, data_type: str) -> torch.Tensor:
+    numeric = np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_
+    if not numeric:
+        raise ValueError(f"{path}: x has dtype {x.dtype}; it must be numeric")
+    if data_type == "sequence":
+        whole = np.issubdtype(x.dtype, np.integer) or (np.isfinite(x).all() and (x == np.round(x)).all())
+        if not whole:
+            raise ValueError(f"{path}: sequence x holds token ids and must be whole numbers ({x.dtype} has fractions)")
+        return torch.from_numpy(x.astype(np.int64))
+    if np.issubdtype(x.dtype, np.floating):
+        if not np.isfinite(x).all():
+            raise ValueError(f"{path}: x contains NaN or Inf")
+        return torch.from_numpy(x.astype(np.float32))
+    if x.size and 0 <= x.min() and x.max() <= 255:
+        return torch.from_numpy(x.astype(np.uint8))
+    return torch.from_numpy(x.astype(np.float32))
+
+
+def _wire_y(path: str, y: np.ndarray) -> torch.Tensor:
+    if y.ndim != 1:
+        raise ValueError(f"{path}: y must be one label per row (shape ({len(y)},)), got shape {y.shape}")
+    if np.issubdtype(y.dtype, np.floating) and not (np.isfinite(y).all() and (y == np.round(y)).all()):
+        raise ValueError(f"{path}: y must be whole class numbers; it has dtype {y.dtype} with fractions or NaN")
+    if not (np.issubdtype(y.dtype, np.number) or y.dtype == np.bool_):
+        raise ValueError(f"{path}: y has dtype {y.dtype}; it must be integer class numbers")
+    return torch.from_numpy(y.astype(np.int64))
 
 
 def load_dataset(name: str) -> Dataset:

@@ -69,3 +69,31 @@ def test_a_wrong_name_says_what_exists(name, says):
         load_dataset(name)
     if says == "unknown dataset":
         assert all(b in str(info.value) for b in BUNDLED) and "npz:<path>" in str(info.value)
+
+
+def test_npz_arrays_are_converted_to_what_the_wire_takes(tmp_path):
+    """numpy's default float64 (sent as is, the daemon dead-lettered every batch as bad_dtype)."""
+    from consumers.wire import WireLimits, decode_batch, encode_batch
+
+    path = tmp_path / "f64.npz"
+    np.savez(path, x=np.random.default_rng(0).normal(size=(6, 4)), y=np.array([0., 1., 2., 0., 1., 2.]))
+    ds = load_dataset(f"npz:{path}")
+    assert ds.x.dtype == torch.float32 and ds.y.dtype == torch.int64 and ds.y.tolist() == [0, 1, 2, 0, 1, 2]
+    value, headers = encode_batch(ds.x, ds.y, "s", ds.data_type, "b0")
+    assert decode_batch(value, headers, WireLimits()).x.dtype == torch.float32  # the daemon accepts it
+    pixels = tmp_path / "pixels.npz"
+    np.savez(pixels, x=np.full((2, 3, 3), 200, dtype=np.int64), y=np.array([1, 0]))
+    assert load_dataset(f"npz:{pixels}").x.dtype == torch.uint8
+
+
+def test_npz_that_cannot_be_converted_is_refused_in_one_line(tmp_path):
+    fractional = tmp_path / "fractional.npz"
+    np.savez(fractional, x=np.zeros((2, 3), dtype=np.float32), y=np.array([0.5, 1.0]))
+    with pytest.raises(ValueError, match="whole class numbers"):
+        load_dataset(f"npz:{fractional}")
+    nan = tmp_path / "nan.npz"
+    np.savez(nan, x=np.array([[np.nan, 1.0]]), y=np.array([0]))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        load_dataset(f"npz:{nan}")
+    with pytest.raises(ValueError, match="no such file"):
+        load_dataset(f"npz:{tmp_path / 'absent.npz'}")
