@@ -255,6 +255,29 @@ def _explain(exc: ValidationError) -> str:
     return "invalid settings:\n  " + "\n  ".join(lines)
 
 
+# FILIAL_ variables that are not settings: make chaos's failpoints, the image's build argument
+_NOT_SETTINGS = ("FILIAL_CHAOS_TRACE", "FILIAL_CHAOS_CRASH_SLICE", "FILIAL_CHAOS_PAUSE", "FILIAL_EXTRAS")
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One warning per ``FILIAL_*`` variable that no setting reads (a misspelling is otherwise silently
+    ignored), naming the nearest valid name."""
+    import difflib
+
+    known = {f"FILIAL_{flat.upper()}" for flat in FLAT_NAMES} | set(_NOT_SETTINGS)
+    for group, model in {**GROUPS, "limits": WireLimits}.items():
+        known.add(f"FILIAL_{group.upper()}")
+        known |= {f"FILIAL_{group.upper()}__{field.upper()}" for field in model.model_fields}
+    warnings = []
+    for name in sorted(environ):
+        if name.upper().startswith("FILIAL_") and name.upper() not in known:
+            near = difflib.get_close_matches(name.upper().removeprefix("FILIAL_"),  # the shared prefix is no evidence
+                                             sorted(k.removeprefix("FILIAL_") for k in known), n=1, cutoff=0.6)
+            hint = f"; did you mean FILIAL_{near[0]}?" if near else "; 'filial run --help' lists the settings"
+            warnings.append(f"{name} is not a filial setting and is ignored{hint}")
+    return warnings
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Settings from env/.env plus ``overrides`` (CLI flags: flat names or groups); raise
     SettingsError naming the fields."""

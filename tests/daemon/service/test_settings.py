@@ -70,3 +70,13 @@ def test_unknown_variable_in_dotenv_is_refused(monkeypatch, tmp_path):
     (tmp_path / ".env").write_text("FILIAL_KL_TRESHOLD=0.1\n")
     with pytest.raises(SettingsError, match="kl_treshold"):
         load_settings()
+
+
+def test_a_misspelt_variable_is_named_with_the_nearest_setting():
+    from daemon.service.settings import unknown_variables
+
+    warnings = unknown_variables({"FILIAL_KL_TRESHOLD": "0.3", "FILIAL_TOPIC": "in", "FILIAL_MERGE__ALPHA": "0.1",
+                                  "FILIAL_LIMITS__MAX_MESSAGE_BYTES": "1024", "FILIAL_CHAOS_TRACE": "/tmp/t",
+                                  "FILIAL_MERGE": "{}", "HOME": "/root"})
+    assert warnings == ["FILIAL_KL_TRESHOLD is not a filial setting and is ignored; did you mean FILIAL_KL_THRESHOLD?"]
+    assert "filial run --help" in unknown_variables({"FILIAL_QWERTYUIOP": "1"})[0]
