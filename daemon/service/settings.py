@@ -14,10 +14,11 @@ Invalid values stop the daemon at start with the field's names and what is allow
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (BaseSettings, DotEnvSettingsSource, PydanticBaseSettingsSource,
                                SettingsConfigDict)
 
@@ -27,10 +28,35 @@ from daemon.engine.settings import LearnerSettings, MergeSettings, ModelSettings
 _GROUP = ConfigDict(extra="forbid", validate_default=True)
 
 
+def _readable(path: Path) -> Path:
+    """Secrets and certificates are read at start, before any server is started or contacted."""
+    try:
+        with open(path.expanduser(), "rb"):
+            return path
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _bootstrap_servers(value: str | None) -> str | None:
+    if value is not None and not all(re.fullmatch(r"\[?[A-Za-z0-9_.:\-]+\]?:\d{1,5}", part.strip())
+                                     for part in value.split(",")):
+        raise ValueError("must be host:port[,host:port...], e.g. kafka:9092")
+    return value
+
+
+def _redis_url(value: str | None) -> str | None:
+    if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must start with redis://, rediss:// or unix://, e.g. redis://redis:6379/0")
+    return value
+
+
+ReadableFile = Annotated[Path, AfterValidator(_readable)]
+
+
 class KafkaSettings(BaseModel):
     model_config = _GROUP
 
-    bootstrap: str | None = Field(None, description="Kafka bootstrap servers host:port[,...]; "
+    bootstrap: Annotated[str | None, AfterValidator(_bootstrap_servers)] = Field(None, description="Kafka bootstrap servers host:port[,...]; "
                                   "unset: start the embedded broker")
     topic: str = Field("filial.batches", min_length=1, description="topic the batches arrive on")
     dead_letter_topic: str = Field("filial.dead-letter", min_length=1,
@@ -40,10 +66,10 @@ class KafkaSettings(BaseModel):
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
-    sasl_password_file: Path | None = Field(None, description="file holding the Kafka SASL password")
-    ssl_cafile: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
+    sasl_password_file: ReadableFile | None = Field(None, description="file holding the Kafka SASL password")
+    ssl_cafile: ReadableFile | None = None
+    ssl_certfile: ReadableFile | None = None
+    ssl_keyfile: ReadableFile | None = None
     session_timeout_ms: int = Field(10_000, ge=1000, description="consumer group session timeout")
 
     @model_validator(mode="after")
@@ -56,13 +82,13 @@ class KafkaSettings(BaseModel):
 class RedisSettings(BaseModel):
     model_config = _GROUP
 
-    url: str | None = Field(None, description="redis:// or rediss:// URL; unset: start the embedded server")
+    url: Annotated[str | None, AfterValidator(_redis_url)] = Field(None, description="redis:// or rediss:// URL; unset: start the embedded server")
     username: str | None = None
     password: SecretStr | None = None
-    password_file: Path | None = Field(None, description="file holding the Redis password")
-    ssl_cafile: Path | None = Field(None, description="CA bundle for rediss://")
-    ssl_certfile: Path | None = Field(None, description="client certificate for rediss:// (mutual TLS)")
-    ssl_keyfile: Path | None = Field(None, description="client key for rediss:// (mutual TLS)")
+    password_file: ReadableFile | None = Field(None, description="file holding the Redis password")
+    ssl_cafile: ReadableFile | None = Field(None, description="CA bundle for rediss://")
+    ssl_certfile: ReadableFile | None = Field(None, description="client certificate for rediss:// (mutual TLS)")
+    ssl_keyfile: ReadableFile | None = Field(None, description="client key for rediss:// (mutual TLS)")
     prefix: str = Field("filial", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$",
                         description="prefix of every Redis key")
 
@@ -95,7 +121,7 @@ class PublishSettings(BaseModel):
     line: str = Field("main", pattern=r"^[A-Za-z0-9_.\-]+$", description="model line the served model publishes to")
     keep_versions: int = Field(10, ge=1, description="versions kept per line; older are deleted")
     signing_key: SecretStr | None = Field(None, description="HMAC-SHA256 key for manifests")
-    signing_key_file: Path | None = Field(None, description="file holding the manifest HMAC key")
+    signing_key_file: ReadableFile | None = Field(None, description="file holding the manifest HMAC key")
     block_seconds: float = Field(2.0, ge=0, description="longest a publish may hold up ingest; "
                                  "after it the publish goes on retrying in the background")
     drain_seconds: float = Field(30.0, ge=0, description="on stop, how long queued publishes may "

@@ -6,13 +6,14 @@ import pytest
 import redis
 
 from daemon.service.service import kafka_connection, redis_client as make_redis_client, signing_key
-from daemon.service.settings import load_settings
+from daemon.service.settings import SettingsError, load_settings
 
 
 def test_secrets_files_reach_kafka_redis_and_signing(tmp_path):
     (tmp_path / "kafka").write_text("kafka-pass\n")
     (tmp_path / "redis").write_text("redis-pass\n")
     (tmp_path / "hmac").write_text("hmac-key\n")
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")  # certificates must be readable at start
     s = load_settings(kafka_bootstrap="broker:9093", redis_url="rediss://cache:6380/0",
                       kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism="SCRAM-SHA-512",
                       kafka_sasl_username="filial", kafka_sasl_password_file=tmp_path / "kafka",
@@ -35,10 +36,9 @@ def test_secrets_files_reach_kafka_redis_and_signing(tmp_path):
     assert "direct" not in str(public) and public["publish"]["signing_key"] == "**********"
 
 
-def test_missing_secrets_file_is_a_clear_error(tmp_path):
-    s = load_settings(redis_url="redis://x:1/0", redis_password_file=tmp_path / "nope")
-    with pytest.raises(ValueError, match="cannot read secrets file"):
-        make_redis_client(s)
+def test_missing_secrets_file_is_a_clear_error_at_start(tmp_path):
+    with pytest.raises(SettingsError, match=r"redis.password_file .*: cannot read .*nope: No such file"):
+        load_settings(redis_url="redis://x:1/0", redis_password_file=tmp_path / "nope")
 
 
 def test_redis_acl_user_and_password(redis_server, redis_client, unique):

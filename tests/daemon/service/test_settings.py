@@ -80,3 +80,17 @@ def test_a_misspelt_variable_is_named_with_the_nearest_setting():
                                   "FILIAL_MERGE": "{}", "HOME": "/root"})
     assert warnings == ["FILIAL_KL_TRESHOLD is not a filial setting and is ignored; did you mean FILIAL_KL_THRESHOLD?"]
     assert "filial run --help" in unknown_variables({"FILIAL_QWERTYUIOP": "1"})[0]
+
+
+@pytest.mark.parametrize("flat,value,says", [
+    ("redis_url", "localhost:6379", "must start with redis://"),
+    ("kafka_bootstrap", "not a host", "must be host:port"),
+    ("signing_key_file", "/nonexistent/key", "cannot read /nonexistent/key"),
+    ("redis_password_file", "/nonexistent/pw", "cannot read /nonexistent/pw"),
+])
+def test_a_bad_address_or_unreadable_secret_fails_at_start_naming_the_field(flat, value, says):
+    """Caught while the settings are read, before any server is started or contacted (a bad URL was a
+    traceback, an unreadable secret was found only after the embedded servers had started, a
+    bootstrap that is no host was retried forever)."""
+    with pytest.raises(SettingsError, match=f"FILIAL_{flat.upper()}\\): {says}"):
+        load_settings(**{flat: value})
