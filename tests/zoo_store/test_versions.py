@@ -135,3 +135,16 @@ def test_follow_from_latest_and_next(redis_client, unique):
     store.publish("main", _weights(9), publish_id="9", reason="merge", architecture=ARCH)
     t.join(timeout=5)
     assert got == [4]
+
+
+def test_watch_says_in_one_line_that_a_version_is_gone(redis_server, redis_client, unique, capsys):
+    """``filial watch --load`` on a version whose weights retention removed: a JSON line saying so, no traceback."""
+    from daemon.cli import main
+
+    VersionStore(redis_client, Keys(unique)).publish("main", _weights(0), publish_id="a", reason="bootstrap",
+                                                     architecture=ARCH)
+    redis_client.delete(Keys(unique).line("main").weights(1))
+    assert main(["watch", "--redis-url", redis_server.address, "--prefix", unique, "--load", "--count", "1",
+                 "--timeout", "10"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and '"loaded": false' in lines[0] and "version 1 is gone" in lines[0]
