@@ -45,7 +45,7 @@ def produce_phases(connection: KafkaConnection, topic: str, dataset: Dataset, ph
                 yb = y[start:start + batch_size]
                 value, headers = encode_batch(x[start:start + batch_size], yb, phase.name,
                                               dataset.data_type, batch_id)
-                producer.send(topic, value=value, headers=headers)
+                producer.send(topic, key=phase.name.encode(), value=value, headers=headers)  # one slice, one partition
                 report.batches += 1
                 report.samples += len(yb)
                 report.per_phase[phase.name] = report.per_phase.get(phase.name, 0) + 1

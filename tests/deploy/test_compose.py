@@ -348,3 +348,13 @@ def test_dockerfile_healthcheck_probe(status, healthy, monkeypatch):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_broker_takes_every_message_the_daemon_accepts(config):
+    """The broker's message limit was 10 MB, below filial's 16 MiB: 10-16 MiB batches failed at the producer."""
+    from consumers.wire import WireLimits
+
+    env = {k: str(v) for k, v in config["services"]["kafka"]["environment"].items()}
+    limit = WireLimits().max_message_bytes
+    assert int(env["KAFKA_MESSAGE_MAX_BYTES"]) >= limit + 64 * 1024  # the payload plus headers and batch overhead
+    assert int(env["KAFKA_REPLICA_FETCH_MAX_BYTES"]) >= int(env["KAFKA_MESSAGE_MAX_BYTES"])

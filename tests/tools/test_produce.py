@@ -43,6 +43,7 @@ def test_phases_arrive_as_decodable_batches_with_ids(kafka, unique):
     batches = [decode_batch(r.value, r.headers, WireLimits()) for r in records]
     assert [b.batch_id for b in batches] == report.batch_ids
     assert [b.slice for b in batches] == ["upright"] * 3 + ["rot90"] * 3
+    assert [r.key for r in records] == [b.slice.encode() for b in batches]  # keyed by slice: one partition each
     assert [len(b) for b in batches] == [50, 50, 20] * 2
     assert all(b.data_type == "image" and b.x.dtype == torch.uint8 for b in batches)
     # exactly the rows the phases cut, shifted as named, in order
