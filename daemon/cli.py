@@ -38,15 +38,13 @@ def _settings_from(args: argparse.Namespace):
 def cmd_run(args: argparse.Namespace) -> int:
     from daemon.service.embedded import EmbeddedInfrastructure
     from daemon.service.failpoints import Failpoints
-    from daemon.service.logs import setup_logging
+    from daemon.service.logs import log_settings, setup_logging
     from daemon.service.service import Service
-    from daemon.service.settings import unknown_variables
     from daemon.service.signals import stop_service_on_signals
 
     settings = _settings_from(args)
     setup_logging(settings.ops.log_level, settings.ops.log_format)
-    for warning in unknown_variables(os.environ):
-        logging.getLogger("filial").warning("%s", warning)
+    log_settings(settings, os.environ)
     with EmbeddedInfrastructure(settings) as live:
         service = Service(live, failpoints=Failpoints.from_env())  # make chaos's markers; inert otherwise
         with stop_service_on_signals(service):  # the handler only wakes a watcher: no lock in it
