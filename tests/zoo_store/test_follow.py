@@ -104,3 +104,25 @@ def test_follower_rides_out_a_redis_outage(restartable_redis, unique):
     stop.set()
     thread.join(timeout=5)
     assert seen == [1, 2]
+
+
+def test_the_readme_snippet_runs_a_loaded_version(redis_client, unique):
+    """README, "Following in any language": rebuild the manifest's architecture, preprocess as the daemon does."""
+    from daemon.learn.models import Architecture
+    from daemon.learn.training import model_input
+
+    arch = {"family": "image_cnn", "params": {"in_channels": 1, "num_classes": 10, "width": 4}}
+    torch.manual_seed(0)
+    trained = Architecture.model_validate(arch).build().eval()
+    VersionStore(redis_client, Keys(unique)).publish("main", st_save(trained.state_dict()), publish_id="p",
+                                                     reason="bootstrap", architecture=arch)
+    manifest, state_dict = Follower(redis_client, prefix=unique).load(1)
+    x = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)  # as a producer sends images
+
+    model = Architecture.model_validate(manifest.architecture).build()
+    model.load_state_dict(state_dict)
+    model.eval()
+    with torch.no_grad():
+        classes = model(model_input(x, "image")).argmax(1)
+        expected = trained(x.float().div(255).unsqueeze(1)).argmax(1)
+    assert torch.equal(classes, expected)

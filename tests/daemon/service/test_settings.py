@@ -94,3 +94,15 @@ def test_a_bad_address_or_unreadable_secret_fails_at_start_naming_the_field(flat
     bootstrap that is no host was retried forever)."""
     with pytest.raises(SettingsError, match=f"FILIAL_{flat.upper()}\\): {says}"):
         load_settings(**{flat: value})
+
+
+def test_every_setting_is_documented_in_the_readme():
+    from pathlib import Path
+
+    from daemon.service.settings import FLAT_NAMES
+
+    readme = Path(__file__).resolve().parents[3].joinpath("README.md").read_text()
+    # the settings table names them `flat`; the security table by their variable without FILIAL_
+    missing = [flat for flat in FLAT_NAMES if f"`{flat}`" not in readme and f"`{flat.upper()}`" not in readme
+               and f"FILIAL_{flat.upper()}" not in readme]
+    assert not missing, f"settings not in README.md: {missing}"
