@@ -1,22 +1,20 @@
-"""The ``filial`` command: run, produce, watch, status, demo, bench.
+"""The ``filial`` command: run, produce, watch, status, serve, demo, bench.
 
 Every subcommand has ``--help``. Mistakes (a bad flag value, an unreachable server) end with
 one line saying what is wrong and what to do, and exit code 2; no tracebacks for user errors.
 
-Long because it is the composition root of six subcommands, each a thin adapter from argparse to the
+Long because it is the composition root of seven subcommands, each a thin adapter from argparse to the
 layer that does the work, and the one place the user-facing wording lives (run's flags: service/flags.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import logging
 import os
 import sys
-from typing import Any
-
-log = logging.getLogger("filial.cli")
+from typing import Any, Iterator
 
 
 class UserError(Exception):
@@ -34,7 +32,7 @@ def _settings_from(args: argparse.Namespace):
         raise UserError(f"{exc}\n(fix the flag or FILIAL_* variable named above; see 'filial run --help')") from None
 
 
-# --- run ---------------------------------------------------------------------------------------------
+# --- run, and serve (its flags, wording and server: daemon/serve/command.py) ------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     from daemon.service.embedded import EmbeddedInfrastructure
     from daemon.service.failpoints import Failpoints
@@ -50,6 +48,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         with stop_service_on_signals(service):  # the handler only wakes a watcher: no lock in it
             service.run()
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from daemon.serve.command import serve
+    from daemon.service.logs import setup_logging
+
+    return serve(args, setup_logging, UserError)  # the logging setup and user errors are the CLI's
 
 
 # --- produce -------------------------------------------------------------------------------------------
@@ -70,33 +75,29 @@ def _tools_problem(what: str, exc: ImportError) -> str | None:
     return f"{what} needs {_TOOLS_MODULES[top]}, which is not installed here; install the tools: {TOOLS_HINT}"
 
 
-class _ToolsNeeded:
-    """``with _ToolsNeeded("the demo"):`` turns a missing tools module into a :class:`UserError`."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, exc, tb) -> bool:
-        problem = _tools_problem(self.what, exc) if isinstance(exc, ImportError) else None
-        if problem is not None:
-            raise UserError(problem) from None
-        return False
+@contextlib.contextmanager
+def _tools_needed(what: str) -> Iterator[None]:
+    """``with _tools_needed("the demo"):`` turns a missing tools module into a :class:`UserError`."""
+    try:
+        yield
+    except ImportError as exc:
+        problem = _tools_problem(what, exc)
+        if problem is None:
+            raise
+        raise UserError(problem) from None
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
     from consumers.connection import KafkaConnection
 
-    with _ToolsNeeded("filial produce"):
+    with _tools_needed("filial produce"):
         from tools.datasets import load_dataset
         from tools.produce import produce_phases
         from tools.scenarios import parse_phase
 
     try:
         phases = [parse_phase(p) for p in (args.phase or ["all=identity"])]
-        with _ToolsNeeded(f"the dataset {args.dataset!r}"):
+        with _tools_needed(f"the dataset {args.dataset!r}"):
             data = load_dataset(args.dataset)
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -200,24 +201,23 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from daemon.service.logs import setup_logging
 
-    with _ToolsNeeded("the demo"):  # the dataset is loaded before any server starts
+    with _tools_needed("the demo"):  # the dataset is loaded before any server starts
         from tools.demo import run_demo
 
         setup_logging("INFO", "text")
-        summary = run_demo(phases=args.phase, samples_per_phase=args.samples_per_phase,
-                           batch_size=args.batch_size)
+        summary = run_demo(phases=args.phase, samples_per_phase=args.samples_per_phase, batch_size=args.batch_size)
     print(json.dumps(summary), flush=True)
     return 0 if "watcher_error" not in summary else 1
 
 
-BENCHES = ("merge", "hkt", "drift", "pause", "soak", "cl", "ablation")
+BENCHES = ("merge", "hkt", "drift", "pause", "soak", "cl", "ablation", "serve")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     what = f"the benchmark {args.bench!r}"
     if args.bench_main is None:  # its module did not import (_BenchParser says why)
         raise UserError(args.bench_problem)
-    with _ToolsNeeded(what):
+    with _tools_needed(what):
         from tools import missing_dependencies
 
         missing = missing_dependencies()  # checked first: a plot must not fail after an hour of work
@@ -227,7 +227,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from daemon.service.logs import setup_logging
 
     setup_logging("INFO", "text")
-    with _ToolsNeeded(what):
+    with _tools_needed(what):
         summary = args.bench_main(args)
     print(json.dumps(summary), flush=True)
     return 0
@@ -367,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=int, default=100)
     demo.set_defaults(func=cmd_demo)
 
+    from daemon.serve.command import add_serve_parser
+    add_serve_parser(sub, cmd_serve)
     _add_bench(sub)
     return parser
 
@@ -379,8 +381,7 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except UserError as exc:
