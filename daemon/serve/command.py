@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 from typing import Callable
 
 from daemon.serve.settings import (ENV_PREFIX, SettingsError, add_settings_flags, settings_from_flags,
@@ -71,7 +72,7 @@ def serve(args: argparse.Namespace, setup_logging: Callable[[str, str], None],
     loader = ZooLoader(client, line=settings.line, prefix=settings.prefix, signing_key=key.encode() if key else None,
                        pin_version=settings.pin_version, device=settings.device)
     metrics = ServeMetrics(loader)
-    loader.on_swap = lambda version, published_at: _observe_publish(metrics, version, published_at)
+    loader.on_swap = lambda version, published_at: _observe_publish(metrics, version, published_at)  # needs both
     try:
         server = HttpServer(ServeApp(Predictor(loader, mode=settings.mode, temperature=settings.temperature),
                                      loader, settings, metrics).app, settings.host, settings.port)
@@ -81,10 +82,16 @@ def serve(args: argparse.Namespace, setup_logging: Callable[[str, str], None],
     loader.start()
     log.info("serving %s on %s (line %s, mode %s%s)", settings.redis_url, server.url, settings.line,
              settings.mode, f", pinned to v{settings.pin_version}" if settings.pin_version else "")
+    # uvicorn takes SIGTERM/SIGINT while it runs, finishes the requests in flight, then raises the signal
+    # again for the handler it found: a no-op one here, so the process ends with exit code 0
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        server.run()  # until SIGTERM/SIGINT: uvicorn finishes the requests in flight
+        server.run()
     finally:
         loader.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log.info("stopped")
     return 0
 
 

@@ -124,8 +124,7 @@ class ServeApp:
             return _error(422, f"{exc}; send rows the served model takes")
         except NotReady as exc:
             self.metrics.failed.labels("not_ready").inc()
-            reason = self.loader.status().problem or exc
-            return _error(503, f"not ready: {reason}; retry, or watch GET /readyz")
+            return _error(503, f"not ready: {self.not_ready_reason()}; retry, or watch GET /readyz")
         except BatcherClosed as exc:
             self.metrics.failed.labels("stopping").inc()
             return _error(503, f"{exc}; retry on another server")
@@ -144,11 +143,20 @@ class ServeApp:
         return JSONResponse({"status": "ok"})
 
     async def readyz(self, request: Request) -> Response:
-        status = self.loader.status()
-        body = {"ready": status.ready, "version": status.version, "members": status.members}
-        if not status.ready:
-            return JSONResponse({**body, "reason": status.problem or "starting"}, status_code=503)
+        stats = self.loader.stats()
+        body = {"ready": stats.ready, "version": stats.version, "zoo_size": stats.zoo_size}
+        if not stats.ready:
+            return JSONResponse({**body, "reason": self.not_ready_reason(stats)}, status_code=503)
         return JSONResponse(body)
+
+    def not_ready_reason(self, stats: Any = None) -> str:
+        stats = stats or self.loader.stats()
+        what = f"no verified version of line {self.settings.line!r} is loaded"
+        if stats.refusals:
+            return f"{what}: {stats.refusals} refused (verification failed or they do not build; the log says why)"
+        if self.settings.pin_version is not None:
+            return f"{what}: waiting for the pinned v{self.settings.pin_version}"
+        return f"{what} yet (none published, or Redis unreachable)"
 
     async def render_metrics(self, request: Request) -> Response:
         return PlainTextResponse(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -169,6 +177,13 @@ class HttpServer:
                                 timeout_graceful_shutdown=graceful_seconds, backlog=2048)
         self.server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def free_port(host: str = "127.0.0.1") -> int:
+        """A port free now (for a server in another process; in this one, pass port 0)."""
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            return probe.getsockname()[1]
 
     @property
     def url(self) -> str:

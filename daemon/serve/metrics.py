@@ -28,17 +28,19 @@ class _LoaderCollector:
         return []
 
     def collect(self):
-        status = self.loader.status()
+        stats = self.loader.stats()
         yield GaugeMetricFamily("filial_serve_ready", "1 when a verified served version is loaded",
-                                value=1.0 if status.ready else 0.0)
+                                value=1.0 if stats.ready else 0.0)
         yield GaugeMetricFamily("filial_serve_version", "Served version in use (0: none yet)",
-                                value=float(status.version or 0))
-        yield GaugeMetricFamily("filial_serve_zoo_members", "Zoo members loaded beside the served model",
-                                value=float(status.members))
-        yield CounterMetricFamily("filial_serve_swaps", "Snapshots swapped in (served versions and members)",
-                                  value=float(status.swaps))
-        yield CounterMetricFamily("filial_serve_refusals", "Versions and members refused by verification "
-                                  "(the previous ones kept serving)", value=float(status.refusals))
+                                value=float(stats.version or 0))
+        yield GaugeMetricFamily("filial_serve_zoo_size", "Models in the snapshot requests run on, the served "
+                                "one included", value=float(stats.zoo_size))
+        yield CounterMetricFamily("filial_serve_swaps", "Snapshots swapped in (served versions and member "
+                                  "changes)", value=float(stats.swaps))
+        yield CounterMetricFamily("filial_serve_refusals", "Versions and members refused (verification failed, "
+                                  "or they do not build); the previous ones kept serving", value=float(stats.refusals))
+        yield CounterMetricFamily("filial_serve_skipped_versions", "Served versions ignored (another one pinned, "
+                                  "or expired before they were loaded)", value=float(stats.skipped))
 
 
 class ServeMetrics:

@@ -7,7 +7,7 @@ import pytest
 from daemon.cli import BENCHES, main
 
 
-SUBCOMMANDS = [["run"], ["produce"], ["watch"], ["status"], ["demo"], ["bench"]] + [["bench", b] for b in BENCHES]
+SUBCOMMANDS = [["run"], ["produce"], ["watch"], ["status"], ["serve"], ["demo"], ["bench"]] + [["bench", b] for b in BENCHES]
 
 
 @pytest.mark.parametrize("words", SUBCOMMANDS, ids=" ".join)
