@@ -74,8 +74,9 @@ class ServeSettings(BaseSettings):
     port: int = Field(8080, ge=0, le=65535, description="port of /predict /healthz /readyz /metrics (0: any free)")
     max_batch_rows: int = Field(256, ge=1, description="micro-batching: rows of concurrent requests run "
                                 "in one model call, at most")
-    max_wait_ms: float = Field(2.0, ge=0, description="micro-batching: how long the first request waits for "
-                               "others to join its model call")
+    max_wait_ms: float = Field(0.0, ge=0, description="micro-batching: how long the first request of a model "
+                               "call waits for others to join it (0: not at all; requests that arrive while a call "
+                               "runs still share the next one)")
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0, description="larger request bodies are refused (413)")
     max_request_rows: int = Field(1024, ge=1, description="rows one request may hold (413 beyond)")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -37,7 +37,7 @@ TOOLS_VENV = ROOT / ".venv" / "compose-tools"
 STAMP = TOOLS_VENV / ".installed"
 COMPOSE_REQUIREMENT = "docker-compose==1.29.2"
 
-EXPECTED_SERVICES = {"kafka", "topics", "redis", "daemon", "daemon-gpu", "producer", "watcher"}
+EXPECTED_SERVICES = {"kafka", "topics", "redis", "daemon", "daemon-gpu", "producer", "watcher", "serve"}
 
 
 # --- the tools venv -----------------------------------------------------------------------------------
@@ -261,6 +261,31 @@ def test_watcher_follows_every_version_and_loads_it(config):
     assert args.from_version == "1" and args.load  # as the demo's watcher: every version, verified
     assert watcher["depends_on"]["redis"] == {"condition": "service_healthy"}
     assert watcher["healthcheck"]["test"] == ["NONE"]
+
+
+def test_serve_is_filial_serve_with_valid_settings_and_scales(config, monkeypatch, tmp_path):
+    """`filial serve` on the daemon's Redis; every FILIAL_SERVE__ variable a valid setting; its port the
+    settings' port; a host port range, so `--scale serve=N` starts N replicas (stateless)."""
+    from daemon.cli import build_parser, cmd_serve
+    from daemon.serve.settings import ENV_PREFIX, ServeSettings, load_settings
+
+    serve = config["services"]["serve"]
+    assert build_parser().parse_args(serve["command"]).func is cmd_serve
+    monkeypatch.chdir(tmp_path)
+    for key in list(os.environ):
+        if key.startswith("FILIAL_"):
+            monkeypatch.delenv(key)
+    env = serve["environment"]
+    assert all(k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX):].lower() in ServeSettings.model_fields for k in env)
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(value))
+    settings = load_settings()
+    assert settings.redis_url == config["services"]["daemon"]["environment"]["FILIAL_REDIS_URL"]
+    assert serve["depends_on"]["redis"] == {"condition": "service_healthy"} and "kafka" not in serve["depends_on"]
+    (port,) = serve["ports"]
+    assert port["target"] == settings.port == 8080  # the image's HEALTHCHECK default
+    assert "-" in str(port["published"]), "a fixed host port would stop `--scale serve=N`"
+    assert serve["restart"] == "unless-stopped" and "volumes" not in serve
 
 
 # --- Dockerfile ------------------------------------------------------------------------------------------
