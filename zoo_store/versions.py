@@ -148,6 +148,20 @@ class VersionStore:
                 pipe.hdel(lk.publish_ids, *stale_ids)
             pipe.execute()
 
+    def rollback(self, line: str, to_version: int) -> Published:
+        """Republish version ``to_version``'s weights (and fingerprint) as the line's next version:
+        numbers stay monotonic, followers move back without a gap, and the manifest says
+        ``reason="rollback"``, ``rollback_of``. The caller verifies ``to_version`` first."""
+        old = self.manifest(line, to_version)
+        weights = self.weights(line, to_version)
+        fingerprint = self.fingerprint(line, to_version) if old.fingerprint_sha256 else None
+        latest = self.latest(line)
+        carried = old.model_dump(include={"base_version", "lineage", "metrics", "merge", "continual", "kind", "slices",
+                                          "spawn_method", "fingerprint_slices", "parent_line"})
+        return self.publish(line, weights, publish_id=f"rollback:{latest}:{to_version}", reason="rollback",
+                            architecture=old.architecture, fingerprint=fingerprint, parent_version=latest,
+                            rollback_of=to_version, **carried)
+
     def stored_bytes(self, line: str) -> int:
         """Bytes of every version still stored on ``line`` (weights, manifests, fingerprints)."""
         lk = self.keys.line(line)

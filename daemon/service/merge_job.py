@@ -24,6 +24,7 @@ from daemon.engine.records import MergeOutcome
 from daemon.service.failpoints import Failpoints
 from daemon.service.metrics import ServiceMetrics
 from daemon.service.publisher import PublishAbandoned, Publisher, child_job, release_job
+from daemon.service.recovery import adopt_unrecorded_versions
 from daemon.service.settings import MergeJobSettings
 from zoo_store.versions import Published
 
@@ -70,6 +71,7 @@ class MergeJob:
         """Plan, gate and (if accepted) publish a merge. Safe to call from any thread; returns once
         the version is written (or the service stops: the publish then finishes or is abandoned)."""
         with self._lock:
+            self._adopt_rollback()
             with self.failpoints.phase("merge"):
                 outcome = self.engine.merge()
                 if outcome is not None:
@@ -100,6 +102,13 @@ class MergeJob:
             self.record(record)
             self._publish_children()
             return outcome
+
+    def _adopt_rollback(self) -> None:
+        """A `filial rollback` of the served version is served from now on (and learned on from)."""
+        try:
+            adopt_unrecorded_versions(self.engine, self.publisher.versions, self.line)
+        except redis.RedisError as exc:  # the next merge looks again
+            log.warning("could not check %s for a rollback: %s", self.line, exc)
 
     def _publish_children(self) -> None:
         """The zoo: children trained since their last release, each a member on its own line
