@@ -179,3 +179,35 @@ def test_a_fingerprint_in_another_feature_space_is_refused_at_build():
     with pytest.raises(ValueError, match="not in this model's 2 features"):
         Member.build(line="main.c9", version=1, kind="member", architecture=TINY, state=TINY.build().state_dict(),
                      fingerprints={"a": fingerprint(A, dims=4)})
+
+
+def test_layerwise_never_changes_the_models_concurrent_requests_run(zoo):
+    """Each merge runs in a model of its own: the served model's tensors stay as they are while layer-wise
+    requests run beside served ones (a request thread per mode, as an HTTP server has)."""
+    import sys
+    import threading
+
+    x = torch.cat([rows(A, n=2000), rows(B, n=2000, seed=1)])
+    expected = Predictor(zoo, mode="served").predict(x, data_type="tabular").probabilities
+    before = {k: t.clone() for k, t in zoo.served.state.items()}
+    bad, stop = [], threading.Event()
+
+    def layerwise():
+        while not stop.is_set():
+            Predictor(zoo, mode="layerwise", temperature=1.0).predict(x, data_type="tabular")
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)      # switch threads often: a swapped parameter would be seen
+    threads = [threading.Thread(target=layerwise) for _ in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        for _ in range(200):
+            got = Predictor(zoo, mode="served").predict(x, data_type="tabular").probabilities
+            bad += [] if torch.equal(got, expected) else [got]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        sys.setswitchinterval(interval)
+    assert not bad and all(torch.equal(before[k], t) for k, t in zoo.served.state.items())
