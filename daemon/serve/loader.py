@@ -124,9 +124,11 @@ class ZooLoader:
             try:
                 body()
                 return
+            except OUTAGE as exc:                  # an outage outside the followers' own retries
+                log.warning("%s: redis unavailable (%s); starting over in %.1fs", body.__name__, exc, backoff.failed())
             except Exception:                      # never die: log, wait, start over from what is loaded
                 log.exception("%s failed; starting over in %.1fs", body.__name__, backoff.failed())
-                backoff.sleep(self._stop)
+            backoff.sleep(self._stop)
 
     def _retry(self, fn: Callable[[], T]) -> T:
         """``fn()``, retried through Redis outages until it answers or the loader stops."""
@@ -202,7 +204,8 @@ class ZooLoader:
         except REFUSED as exc:
             with self._lock:
                 self._refusals += 1
-            log.error("refused %s v%d, the previous one keeps serving: %s", line, version, exc)
+            log.error("refused %s v%d, the previous one keeps serving: %s", line, version, exc,
+                      exc_info=not isinstance(exc, VerificationError))       # a traceback where it may be a bug
         return None
 
     def _skip(self, why: str) -> None:

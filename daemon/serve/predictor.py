@@ -120,7 +120,7 @@ class Predictor:
         check_rows(x, data_type, served)
         members = snap.all if mode != "served" else (served,)
         if len(x) == 0:
-            n_classes = 0
+            n_classes = int(served.architecture.params.get("num_classes", 0))
             return Prediction(torch.zeros(0, dtype=torch.long), torch.zeros(0, n_classes), served.version, mode,
                               tuple(m.name for m in members), torch.zeros(0, len(members)))
         with torch.inference_mode():

@@ -211,3 +211,20 @@ def test_layerwise_never_changes_the_models_concurrent_requests_run(zoo):
             t.join()
         sys.setswitchinterval(interval)
     assert not bad and all(torch.equal(before[k], t) for k, t in zoo.served.state.items())
+
+
+def test_inputs_the_served_model_cannot_take_are_refused_in_words():
+    from daemon.serve.predictor import InputError
+
+    mlp = Architecture(family="tabular_mlp", params={"in_features": 2, "num_classes": 3})
+    p = Predictor(ZooSnapshot(Member.build(line="main", version=1, kind="served", architecture=mlp,
+                                           state=mlp.build().state_dict())))
+    assert p.predict(torch.zeros(0, 2)).probabilities.shape == (0, 3)
+    for bad, why in ((torch.zeros(2, 3), "3 features"), (torch.full((2, 2), float("nan")), "NaN"),
+                     (torch.zeros(2, 2, dtype=torch.int64), "int64"), (torch.zeros(2), "rank")):
+        with pytest.raises(InputError, match=why):
+            p.predict(bad)
+    with pytest.raises(InputError, match="takes 'tabular'"):
+        p.predict(torch.zeros(2, 2), data_type="image")
+    with pytest.raises(ValueError, match="mode 'best'"):
+        p.predict(torch.zeros(2, 2), mode="best")
