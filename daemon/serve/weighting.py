@@ -56,9 +56,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from daemon.learn.fingerprint import Fingerprint
 from daemon.learn.merging.plans import LEVELS, MergePlan, UnitPlan, mergeable_keys, normalise_prefixes
-from daemon.learn.models import build_model
+from daemon.learn.models import FAMILIES, build_model
 from daemon.learn.training import autocast
 from daemon.serve.members import Member
 
@@ -177,12 +176,14 @@ def merged_state(members: Sequence[Member], units: Sequence[Sequence[str]], weig
 def merged_model(served: Member, state: dict[str, torch.Tensor]) -> nn.Module:
     """A model of the served architecture holding ``state`` (its tensors, not copies). A new module:
     ``torch.func.functional_call`` would swap the served model's own parameters while it runs, under
-    the feet of concurrent requests. Built on the meta device, so nothing is initialised for nothing."""
-    try:
+    the feet of concurrent requests. A built-in family is built on the meta device (nothing initialised
+    for nothing; every tensor it has is in the state); a custom factory's model is copied, since it may
+    hold tensors outside its state dict."""
+    if served.architecture.family in FAMILIES:
         with torch.device("meta"):
             model = build_model(served.architecture)
         model.load_state_dict(state, strict=True, assign=True)
-    except (RuntimeError, NotImplementedError, TypeError):          # a custom factory that needs real tensors
+    else:
         model = copy.deepcopy(served.model)
         model.load_state_dict(state, strict=True)
     return model.eval().requires_grad_(False)

@@ -228,3 +228,21 @@ def test_inputs_the_served_model_cannot_take_are_refused_in_words():
         p.predict(torch.zeros(2, 2), data_type="image")
     with pytest.raises(ValueError, match="mode 'best'"):
         p.predict(torch.zeros(2, 2), mode="best")
+
+
+def test_layerwise_of_a_built_in_family_runs_the_merged_weights():
+    """Built-in families merge into a model built on the meta device that takes the merged tensors."""
+    mlp = Architecture(family="tabular_mlp", params={"in_features": 2, "num_classes": 3, "width": 4})
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(mlp.build().state_dict())
+    served, other = (Member.build(line=line, version=1, kind=kind, architecture=mlp, state=s)
+                     for line, kind, s in (("main", "served", states[0]), ("main.c1", "member", states[1])))
+    x = rows(A, n=8)
+    got = Predictor(ZooSnapshot(served, (other,)), mode="layerwise").predict(x, data_type="tabular")
+    assert torch.allclose(got.weights, torch.full((8, 2), 0.5))      # no evidence: equal weights
+    model = mlp.build().eval()
+    model.load_state_dict({k: (states[0][k] + states[1][k]) / 2 for k in states[0]})
+    with torch.no_grad():
+        assert torch.allclose(got.probabilities, torch.softmax(model(x), 1), atol=1e-5)
