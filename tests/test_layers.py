@@ -188,6 +188,9 @@ RULES = [
              "consumers and zoo_store, never their clients"),
     Rule("daemon.service", direct=("daemon.cli", "tools", "benchmarks"),
          why="the service is the runtime: the CLI composes it, tools and benchmarks drive it from outside"),
+    Rule("daemon.serve", direct=("daemon.engine", "daemon.service", "daemon.cli", "tools", "benchmarks"),
+         why="serving sits beside the service: it uses learn, zoo_store and the wire conventions, never the "
+             "engine, the service or the CLI (the CLI hands it the logging setup)"),
     Rule("consumers", direct=("daemon", "tools", "benchmarks"), why="consumers are below the daemon"),
     Rule("zoo_store", direct=("daemon", "tools", "benchmarks"), why="zoo_store is below the daemon"),
     Rule("daemon", reached=("tools", "benchmarks"), exempt=("daemon.cli",),
@@ -232,10 +235,10 @@ def test_only_the_cli_imports_tools_and_benchmarks_and_only_inside_a_subcommand(
 
 
 def test_every_daemon_module_is_in_a_layer():
-    layers = ("daemon.learn", "daemon.engine", "daemon.service")
+    layers = ("daemon.learn", "daemon.engine", "daemon.service", "daemon.serve")
     stray = [FILES[m] for m in FILES if within(m, "daemon") and m != "daemon" and not within(m, "daemon.cli")
              and not within(m, layers)]
-    assert not stray, f"modules of daemon/ outside learn/, engine/, service/ (or the CLI): {stray}"
+    assert not stray, f"modules of daemon/ outside learn/, engine/, service/, serve/ (or the CLI): {stray}"
 
 
 def test_tests_import_helpers_from_tests_helpers_not_conftest():
