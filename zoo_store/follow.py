@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 from typing import Iterator, Literal
 
 import redis
@@ -36,6 +37,15 @@ from zoo_store.versions import VersionNotFound, VersionStore
 
 
 log = logging.getLogger("filial.follow")
+
+
+@dataclass(frozen=True)
+class LoadedVersion:
+    """A verified version: its manifest, weights and (when published with one) fingerprint tensors
+    (``daemon.learn.fingerprint.decode_fingerprints(fingerprint, manifest.fingerprint_slices)``)."""
+    manifest: Manifest
+    state: dict[str, torch.Tensor]
+    fingerprint: dict[str, torch.Tensor] | None
 
 
 class VerificationError(Exception):
@@ -123,6 +133,21 @@ class Follower:
                                     f"{manifest.line} v{manifest.version} (moved or replayed)")
         return manifest
 
+    def load_version(self, version: int) -> "LoadedVersion":
+        """:meth:`load`, and the version's fingerprint file verified against the manifest's sha256
+        (None when it was published without one)."""
+        manifest, state = self.load(version)
+        if manifest.fingerprint_sha256 is None:
+            return LoadedVersion(manifest, state, None)
+        what = f"{self.line} v{version}"
+        raw = self.store.fingerprint(self.line, version)
+        if len(raw) != manifest.fingerprint_bytes or sha256_hex(raw) != manifest.fingerprint_sha256:
+            raise VerificationError(f"{what}: fingerprint does not match the manifest (tampered or corrupted)")
+        try:
+            return LoadedVersion(manifest, state, st_load(raw))
+        except SafetensorError as exc:
+            raise VerificationError(f"{what}: fingerprint is not a safetensors file ({exc})") from None
+
     def load(self, version: int) -> tuple[Manifest, dict[str, torch.Tensor]]:
         """Fetch, verify and decode a version's weights (safetensors only; nothing is deserialised
         into objects)."""
@@ -135,4 +160,4 @@ class Follower:
             raise VerificationError(f"{self.line} v{version}: weights are not a safetensors file ({exc})") from None
 
 
-__all__ = ["Follower", "VerificationError", "VersionNotFound"]
+__all__ = ["Follower", "LoadedVersion", "VerificationError", "VersionNotFound"]

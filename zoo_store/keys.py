@@ -10,10 +10,16 @@ key                                type    content
 {p}:line:{line}:latest             STRING  newest published version (integer)
 {p}:line:{line}:v:{n}:weights      STRING  safetensors bytes of version n
 {p}:line:{line}:v:{n}:manifest     STRING  JSON manifest of version n (zoo_store.models.Manifest)
+{p}:line:{line}:v:{n}:fingerprint  STRING  safetensors of version n's per-slice fingerprints (optional;
+                                           manifest ``fingerprint_slices``/``_sha256``/``_bytes``)
 {p}:line:{line}:publish_ids        HASH    publish id -> version (a retried publish is a no-op)
 {p}:line:{line}:events             STREAM  one entry per version, id ``{n}-0``, field ``event``
                                            (JSON VersionEvent); also PUBLISHed on a channel of
                                            the same name after the entry is written
+{p}:zoo                            HASH    zoo member line -> its latest version (members: the
+                                           children, each on its line ``{line}.{child_id}``)
+{p}:zoo:events                     STREAM  capped; field ``event`` (JSON ZooEvent: member.published,
+                                           member.removed); also PUBLISHed on a channel of that name
 {p}:metrics                        STREAM  capped; field ``metric`` (JSON)
 {p}:decisions                      STREAM  capped; field ``decision`` (JSON, one per batch)
 {p}:merges                         STREAM  capped; field ``merge`` (JSON, accepted and rejected)
@@ -42,6 +48,14 @@ class Keys:
 
     def line(self, line: str) -> "LineKeys":
         return LineKeys(f"{self.prefix}:line:{line}")
+
+    @property
+    def zoo(self) -> str:
+        return f"{self.prefix}:zoo"
+
+    @property
+    def zoo_events(self) -> str:
+        return f"{self.prefix}:zoo:events"
 
     @property
     def metrics(self) -> str:
@@ -97,6 +111,9 @@ class LineKeys:
 
     def manifest(self, version: int) -> str:
         return f"{self.base}:v:{version}:manifest"
+
+    def fingerprint(self, version: int) -> str:
+        return f"{self.base}:v:{version}:fingerprint"
 
 
 def event_id(version: int) -> str:

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 import rfc8785
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr
 
 MANIFEST_SCHEMA = 1
 # The manifest's signature scheme (README, "Signed manifests"): HMAC-SHA256 over the RFC 8785 (JCS)
@@ -65,6 +65,8 @@ class Manifest(BaseModel):
     version: int = Field(ge=1)
     created_at: str
     reason: str = Field(description="bootstrap | merge | spawn | retrain | rollback")
+    kind: Literal["served", "member"] = Field("served", description="the served line, or a zoo member (a child on "
+                                              "its own line {line}.{child_id})")
     architecture: dict[str, Any] = Field(description="{family, params}: daemon.learn.models.Architecture")
     base_version: int | None = Field(None, description="version the task vectors were measured from")
     parent_version: int | None = Field(None, description="served version this one replaces")
@@ -75,22 +77,40 @@ class Manifest(BaseModel):
     continual: dict[str, Any] | None = Field(None, description="continual-learning metrics of this version: "
                                              "average_accuracy, forgetting per slice, average_forgetting, bwt, "
                                              "learned (slices this version is the first to learn); README")
+    slices: list[str] = Field(default_factory=list, description="slices this model was trained on")
+    spawn_method: str | None = Field(None, description="members: how the child inherited (copy | hkt | scratch)")
+    rollback_of: int | None = Field(None, description="rollbacks: the version whose weights this one republishes")
     weights_sha256: str
     weights_bytes: int
+    fingerprint_slices: list[str] = Field(default_factory=list, description="slices of the fingerprint file, in "
+                                          "order (daemon.learn.fingerprint.decode_fingerprints)")
+    fingerprint_sha256: str | None = None
+    fingerprint_bytes: int | None = None
     publish_id: str
     signature_scheme: str | None = Field(None, description=f"{SIGNATURE_SCHEME!r} for signed manifests; absent "
                                          "on those signed before it existed (legacy canonical JSON)")
     signature: str | None = Field(None, description="hex HMAC-SHA256 of the manifest without this field")
 
+    # The JSON object this manifest was read from (:meth:`from_stored`): the signature covers what was
+    # stored, so a manifest written before a field was added still verifies after the upgrade.
+    _stored: dict[str, Any] | None = PrivateAttr(None)
+
+    @classmethod
+    def from_stored(cls, raw: bytes | str) -> "Manifest":
+        manifest = cls.model_validate_json(raw)
+        manifest._stored = json.loads(raw)
+        return manifest
+
     def signing_payload(self) -> bytes:
         """The bytes the HMAC covers. With ``signature_scheme``: the JCS form of the manifest exactly
         as stored (its JSON, NaN and infinities written as null, as pydantic stores them) without
         ``signature``, so a follower in any language signs what it reads. Without it: the legacy form."""
+        stored = self._stored if self._stored is not None else json.loads(self.model_dump_json())
         if self.signature_scheme is None:
-            return legacy_canonical_json(self.model_dump(mode="json", exclude={"signature", "signature_scheme"}))
+            return legacy_canonical_json({k: v for k, v in stored.items() if k not in ("signature", "signature_scheme")})
         if self.signature_scheme not in SIGNATURE_SCHEMES:
             raise ValueError(f"unknown signature_scheme {self.signature_scheme!r} (known: {', '.join(SIGNATURE_SCHEMES)})")
-        return canonical_json(json.loads(self.model_dump_json(exclude={"signature"})))
+        return canonical_json({k: v for k, v in stored.items() if k != "signature"})
 
     def sign(self, key: bytes) -> "Manifest":
         scheme = self.model_copy(update={"signature_scheme": SIGNATURE_SCHEME})
@@ -122,6 +142,16 @@ class VersionEvent(BaseModel):
     manifest_key: str
     weights_sha256: str
     metrics: dict[str, float | None] = Field(default_factory=dict)
+
+
+class ZooEvent(BaseModel):
+    """One entry of ``{p}:zoo:events``: a member's new version (its data already written) or its removal."""
+
+    type: Literal["member.published", "member.removed"]
+    line: str
+    version: int | None = None
+    created_at: str
+    reason: str = ""
 
 
 def sha256_hex(data: bytes) -> str:

@@ -51,7 +51,7 @@ class VersionStore:
         raw = self.client.get(self.keys.line(line).manifest(version))
         if raw is None:
             raise VersionNotFound(f"{line} v{version} has no manifest (never published or expired)")
-        return Manifest.model_validate_json(raw)
+        return Manifest.from_stored(raw)
 
     def weights(self, line: str, version: int) -> bytes:
         raw = self.client.get(self.keys.line(line).weights(version))
@@ -64,10 +64,21 @@ class VersionStore:
         entries = self.client.xrange(self.keys.line(line).events)
         return [int(entry_id.decode().split("-")[0]) for entry_id, _ in entries]
 
+    def fingerprint(self, line: str, version: int) -> bytes:
+        raw = self.client.get(self.keys.line(line).fingerprint(version))
+        if raw is None:
+            raise VersionNotFound(f"{line} v{version} has no fingerprint (never published or expired)")
+        return raw
+
     def publish(self, line: str, weights: bytes, *, publish_id: str, reason: str,
-                architecture: dict[str, Any], **manifest_fields: Any) -> Published:
+                architecture: dict[str, Any], fingerprint: bytes | None = None,
+                **manifest_fields: Any) -> Published:
+        """Write version ``latest + 1`` of ``line``: weights, manifest, the optional fingerprint file
+        (its sha256 and size go into the manifest, so the signature covers it) and the event."""
         lk = self.keys.line(line)
         digest = sha256_hex(weights)
+        if fingerprint is not None:
+            manifest_fields.update(fingerprint_sha256=sha256_hex(fingerprint), fingerprint_bytes=len(fingerprint))
         while True:
             with self.client.pipeline() as pipe:
                 try:
@@ -96,6 +107,8 @@ class VersionStore:
                     pipe.multi()
                     pipe.set(lk.weights(version), weights)
                     pipe.set(lk.manifest(version), manifest.model_dump_json())
+                    if fingerprint is not None:
+                        pipe.set(lk.fingerprint(version), fingerprint)
                     pipe.set(lk.latest, version)
                     pipe.hset(lk.publish_ids, publish_id, version)
                     pipe.sadd(self.keys.lines, line)
@@ -130,7 +143,44 @@ class VersionStore:
             # trim the stream first: an event must never outlive its data
             pipe.xtrim(lk.events, minid=event_id(oldest_kept), approximate=False)
             for v in stale:
-                pipe.delete(lk.weights(v), lk.manifest(v))
+                pipe.delete(lk.weights(v), lk.manifest(v), lk.fingerprint(v))
             if stale_ids:
                 pipe.hdel(lk.publish_ids, *stale_ids)
+            pipe.execute()
+
+    def rollback(self, line: str, to_version: int) -> Published:
+        """Republish version ``to_version``'s weights (and fingerprint) as the line's next version:
+        numbers stay monotonic, followers move back without a gap, and the manifest says
+        ``reason="rollback"``, ``rollback_of``. The caller verifies ``to_version`` first."""
+        old = self.manifest(line, to_version)
+        weights = self.weights(line, to_version)
+        fingerprint = self.fingerprint(line, to_version) if old.fingerprint_sha256 else None
+        latest = self.latest(line)
+        carried = old.model_dump(include={"base_version", "lineage", "metrics", "merge", "continual", "kind", "slices",
+                                          "spawn_method", "fingerprint_slices", "parent_line"})
+        return self.publish(line, weights, publish_id=f"rollback:{latest}:{to_version}", reason="rollback",
+                            architecture=old.architecture, fingerprint=fingerprint, parent_version=latest,
+                            rollback_of=to_version, **carried)
+
+    def stored_bytes(self, line: str) -> int:
+        """Bytes of every version still stored on ``line`` (weights, manifests, fingerprints)."""
+        lk = self.keys.line(line)
+        keys = [k for v in self.versions(line) for k in (lk.weights(v), lk.manifest(v), lk.fingerprint(v))]
+        if not keys:
+            return 0
+        with self.client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.strlen(key)
+            return sum(pipe.execute())
+
+    def delete_line(self, line: str) -> None:
+        """Remove a line and every version of it (a zoo member leaving the zoo): the event stream goes
+        first, in the same transaction, so no event outlives its data."""
+        lk = self.keys.line(line)
+        versions = self.versions(line)
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.delete(lk.events, lk.latest, lk.publish_ids)
+            for v in versions:
+                pipe.delete(lk.weights(v), lk.manifest(v), lk.fingerprint(v))
+            pipe.srem(self.keys.lines, line)
             pipe.execute()

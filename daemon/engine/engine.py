@@ -37,6 +37,7 @@ from daemon.engine.tree import ModelTree
 from daemon.learn.continual import continual_metrics
 from daemon.learn.replay import SliceBuffers
 from daemon.learn.drift import calibrate_threshold
+from daemon.learn.fingerprint import fit_slices
 from daemon.learn.models import Architecture
 from daemon.learn.policy import Thresholds
 from daemon.learn.training import embed, model_input
@@ -194,9 +195,11 @@ class Engine:
             lineage = [n.describe_lineage() for n in st.tree.nodes.values()]
             arch, parent, batches = st.root.architecture, st.served_version, st.counters.batches
             learned, fresh = {s: acc for s, (acc, _) in st.learned.items()}, st.fresh_slices()
+            data_type, rows = st.root.data_type, {name: x for name, (x, _) in st.buffers.replay_sets().items()}
         metrics = self.metrics(state)
+        fingerprints = fit_slices(self._build(arch, state), data_type, rows)
         return Release(reason, state, arch, parent, base_version, lineage, metrics, merge,
-                       continual_metrics(metrics, learned, fresh), batches)
+                       continual_metrics(metrics, learned, fresh), batches, data_type, fingerprints)
 
     def record_served(self, release: Release) -> None:
         """``release`` was published and adopted: the slices it learned keep its accuracy on them,
@@ -213,24 +216,32 @@ class Engine:
     def release_merge(self, outcome: MergeOutcome) -> Release:
         return self._release("merge", outcome.state, outcome.base_version, outcome.plan)
 
-    def compact_children_to_publish(self) -> list[ChildRelease]:
-        """Compact children trained since they were last published on their own model line."""
+    def children_to_publish(self) -> list[ChildRelease]:
+        """Children trained since they were last published as zoo members, each with its held-out
+        accuracy per slice and its fingerprint of the slices it trained on."""
         with self._lock:
             st = self._state
             root = st.root
             if root is None or st.served_version is None:
                 return []
-            due = [(c, cpu_state(c.model)) for c in st.tree.active_children()
-                   if c.architecture != root.architecture and c.updates > c.published_updates]
+            due = [(c, cpu_state(c.model), list(c.slices or [c.slice])) for c in st.tree.active_children()
+                   if c.updates > c.published_updates]
             version, root_lineage = st.served_version, root.describe_lineage()
-            sets = st.buffers.heldout_sets()
+            sets, replay = st.buffers.heldout_sets(), st.buffers.replay_sets()
         releases = []
-        for child, state in due:
+        for child, state, slices in due:
             model = self._build(child.architecture, state)
+            rows = {name: replay[name][0] for name in slices if name in replay}
             releases.append(ChildRelease(child.node_id, child.updates, child.architecture, state,
                                          merger.heldout_accuracy(model, child.data_type, sets), version,
-                                         [root_lineage, child.describe_lineage()]))
+                                         [root_lineage, child.describe_lineage()], slices, child.spawn_method,
+                                         child.base_version, child.data_type,
+                                         fit_slices(model, child.data_type, rows)))
         return releases
+
+    def active_children(self) -> set[str]:
+        with self._lock:
+            return {c.node_id for c in self._state.tree.active_children()}
 
     def child_published(self, release: ChildRelease) -> None:
         with self._lock:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from daemon.learn.continual import ContinualMetrics
+from daemon.learn.fingerprint import Fingerprint
 from daemon.learn.models import Architecture
 from daemon.learn.merging.gate import GateVerdict
 
@@ -101,11 +102,13 @@ class Release:
     merge: dict[str, Any] | None = None
     continual: ContinualMetrics | None = None  # average accuracy, forgetting, BWT of this version
     batches: int = 0                           # the engine's batch count when it was taken
+    data_type: str = "tabular"
+    fingerprints: dict[str, Fingerprint] = field(default_factory=dict)  # per slice, in its features (zoo)
 
 
 @dataclass(frozen=True)
 class ChildRelease:
-    """A compact child ready to publish on its own line (``{line}.{node_id}``)."""
+    """A child ready to publish as a zoo member on its own line (``{line}.{node_id}``)."""
     node_id: str
     updates: int
     architecture: Architecture
@@ -113,6 +116,11 @@ class ChildRelease:
     metrics: dict[str, float]
     parent_version: int
     lineage: list[dict[str, Any]]
+    slices: list[str] = field(default_factory=list)
+    spawn_method: str = "copy"
+    base_version: int | None = None
+    data_type: str = "tabular"
+    fingerprints: dict[str, Fingerprint] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from typing import Mapping
 import torch
 
 from daemon.learn.drift import FeatureKL
+from daemon.learn.training import embed, model_input
 
 COMPONENTS = 8
 
@@ -60,8 +61,8 @@ class Fingerprint:
         return ((principal + residual) / (k + free)).float()
 
     def to_tensors(self, prefix: str = "fingerprint") -> dict[str, torch.Tensor]:
-        return {**self.detector.to_tensors(prefix), f"{prefix}.residual_var": torch.tensor([self.residual_var], dtype=torch.float64),
-                f"{prefix}.dims": torch.tensor([self.dims])}
+        return {**self.detector.to_tensors(prefix), f"{prefix}.dims": torch.tensor([self.dims]),
+                f"{prefix}.residual_var": torch.tensor([self.residual_var], dtype=torch.float64)}
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor], prefix: str = "fingerprint") -> "Fingerprint":
@@ -82,3 +83,12 @@ def decode_fingerprints(tensors: Mapping[str, torch.Tensor], slices: list[str]) 
     """The inverse of :func:`encode_fingerprints`; ``slices`` comes from the manifest, so a slice
     name holding dots is never guessed from the keys. KeyError names a missing tensor."""
     return {name: Fingerprint.from_tensors(tensors, name) for name in slices}
+
+
+MIN_ROWS = 16  # fewer rows than this give no usable covariance: such a slice gets no fingerprint
+
+
+def fit_slices(model: torch.nn.Module, data_type: str, rows: Mapping[str, torch.Tensor]) -> dict[str, Fingerprint]:
+    """``model``'s fingerprint of each slice, from that slice's rows (wire form), in its own features."""
+    return {name: Fingerprint.fit(embed(model, model_input(x, data_type))) for name, x in rows.items()
+            if len(x) >= MIN_ROWS}

@@ -14,7 +14,7 @@ The modes and the weighting are in :mod:`daemon.serve.weighting`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -87,15 +87,16 @@ class Predictor:
     """Predictions on the snapshot ``source()`` returns at the start of each call (a
     :class:`~daemon.serve.loader.ZooLoader` is such a source, as is ``lambda: snapshot``)."""
 
-    def __init__(self, source: "SnapshotSource | ZooSnapshot", mode: str = "served", temperature: float = 0.05,
-                 sharpness: float = 8.0, level: str = "auto", depth_spread: float = 4.0) -> None:
+    def __init__(self, source: "SnapshotSource | ZooSnapshot", mode: str = "served",
+                 params: WeightingParams | None = None, **weighting) -> None:
+        """``weighting``: fields of :class:`~daemon.serve.weighting.WeightingParams` (temperature,
+        sharpness, level, depth_spread) over ``params`` or its defaults."""
         if isinstance(source, ZooSnapshot):
             fixed = source
             source = lambda: fixed  # noqa: E731 (a snapshot that never changes: benchmarks, tests)
         self.source = getattr(source, "snapshot", source)
         self.mode = self._check_mode(mode)
-        self.params = WeightingParams(temperature=temperature, sharpness=sharpness, level=level,
-                                      depth_spread=depth_spread)
+        self.params = replace(params or WeightingParams(), **weighting)
 
     @staticmethod
     def _check_mode(mode: str) -> str:
@@ -119,7 +120,7 @@ class Predictor:
         check_rows(x, data_type, served)
         members = snap.all if mode != "served" else (served,)
         if len(x) == 0:
-            n_classes = 0
+            n_classes = int(served.architecture.params.get("num_classes", 0))
             return Prediction(torch.zeros(0, dtype=torch.long), torch.zeros(0, n_classes), served.version, mode,
                               tuple(m.name for m in members), torch.zeros(0, len(members)))
         with torch.inference_mode():

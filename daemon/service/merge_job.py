@@ -17,12 +17,14 @@ from typing import Any, Callable
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
+import redis
 
 from daemon.engine.engine import Engine
 from daemon.engine.records import MergeOutcome
 from daemon.service.failpoints import Failpoints
 from daemon.service.metrics import ServiceMetrics
 from daemon.service.publisher import PublishAbandoned, Publisher, child_job, release_job
+from daemon.service.recovery import adopt_unrecorded_versions
 from daemon.service.settings import MergeJobSettings
 from zoo_store.versions import Published
 
@@ -69,6 +71,7 @@ class MergeJob:
         """Plan, gate and (if accepted) publish a merge. Safe to call from any thread; returns once
         the version is written (or the service stops: the publish then finishes or is abandoned)."""
         with self._lock:
+            self._adopt_rollback()
             with self.failpoints.phase("merge"):
                 outcome = self.engine.merge()
                 if outcome is not None:
@@ -97,16 +100,33 @@ class MergeJob:
             else:
                 log.warning("merge rejected: %s (children %s)", outcome.reason, outcome.children)
             self.record(record)
-            self._publish_compact_children()
+            self._publish_children()
             return outcome
 
-    def _publish_compact_children(self) -> None:
-        """Compact children trained since their last release, each on its own line ``{line}.{node_id}``
-        (same publisher, same guarantees: one transaction, idempotent publish id)."""
-        for release in self.engine.compact_children_to_publish():
+    def _adopt_rollback(self) -> None:
+        """A `filial rollback` of the served version is served from now on (and learned on from)."""
+        try:
+            adopt_unrecorded_versions(self.engine, self.publisher.versions, self.line)
+        except redis.RedisError as exc:  # the next merge looks again
+            log.warning("could not check %s for a rollback: %s", self.line, exc)
+
+    def _publish_children(self) -> None:
+        """The zoo: children trained since their last release, each a member on its own line
+        ``{line}.{node_id}`` (same publisher, same guarantees: one transaction, idempotent publish
+        id); members whose child retired leave it."""
+        if self.publisher.zoo is None:
+            return
+        for release in self.engine.children_to_publish():
             job = child_job(self.line, release, lambda _published, r=release: self.engine.child_published(r))
             if self._await(self.publisher.submit(job)) is None:
                 return  # stopping: the next run publishes it
+        active, mine = self.engine.active_children(), f"{self.line}."
+        try:
+            for member in self.publisher.zoo.members():
+                if member.startswith(mine) and member[len(mine):] not in active:
+                    self.publisher.zoo.remove(member, "its child retired into the served model")
+        except redis.RedisError as exc:  # the next merge tries again
+            log.warning("could not remove retired members from the zoo: %s", exc)
 
     def await_publish(self, future: Future) -> Published | None:
         return self._await(future)

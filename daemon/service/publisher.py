@@ -27,10 +27,12 @@ import torch
 from safetensors.torch import save as st_save
 
 from daemon.engine.records import ChildRelease, Release
+from daemon.learn.fingerprint import Fingerprint, encode_fingerprints
 from daemon.service.failpoints import Failpoints
 from zoo_store.connection import CappedBackoff
 from zoo_store.models import sha256_hex
 from zoo_store.versions import Published, VersionStore
+from zoo_store.zoo import ZooStore
 
 log = logging.getLogger("filial.publisher")
 
@@ -59,31 +61,42 @@ def serialize(state: dict[str, torch.Tensor]) -> tuple[bytes, str]:
     return weights, sha256_hex(weights)[:24]
 
 
+def _fingerprint_fields(fingerprints: dict[str, Fingerprint]) -> dict[str, Any]:
+    if not fingerprints:
+        return {}
+    return dict(fingerprint=st_save({k: v.contiguous() for k, v in encode_fingerprints(fingerprints).items()}),
+                fingerprint_slices=list(fingerprints))
+
+
 def release_job(line: str, release: Release, on_published: Callable[[Published], None]) -> PublishJob:
     """The served model's next version. Deterministic: the same state published from the same
     parent is the same publish."""
     weights, digest = serialize(release.state)
     fields = dict(architecture=release.architecture.model_dump(), base_version=release.base_version,
                   parent_version=release.parent_version, lineage=release.lineage, metrics=release.metrics,
-                  merge=release.merge, continual=release.continual.record() if release.continual else None)
+                  merge=release.merge, continual=release.continual.record() if release.continual else None,
+                  slices=sorted(release.metrics), **_fingerprint_fields(release.fingerprints))
     return PublishJob(line, release.reason, weights, f"{release.reason}:{release.parent_version}:{digest}", fields,
                       on_published)
 
 
 def child_job(line: str, release: ChildRelease, on_published: Callable[[Published], None]) -> PublishJob:
-    """A compact child on its own line ``{line}.{node_id}``."""
+    """A child as a zoo member on its own line ``{line}.{node_id}``; entered in the zoo once written."""
     weights, digest = serialize(release.state)
     fields = dict(architecture=release.architecture.model_dump(), parent_version=release.parent_version,
-                  parent_line=line, lineage=release.lineage, metrics=release.metrics)
+                  parent_line=line, lineage=release.lineage, metrics=release.metrics, kind="member",
+                  slices=release.slices, spawn_method=release.spawn_method, base_version=release.base_version,
+                  **_fingerprint_fields(release.fingerprints))
     return PublishJob(f"{line}.{release.node_id}", "retrain", weights,
                       f"child:{release.node_id}:{release.updates}:{digest}", fields, on_published)
 
 class Publisher:
-    def __init__(self, versions: VersionStore, *, backoff_cap: float = 30.0,
+    def __init__(self, versions: VersionStore, *, zoo: ZooStore | None = None, backoff_cap: float = 30.0,
                  on_failure: Callable[[str], None] | None = None,
                  observe_latency: Callable[[str, float], None] | None = None,
                  failpoints: Failpoints | None = None) -> None:
         self.versions = versions
+        self.zoo = zoo  # members are entered in the zoo once written (None: members are not published)
         self.failpoints = failpoints or Failpoints()
         self.backoff_cap = backoff_cap
         self._on_failure = on_failure or (lambda reason: None)
@@ -146,8 +159,12 @@ class Publisher:
         while not self._stop.is_set():
             with self.failpoints.phase("publish"):
                 try:
-                    published = self.versions.publish(job.line, job.weights, publish_id=job.publish_id,
-                                                      reason=job.reason, **job.manifest_fields)
+                    member = job.manifest_fields.get("kind") == "member"
+                    store = self.zoo.versions if member and self.zoo is not None else self.versions
+                    published = store.publish(job.line, job.weights, publish_id=job.publish_id,
+                                              reason=job.reason, **job.manifest_fields)
+                    if member and self.zoo is not None:
+                        self.zoo.enter(job.line, published.manifest.version, job.reason)
                 except redis.RedisError as exc:
                     wait = backoff.failed()
                     self._on_failure(job.reason)

@@ -4,7 +4,9 @@ line wrote after that checkpoint.
 A crash between writing a version and checkpointing it leaves a version in Redis the checkpoint
 does not name. Without adopting it, the restarted daemon would re-derive the state, publish it as
 yet another version and leave the written one unserved (an orphan). Only direct successors are
-adopted (parent = the served version, reason bootstrap or merge), after their weights verify.
+adopted (parent = the served version, reason bootstrap, merge or rollback), after their weights verify.
+The merge job calls :func:`adopt_unrecorded_versions` too: that is how a running daemon takes a
+``filial rollback`` of its version (it then learns on from the rolled-back weights).
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ def adopt_unrecorded_versions(engine: Engine, versions: VersionStore, line: str)
         served = engine.served_version
         candidates = range((served or 0) + 1, latest + 1)
         found = next(((m, w) for m, w in filter(None, (_verified(versions, line, v) for v in candidates))
-                      if m.parent_version == served and m.reason == ("bootstrap" if served is None else "merge")),
+                      if m.parent_version == served and m.reason in (("bootstrap",) if served is None
+                                                                     else ("merge", "rollback"))),
                      None)
         if found is None:
             break
@@ -63,8 +66,12 @@ def adopt_unrecorded_versions(engine: Engine, versions: VersionStore, line: str)
                                       plan=manifest.merge):
             break
         adopted += 1
-        log.warning("v%d (%s of v%s) was written before the last crash but not checkpointed: serving it "
-                    "instead of re-deriving it", manifest.version, manifest.reason, served)
+        if manifest.reason == "rollback":
+            log.warning("v%d rolls v%s back to v%s: serving it and learning on from it", manifest.version, served,
+                        manifest.rollback_of)
+        else:
+            log.warning("v%d (%s of v%s) was written before the last crash but not checkpointed: serving it "
+                        "instead of re-deriving it", manifest.version, manifest.reason, served)
     return adopted
 
 

@@ -51,6 +51,7 @@ from zoo_store.connection import probe_client
 from zoo_store.keys import Keys
 from zoo_store.telemetry import Telemetry
 from zoo_store.versions import Published, VersionStore
+from zoo_store.zoo import ZooStore
 
 log = logging.getLogger("filial.service")
 
@@ -74,7 +75,10 @@ class Service:
         self.versions = VersionStore(self.redis, keys, signing_key(settings), settings.publish.keep_versions)
         self.checkpoints = CheckpointStore(self.redis, keys)
         self.telemetry = Telemetry(self.redis, keys)
-        self.publisher = Publisher(self.versions, backoff_cap=settings.ops.backoff_max_seconds,
+        zoo = ZooStore(VersionStore(self.redis, keys, signing_key(settings), settings.publish.zoo_keep_versions),
+                       settings.publish.zoo_max_members, settings.publish.zoo_max_bytes)
+        self.publisher = Publisher(self.versions, zoo=zoo if settings.publish.zoo else None,
+                                   backoff_cap=settings.ops.backoff_max_seconds,
                                    on_failure=lambda reason: self.metrics.publish_failures.labels(reason).inc(),
                                    observe_latency=lambda reason, sec: self.metrics.publish_seconds.labels(reason)
                                    .observe(sec), failpoints=self.failpoints)

@@ -120,6 +120,12 @@ class PublishSettings(BaseModel):
 
     line: str = Field("main", pattern=r"^[A-Za-z0-9_.\-]+$", description="model line the served model publishes to")
     keep_versions: int = Field(10, ge=1, description="versions kept per line; older are deleted")
+    zoo: bool = Field(True, description="publish every child as a zoo member on its own line {line}.{child_id}, "
+                      "with its fingerprint, for `filial serve` (README, \"The zoo\")")
+    zoo_max_members: int = Field(32, ge=1, description="zoo members kept; the least recently published leave first")
+    zoo_max_bytes: int = Field(256 * 2**20, ge=1, description="Redis bytes the zoo's members may hold (weights, "
+                               "manifests, fingerprints of every kept version); the oldest leave first")
+    zoo_keep_versions: int = Field(2, ge=1, description="versions kept per member line")
     signing_key: SecretStr | None = Field(None, description="HMAC-SHA256 key for manifests")
     signing_key_file: ReadableFile | None = Field(None, description="file holding the manifest HMAC key")
     block_seconds: float = Field(2.0, ge=0, description="longest a publish may hold up ingest; "

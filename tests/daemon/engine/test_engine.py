@@ -155,15 +155,16 @@ def test_compact_children_inherit_publish_on_their_own_line_and_merge_by_distill
     assert parameter_count(child.model) < parameter_count(engine._state.root.model) / 2
     assert child.architecture != engine.architecture
 
-    releases = {r.node_id: r for r in engine.compact_children_to_publish()}
-    assert set(releases) == {r.child for r in spawned}   # every compact child that learned, once
+    releases = {r.node_id: r for r in engine.children_to_publish()}
+    assert set(releases) == {r.child for r in spawned}   # every child that learned, once
     first = releases[child.node_id]
+    assert first.slices == ["perm"] and set(first.fingerprints) == {"perm"}   # a zoo member with its fingerprint
     served_perm = engine.metrics()["perm"]
     assert first.metrics["perm"] > served_perm + 0.1   # the compact child learned the new slice
     assert first.lineage[-1]["node_id"] == child.node_id and first.parent_version == 1
     for release in releases.values():
         engine.child_published(release)
-    assert engine.compact_children_to_publish() == []
+    assert engine.children_to_publish() == []
 
     outcome = engine.merge()
     assert child.node_id in outcome.plan["distill"]["children"]

@@ -179,3 +179,70 @@ def test_a_fingerprint_in_another_feature_space_is_refused_at_build():
     with pytest.raises(ValueError, match="not in this model's 2 features"):
         Member.build(line="main.c9", version=1, kind="member", architecture=TINY, state=TINY.build().state_dict(),
                      fingerprints={"a": fingerprint(A, dims=4)})
+
+
+def test_layerwise_never_changes_the_models_concurrent_requests_run(zoo):
+    """Each merge runs in a model of its own: the served model's tensors stay as they are while layer-wise
+    requests run beside served ones (a request thread per mode, as an HTTP server has)."""
+    import sys
+    import threading
+
+    x = torch.cat([rows(A, n=2000), rows(B, n=2000, seed=1)])
+    expected = Predictor(zoo, mode="served").predict(x, data_type="tabular").probabilities
+    before = {k: t.clone() for k, t in zoo.served.state.items()}
+    bad, stop = [], threading.Event()
+
+    def layerwise():
+        while not stop.is_set():
+            Predictor(zoo, mode="layerwise", temperature=1.0).predict(x, data_type="tabular")
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)      # switch threads often: a swapped parameter would be seen
+    threads = [threading.Thread(target=layerwise) for _ in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        for _ in range(200):
+            got = Predictor(zoo, mode="served").predict(x, data_type="tabular").probabilities
+            bad += [] if torch.equal(got, expected) else [got]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        sys.setswitchinterval(interval)
+    assert not bad and all(torch.equal(before[k], t) for k, t in zoo.served.state.items())
+
+
+def test_inputs_the_served_model_cannot_take_are_refused_in_words():
+    from daemon.serve.predictor import InputError
+
+    mlp = Architecture(family="tabular_mlp", params={"in_features": 2, "num_classes": 3})
+    p = Predictor(ZooSnapshot(Member.build(line="main", version=1, kind="served", architecture=mlp,
+                                           state=mlp.build().state_dict())))
+    assert p.predict(torch.zeros(0, 2)).probabilities.shape == (0, 3)
+    for bad, why in ((torch.zeros(2, 3), "3 features"), (torch.full((2, 2), float("nan")), "NaN"),
+                     (torch.zeros(2, 2, dtype=torch.int64), "int64"), (torch.zeros(2), "rank")):
+        with pytest.raises(InputError, match=why):
+            p.predict(bad)
+    with pytest.raises(InputError, match="takes 'tabular'"):
+        p.predict(torch.zeros(2, 2), data_type="image")
+    with pytest.raises(ValueError, match="mode 'best'"):
+        p.predict(torch.zeros(2, 2), mode="best")
+
+
+def test_layerwise_of_a_built_in_family_runs_the_merged_weights():
+    """Built-in families merge into a model built on the meta device that takes the merged tensors."""
+    mlp = Architecture(family="tabular_mlp", params={"in_features": 2, "num_classes": 3, "width": 4})
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(mlp.build().state_dict())
+    served, other = (Member.build(line=line, version=1, kind=kind, architecture=mlp, state=s)
+                     for line, kind, s in (("main", "served", states[0]), ("main.c1", "member", states[1])))
+    x = rows(A, n=8)
+    got = Predictor(ZooSnapshot(served, (other,)), mode="layerwise").predict(x, data_type="tabular")
+    assert torch.allclose(got.weights, torch.full((8, 2), 0.5))      # no evidence: equal weights
+    model = mlp.build().eval()
+    model.load_state_dict({k: (states[0][k] + states[1][k]) / 2 for k in states[0]})
+    with torch.no_grad():
+        assert torch.allclose(got.probabilities, torch.softmax(model(x), 1), atol=1e-5)

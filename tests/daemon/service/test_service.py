@@ -15,12 +15,14 @@ from tools.datasets import load_dataset
 from tools.produce import produce_phases
 from tools.scenarios import parse_phase
 from daemon.cli import main as cli_main
+from daemon.learn.fingerprint import decode_fingerprints
 from daemon.learn.models import Architecture
 from daemon.service.service import Service
 from daemon.service.settings import load_settings
 from tests.helpers import run_in_thread, service_settings, wait_until
 from zoo_store.connection import connect
 from zoo_store.follow import Follower
+from zoo_store.zoo import ZooFollower
 
 
 def _settings(kafka, redis_server, unique, **extra):
@@ -137,7 +139,7 @@ def test_end_to_end_with_dead_letters_and_restart(kafka, redis_server, unique, m
     assert [l["version"] for l in lines] == versions and all(l["loaded"] for l in lines)
 
 
-def test_a_compact_child_is_published_on_its_own_line_and_followed(kafka, redis_server, unique, produce_tabular,
+def test_a_compact_child_is_a_zoo_member_on_its_own_line_and_followed(kafka, redis_server, unique, produce_tabular,
                                                                   capsys):
     settings = service_settings(kafka.address, redis_server.address, unique, child_size_ratio=0.5,
                                 bootstrap_batches=3, bootstrap_accuracy=0.8, accuracy_threshold=0.7)
@@ -155,6 +157,14 @@ def test_a_compact_child_is_published_on_its_own_line_and_followed(kafka, redis_
         manifest = service.versions.manifest(line, service.versions.latest(line))
         assert manifest.parent_line == settings.publish.line and manifest.parent_version >= 1
         assert manifest.architecture["params"]["width"] < 64 and manifest.lineage[-1].node_id == line.split(".")[-1]
+        # a zoo member: indexed, announced, with a verified fingerprint of the slice it learned
+        zoo = ZooFollower(service.redis, prefix=unique)
+        assert zoo.members()[line] == manifest.version and set(zoo.members()) == set(child_lines)
+        loaded = zoo.load(line, manifest.version)
+        assert loaded.manifest.kind == "member" and "perm" in loaded.manifest.slices
+        assert "perm" in decode_fingerprints(loaded.fingerprint, loaded.manifest.fingerprint_slices)
+        served = Follower(service.redis, prefix=unique).load_version(service.versions.latest(settings.publish.line))
+        assert served.manifest.kind == "served" and "plain" in served.manifest.fingerprint_slices
     finally:
         service.stop()
         thread.join(timeout=60)

@@ -1,24 +1,25 @@
-"""The ``filial`` command: run, produce, watch, status, serve, demo, bench.
+"""The ``filial`` command: run, produce, demo, bench here; watch, status, rollback in
+:mod:`daemon.cli.follow`; serve in :mod:`daemon.serve.command`.
 
 Every subcommand has ``--help``. Mistakes (a bad flag value, an unreachable server) end with
 one line saying what is wrong and what to do, and exit code 2; no tracebacks for user errors.
-
-Long because it is the composition root of seven subcommands, each a thin adapter from argparse to the
-layer that does the work, and the one place the user-facing wording lives (run's flags: service/flags.py).
+Each subcommand is a thin adapter from argparse to the layer that does the work (run's flags:
+service/flags.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import logging
 import os
 import sys
-from typing import Any, Iterator
+from typing import Any
 
+from daemon.cli.errors import UserError
 
-class UserError(Exception):
-    """A mistake the user can fix; printed as one line, exit code 2."""
+log = logging.getLogger("filial.cli")
+
 
 
 # --- settings flags ---------------------------------------------------------------------------------
@@ -32,7 +33,7 @@ def _settings_from(args: argparse.Namespace):
         raise UserError(f"{exc}\n(fix the flag or FILIAL_* variable named above; see 'filial run --help')") from None
 
 
-# --- run, and serve (its flags, wording and server: daemon/serve/command.py) ------------------------------
+# --- run ---------------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     from daemon.service.embedded import EmbeddedInfrastructure
     from daemon.service.failpoints import Failpoints
@@ -50,11 +51,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- serve: its flags, wording and server are daemon/serve/command.py's ------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     from daemon.serve.command import serve
     from daemon.service.logs import setup_logging
 
-    return serve(args, setup_logging, UserError)  # the logging setup and user errors are the CLI's
+    return serve(args, setup_logging, UserError)  # the logging setup and the user errors are the CLI's
 
 
 # --- produce -------------------------------------------------------------------------------------------
@@ -75,29 +77,33 @@ def _tools_problem(what: str, exc: ImportError) -> str | None:
     return f"{what} needs {_TOOLS_MODULES[top]}, which is not installed here; install the tools: {TOOLS_HINT}"
 
 
-@contextlib.contextmanager
-def _tools_needed(what: str) -> Iterator[None]:
-    """``with _tools_needed("the demo"):`` turns a missing tools module into a :class:`UserError`."""
-    try:
-        yield
-    except ImportError as exc:
-        problem = _tools_problem(what, exc)
-        if problem is None:
-            raise
-        raise UserError(problem) from None
+class _ToolsNeeded:
+    """``with _ToolsNeeded("the demo"):`` turns a missing tools module into a :class:`UserError`."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        problem = _tools_problem(self.what, exc) if isinstance(exc, ImportError) else None
+        if problem is not None:
+            raise UserError(problem) from None
+        return False
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
     from consumers.connection import KafkaConnection
 
-    with _tools_needed("filial produce"):
+    with _ToolsNeeded("filial produce"):
         from tools.datasets import load_dataset
         from tools.produce import produce_phases
         from tools.scenarios import parse_phase
 
     try:
         phases = [parse_phase(p) for p in (args.phase or ["all=identity"])]
-        with _tools_needed(f"the dataset {args.dataset!r}"):
+        with _ToolsNeeded(f"the dataset {args.dataset!r}"):
             data = load_dataset(args.dataset)
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -113,99 +119,16 @@ def cmd_produce(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- watch -----------------------------------------------------------------------------------------------
-def cmd_watch(args: argparse.Namespace) -> int:
-    import threading
-
-    from daemon.learn.models import Architecture, parameter_count
-    from zoo_store.connection import connect
-    from zoo_store.follow import Follower, VerificationError, VersionNotFound
-
-    key = args.signing_key.encode() if args.signing_key else None
-    follower = Follower(connect(args.redis_url), line=args.line, prefix=args.prefix, signing_key=key,
-                        require_signature=args.require_signature or None)
-    start: Any = args.from_version
-    if start not in ("latest", "next"):
-        try:
-            start = int(start)
-        except ValueError:
-            raise UserError("--from-version takes a version number, 'latest' or 'next'") from None
-    stop = threading.Event()
-    timer = threading.Timer(args.timeout or 0, stop.set)
-    if args.timeout:
-        timer.start()
-    seen = 0
-    try:
-        for event in follower.events(from_version=start, stop=stop):
-            record = event.model_dump()
-            if args.load:
-                try:
-                    manifest, state = follower.load(event.version)
-                except (VerificationError, VersionNotFound) as exc:  # said in the version's line; counts for --count
-                    record.update(loaded=False, refused=str(exc) if isinstance(exc, VerificationError) else
-                                  f"version {event.version} is gone (retention keeps the newest publish_keep_versions)")
-                else:
-                    model = Architecture.model_validate(manifest.architecture).build()
-                    model.load_state_dict(state)
-                    record.update(loaded=True, parameters=parameter_count(model))
-            print(json.dumps(record), flush=True)
-            seen += 1
-            if args.count and seen >= args.count:
-                break
-    finally:
-        stop.set()
-        timer.cancel()  # a watch that ends early does not wait out --timeout
-    return 0
-
-
-# --- status ---------------------------------------------------------------------------------------------
-def cmd_status(args: argparse.Namespace) -> int:
-    from zoo_store.connection import connect
-    from zoo_store.keys import Keys
-    from zoo_store.telemetry import Telemetry
-    from zoo_store.versions import VersionStore
-
-    client, keys = connect(args.redis_url), Keys(args.prefix)
-    store, telemetry = VersionStore(client, keys), Telemetry(client, keys)
-    fields = ("created_at", "reason", "base_version", "metrics", "continual")
-    lines = {line: [{"version": v, **{k: getattr(m, k) for k in fields}}
-                    for v in store.versions(line) for m in [store.manifest(line, v)]] for line in store.lines()}
-    status = {"tree": telemetry.tree(), "lines": lines, "recent_decisions": telemetry.recent_decisions(args.recent),
-              "recent_merges": telemetry.recent_merges(args.recent)}
-    if args.json:
-        print(json.dumps(status, indent=2))
-        return 0
-    tree = status["tree"] or {"nodes": []}
-    print("model tree:")
-    for node in tree["nodes"]:
-        indent = "  " if node["parent"] is None else "    └─ "
-        print(f"{indent}{node['node_id']} [{node['status']}] slices={node['slices'] or [node['slice']]} "
-              f"updates={node['updates']} samples={node['samples']}")
-    for line, versions in lines.items():
-        print(f"line {line}:")
-        for v in versions:
-            cl = v["continual"] or {}
-            print(f"  v{v['version']} {v['created_at']} {v['reason']:<9} base=v{v['base_version']} avg="
-                  f"{cl.get('average_accuracy')} forgetting={cl.get('average_forgetting')} bwt={cl.get('bwt')} "
-                  f"{v['metrics']}")
-    print("recent decisions:")
-    for d in status["recent_decisions"]:
-        print(f"  {d['at']} {d['slice']:<10} {d['action']:<8} kl={d['kl']} acc={d['accuracy']} {d['reason']}")
-    print("recent merges:")
-    for m in status["recent_merges"]:
-        print(f"  {m['at']} {'accepted' if m['accepted'] else 'rejected'} children={m['children']} {m['reason']}")
-    return 0
-
-
 # --- demo and bench ------------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     from daemon.service.logs import setup_logging
 
-    with _tools_needed("the demo"):  # the dataset is loaded before any server starts
+    with _ToolsNeeded("the demo"):  # the dataset is loaded before any server starts
         from tools.demo import run_demo
 
         setup_logging("INFO", "text")
-        summary = run_demo(phases=args.phase, samples_per_phase=args.samples_per_phase, batch_size=args.batch_size)
+        summary = run_demo(phases=args.phase, samples_per_phase=args.samples_per_phase,
+                           batch_size=args.batch_size)
     print(json.dumps(summary), flush=True)
     return 0 if "watcher_error" not in summary else 1
 
@@ -217,7 +140,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     what = f"the benchmark {args.bench!r}"
     if args.bench_main is None:  # its module did not import (_BenchParser says why)
         raise UserError(args.bench_problem)
-    with _tools_needed(what):
+    with _ToolsNeeded(what):
         from tools import missing_dependencies
 
         missing = missing_dependencies()  # checked first: a plot must not fail after an hour of work
@@ -227,7 +150,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from daemon.service.logs import setup_logging
 
     setup_logging("INFO", "text")
-    with _tools_needed(what):
+    with _ToolsNeeded(what):
         summary = args.bench_main(args)
     print(json.dumps(summary), flush=True)
     return 0
@@ -334,29 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--seed", type=int, default=0)
     produce.set_defaults(func=cmd_produce)
 
-    watch = sub.add_parser("watch", help="follow model-update events (and load verified weights)",
-                           description="Print one JSON line per published version. --load downloads the weights, "
-                                       "checks sha256 (and the HMAC signature when --signing-key is given) and "
-                                       "loads them into the architecture the manifest names.")
-    watch.add_argument("--redis-url", required=True, help="e.g. redis://localhost:6379/0")
-    watch.add_argument("--prefix", default="filial", help="key prefix the daemon publishes under")
-    watch.add_argument("--line", default="main", help="model line (main, or a compact line)")
-    watch.add_argument("--from-version", default="1", help="version number, 'latest' or 'next' [default: 1]")
-    watch.add_argument("--load", action="store_true", help="download, verify and load each version")
-    watch.add_argument("--signing-key", default=None, help="HMAC key the manifests are signed with")
-    watch.add_argument("--require-signature", action="store_true", help="refuse unsigned manifests")
-    watch.add_argument("--count", type=int, default=0, help="exit after this many versions")
-    watch.add_argument("--timeout", type=float, default=0, help="exit after this many seconds")
-    watch.set_defaults(func=cmd_watch)
+    from daemon.cli.follow import add_follow_commands
+    from daemon.serve.command import add_serve_parser
 
-    status = sub.add_parser("status", help="model tree, versions, recent decisions and merges",
-                            description="Read the daemon's state from Redis: the model tree, published versions "
-                                        "with their per-slice metrics, recent drift decisions and merges.")
-    status.add_argument("--redis-url", required=True)
-    status.add_argument("--prefix", default="filial")
-    status.add_argument("--recent", type=int, default=10, help="how many recent decisions/merges to show")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.set_defaults(func=cmd_status)
+    add_follow_commands(sub)
+    add_serve_parser(sub, cmd_serve)
 
     demo = sub.add_parser("demo", help="the whole path on embedded servers (what `make demo` runs)",
                           description="Start an embedded broker and Redis, run the daemon, stream drifting "
@@ -367,8 +272,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=int, default=100)
     demo.set_defaults(func=cmd_demo)
 
-    from daemon.serve.command import add_serve_parser
-    add_serve_parser(sub, cmd_serve)
     _add_bench(sub)
     return parser
 
@@ -381,7 +284,8 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except UserError as exc:
@@ -394,6 +298,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())
