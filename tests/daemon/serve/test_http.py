@@ -19,15 +19,17 @@ import torch
 from safetensors.torch import save as st_save
 
 from daemon.cli import main
+from daemon.learn.fingerprint import Fingerprint, encode_fingerprints
 from daemon.learn.models import infer_architecture
 from daemon.serve.batching import MicroBatcher
 from daemon.serve.http import HttpServer, ServeApp
 from daemon.serve.loader import ZooLoader
 from daemon.serve.predictor import Predictor
-from daemon.serve.settings import load_settings
+from daemon.serve.settings import MODES, load_settings
 from tests.helpers import wait_until
 from zoo_store.keys import Keys
 from zoo_store.versions import VersionStore
+from zoo_store.zoo import ZooStore
 
 ROOT = Path(__file__).resolve().parents[3]
 ARCH = infer_architecture("image", torch.zeros(1, 28, 28), 10, None)  # the default CNN on MNIST's shape
@@ -36,12 +38,22 @@ ROWS = torch.randint(0, 256, (3, 28, 28), dtype=torch.uint8, generator=torch.Gen
 BINARY = {"content-type": "application/octet-stream"}
 
 
-def publish(client, prefix: str, seed: int, key: bytes | None = KEY) -> int:
+def publish(client, prefix: str, seed: int, key: bytes | None = KEY, line: str = "main", kind: str = "served",
+            announce: bool = True) -> int:
+    """A version of the default CNN as the daemon writes it (weights, manifest, a fingerprint of slice
+    ``a``); a member is also entered in the zoo unless ``announce`` is False."""
     torch.manual_seed(seed)
-    weights = st_save(ARCH.build().state_dict())
+    model = ARCH.build().eval()
+    with torch.no_grad():
+        fingerprint = {"a": Fingerprint.fit(model.features(ROWS.float().unsqueeze(1) / 255))}
     store = VersionStore(client, Keys(prefix), signing_key=key, keep_versions=50)
-    return store.publish("main", weights, publish_id=f"p{seed}-{time.monotonic_ns()}", reason="merge",
-                         architecture=ARCH.model_dump()).manifest.version
+    version = store.publish(line, st_save(model.state_dict()), publish_id=f"p{seed}-{time.monotonic_ns()}",
+                            reason="merge", architecture=ARCH.model_dump(), kind=kind, slices=["a"],
+                            metrics={"a": 0.5 + seed / 100}, fingerprint=st_save(encode_fingerprints(fingerprint)),
+                            fingerprint_slices=["a"]).manifest.version
+    if kind == "member" and announce:
+        ZooStore(store).enter(line, version)
+    return version
 
 
 @contextlib.contextmanager
@@ -90,27 +102,33 @@ def test_ready_only_once_a_verified_version_is_loaded_then_serves_it(redis_clien
 
 def test_no_failed_request_while_versions_are_published_every_200ms(redis_client, unique):
     published = [publish(redis_client, unique, seed=0)]
-    with serving(redis_client, unique, max_wait_ms=1) as (url, _, _):
-        assert wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, timeout=30)
+    publish(redis_client, unique, seed=100, line="main.c1", kind="member")
+    with serving(redis_client, unique) as (url, _, _):
+        assert wait_until(lambda: httpx.get(f"{url}/readyz").json().get("zoo_size") == 2, timeout=30)
         stop, failures, seen, answered = threading.Event(), [], set(), []
 
-        def client() -> None:
+        def client(mode: str) -> None:
             with httpx.Client(timeout=30) as http:
                 while not stop.is_set():
                     try:
-                        reply = http.post(f"{url}/predict", content=st_save({"x": ROWS[:1]}), headers=BINARY)
+                        reply = http.post(f"{url}/predict", content=st_save({"x": ROWS[:2]}), headers=BINARY,
+                                          params={"mode": mode})
                         assert reply.status_code == 200, reply.text
-                        seen.add(reply.json()["version"])
+                        body = reply.json()
+                        assert body["mode"] == mode and len(body["weights"]) == 2
+                        seen.add(body["version"])
                         answered.append(1)
                     except Exception as exc:  # noqa: BLE001 - every failure is the test's failure
                         failures.append(repr(exc))
 
-        threads = [threading.Thread(target=client) for _ in range(8)]
+        threads = [threading.Thread(target=client, args=(mode,)) for mode in MODES * 2]
         for t in threads:
             t.start()
-        for seed in range(1, 16):
+        for seed in range(1, 16):  # the served line every 0.2 s, the member every 0.4 s
             time.sleep(0.2)
             published.append(publish(redis_client, unique, seed=seed))
+            if seed % 2:
+                publish(redis_client, unique, seed=100 + seed, line="main.c1", kind="member")
         time.sleep(0.5)
         stop.set()
         for t in threads:
@@ -118,7 +136,7 @@ def test_no_failed_request_while_versions_are_published_every_200ms(redis_client
         assert not failures, failures[:3]
         assert seen <= set(published), f"answers named unpublished versions {seen - set(published)}"
         assert len(seen) >= 5 and len(answered) > 100, (seen, len(answered))
-        assert metric(url, "filial_serve_swaps_total") >= 5
+        assert metric(url, "filial_serve_swaps_total") >= 10
 
 
 def test_a_tampered_version_is_refused_and_the_previous_keeps_serving(redis_client, unique):
@@ -131,6 +149,24 @@ def test_a_tampered_version_is_refused_and_the_previous_keeps_serving(redis_clie
         after = publish(redis_client, unique, seed=3)
         assert after == tampered + 1
         assert wait_until(lambda: predict(url).json()["version"] == after, timeout=30)
+
+
+def test_a_tampered_member_is_refused_and_the_zoo_keeps_serving(redis_client, unique):
+    publish(redis_client, unique, seed=1)
+    publish(redis_client, unique, seed=2, line="main.c1", kind="member")
+    with serving(redis_client, unique, mode="blend") as (url, _, _):
+        assert wait_until(lambda: httpx.get(f"{url}/readyz").json().get("zoo_size") == 2, timeout=30)
+        body = predict(url).json()
+        assert body["members"] == ["main:v1", "main.c1:v1"] and body["mode"] == "blend"
+        assert all(abs(sum(row) - 1) < 1e-4 for row in body["weights"])
+        v2 = publish(redis_client, unique, seed=3, line="main.c1", kind="member", announce=False)
+        key = Keys(unique).line("main.c1").weights(v2)
+        weights = bytearray(redis_client.get(key))
+        weights[-1] ^= 0xFF  # one bit pattern changed after publishing: the sha256 no longer matches
+        redis_client.set(key, bytes(weights))
+        ZooStore(VersionStore(redis_client, Keys(unique))).enter("main.c1", v2)
+        assert wait_until(lambda: metric(url, "filial_serve_refusals_total") >= 1, timeout=30)
+        assert predict(url, mode="route").json()["members"] == ["main:v1", "main.c1:v1"]
 
 
 @pytest.mark.parametrize("body,headers,status,says", [
