@@ -252,7 +252,8 @@ def test_the_producer_image_has_the_tools_extra(config):
 
 
 def test_watcher_follows_every_version_and_loads_it(config):
-    from daemon.cli import build_parser, cmd_watch
+    from daemon.cli import build_parser
+    from daemon.cli.follow import cmd_watch
 
     watcher = config["services"]["watcher"]
     args = build_parser().parse_args(watcher["command"])
