@@ -36,12 +36,14 @@ from safetensors.torch import save as st_save
 
 from benchmarks import progress
 from benchmarks.serve_load import quantile, request_body
+from daemon.learn.fingerprint import Fingerprint, encode_fingerprints
 from daemon.learn.models import infer_architecture
 from daemon.serve.http import HttpServer
 from daemon.service.embedded import EmbeddedRedis
 from zoo_store.connection import connect
 from zoo_store.keys import Keys
 from zoo_store.versions import VersionStore
+from zoo_store.zoo import ZooStore
 
 ROOT = Path(__file__).resolve().parents[1]
 _log = progress("serve")
@@ -56,31 +58,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--body", choices=("safetensors", "json"), default="safetensors")
     parser.add_argument("--publishes", type=int, default=30, help="publishes timed for publish → served")
     parser.add_argument("--mode", default="served", help="the server's mode (default: %(default)s)")
+    parser.add_argument("--members", type=int, default=0, help="zoo members published beside the served model "
+                        "(for route, blend, layerwise; default: %(default)s)")
     parser.add_argument("--max-wait-ms", type=float, default=None, help="the server's micro-batching wait")
     parser.add_argument("--max-batch-rows", type=int, default=None, help="the server's micro-batch size")
 
 
 class Publisher:
-    """Versions of the default CNN into Redis, as the daemon's publisher writes them (a few distinct
-    weight sets in turn, each publish a new version)."""
+    """Versions of the default CNN into Redis as the daemon's publisher writes them (weights, manifest and
+    a fingerprint; a few distinct weight sets in turn, each publish a new version), and zoo members."""
 
     def __init__(self, client, prefix: str, line: str = "main") -> None:
         self.store = VersionStore(client, Keys(prefix), keep_versions=10)
         self.line = line
         self.arch = infer_architecture("image", torch.zeros(1, 28, 28, dtype=torch.uint8), 10, None)
+        rows = torch.rand(256, 1, 28, 28, generator=torch.Generator().manual_seed(0))
         self.blobs = []
         for seed in range(4):
             torch.manual_seed(seed)
-            self.blobs.append(st_save(self.arch.build().state_dict()))
-        self.published: list[int] = []
+            model = self.arch.build().eval()
+            with torch.no_grad():
+                fingerprint = encode_fingerprints({"all": Fingerprint.fit(model.features(rows))})
+            self.blobs.append((st_save(model.state_dict()), st_save(fingerprint)))
+        self.published: list[int] = []   # served versions
+        self.count = 0
         self.lock = threading.Lock()
 
-    def publish(self) -> int:
+    def publish(self, line: str | None = None, kind: str = "served") -> int:
         with self.lock:
-            n = len(self.published)
-            manifest = self.store.publish(self.line, self.blobs[n % len(self.blobs)], publish_id=f"bench-{n}",
-                                          reason="merge", architecture=self.arch.model_dump()).manifest
-            self.published.append(manifest.version)
+            n, self.count = self.count, self.count + 1
+            weights, fingerprint = self.blobs[n % len(self.blobs)]
+            manifest = self.store.publish(line or self.line, weights, publish_id=f"bench-{n}", reason="merge",
+                                          architecture=self.arch.model_dump(), kind=kind, slices=["all"],
+                                          metrics={"all": 0.9}, fingerprint=fingerprint,
+                                          fingerprint_slices=["all"]).manifest
+            if kind == "member":
+                ZooStore(self.store).enter(manifest.line, manifest.version)
+            else:
+                self.published.append(manifest.version)
             return manifest.version
 
 
@@ -191,6 +206,8 @@ def main(args: argparse.Namespace) -> dict:
     with EmbeddedRedis() as redis_server:
         publisher = Publisher(connect(redis_server.address), prefix="filial")
         publisher.publish()
+        for i in range(args.members):
+            publisher.publish(f"main.c{i + 1}", kind="member")
         server, url = start_server(redis_server.address, args)
         try:
             _log(f"filial serve ready at {url}; warming up")
@@ -230,4 +247,5 @@ def main(args: argparse.Namespace) -> dict:
     return {"bench": "serve", "failed_requests": failed, "accuracy": None, "p99_ms": p99, "p50_ms": each("p50_ms"),
             "requests_per_second": each("requests_per_second"), "server_cpu_percent": each("server_cpu_percent"),
             "p99_swap_over_no_swap": ratio, "publish_to_served_ms": latency, "runs": runs,
-            "cpu_cores": os.cpu_count(), "rows_per_request": args.rows, "body": args.body, "mode": args.mode}
+            "cpu_cores": os.cpu_count(), "rows_per_request": args.rows, "body": args.body, "mode": args.mode,
+            "members": args.members}
