@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 
 # What the ``tools`` extra in pyproject.toml installs: import name -> distribution name.
-EXTRA_MODULES = {"mlxtend": "mlxtend", "sklearn": "scikit-learn", "matplotlib": "matplotlib"}
+EXTRA_MODULES = {"mlxtend": "mlxtend", "sklearn": "scikit-learn", "matplotlib": "matplotlib", "httpx": "httpx"}
 
 
 def missing_dependencies() -> list[str]:

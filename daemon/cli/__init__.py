@@ -66,7 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 TOOLS_HINT = "pip install 'filial[tools]' (in a checkout: pip install -e '.[tools]')"
 # top-level modules whose absence means "the tools are not installed": tools.EXTRA_MODULES and the packages
 _TOOLS_MODULES = {"tools": "the tools package", "benchmarks": "the benchmarks package", "mlxtend": "mlxtend",
-                  "sklearn": "scikit-learn", "matplotlib": "matplotlib"}
+                  "sklearn": "scikit-learn", "matplotlib": "matplotlib", "httpx": "httpx"}
 
 
 def _tools_problem(what: str, exc: ImportError) -> str | None:

@@ -354,9 +354,11 @@ def test_dockerfile_copies_what_the_build_needs_and_dockerignore_keeps_it():
     assert ".venv" in ignored and ".git" in ignored
 
 
+@pytest.mark.parametrize("variable", ["FILIAL_HEALTH_PORT", "FILIAL_SERVE__PORT"], ids=["daemon", "serve"])
 @pytest.mark.parametrize("status,healthy", [(200, True), (503, False)])
-def test_dockerfile_healthcheck_probe(status, healthy, monkeypatch):
-    """The HEALTHCHECK's python probe exits 0 on 200 from /healthz and non-zero otherwise."""
+def test_dockerfile_healthcheck_probe(status, healthy, variable, monkeypatch):
+    """The HEALTHCHECK's python probe exits 0 on 200 from /healthz and non-zero otherwise, on the daemon's
+    health port or `filial serve`'s port."""
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
             self.send_response(status if self.path == "/healthz" else 404)
@@ -368,7 +370,8 @@ def test_dockerfile_healthcheck_probe(status, healthy, monkeypatch):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        env = {**os.environ, "FILIAL_HEALTH_PORT": str(server.server_address[1])}
+        env = {k: v for k, v in os.environ.items() if k not in ("FILIAL_HEALTH_PORT", "FILIAL_SERVE__PORT")}
+        env[variable] = str(server.server_address[1])
         done = subprocess.run([sys.executable, "-c", _healthcheck_code()], env=env, capture_output=True, timeout=30)
         assert (done.returncode == 0) is healthy, done.stderr
     finally:
