@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import textwrap
 from typing import Callable
 
 from daemon.serve.settings import (ENV_PREFIX, SettingsError, add_settings_flags, settings_from_flags,
@@ -27,7 +28,7 @@ DESCRIPTION = (
     "loaded), /metrics. Follows the served line and the zoo of its children in Redis and swaps every new "
     "version in without failing a request (each request finishes on the models it started with); "
     "versions that fail verification are refused and the previous ones keep serving. Stateless: run as "
-    "many as needed behind a load balancer. Every flag is also " + ENV_PREFIX + "<FLAG_NAME> in the "
+    "many as needed behind a load balancer. Every flag is also " + ENV_PREFIX + "<FIELD> in the "
     "environment or a .env file.")
 EPILOG = (
     "examples:\n"
@@ -39,7 +40,7 @@ EPILOG = (
 
 def add_serve_parser(sub, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
     parser = sub.add_parser("serve", help="HTTP inference server over the published models (hot-swapped)",
-                            description=DESCRIPTION, epilog=EPILOG,
+                            description=textwrap.fill(DESCRIPTION, 100), epilog=EPILOG,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     add_settings_flags(parser)
     parser.set_defaults(func=func)

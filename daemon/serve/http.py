@@ -122,7 +122,7 @@ class ServeApp:
         except InputError as exc:
             self.metrics.failed.labels("bad_request").inc()
             return _error(422, f"{exc}; send rows the served model takes")
-        except NotReady as exc:
+        except NotReady:
             self.metrics.failed.labels("not_ready").inc()
             return _error(503, f"not ready: {self.not_ready_reason()}; retry, or watch GET /readyz")
         except BatcherClosed as exc:

@@ -279,3 +279,15 @@ def test_filial_serve_pinned_serves_that_version_and_stops_on_sigterm(redis_clie
             server.kill()
         stderr = server.communicate()[1]
     assert "Traceback" not in stderr, stderr[-3000:]
+
+
+def test_settings_come_from_the_environment_and_a_misspelt_variable_is_named(monkeypatch, tmp_path):
+    from daemon.serve.settings import unknown_variables
+
+    monkeypatch.chdir(tmp_path)  # no .env
+    monkeypatch.setenv("FILIAL_SERVE__REDIS_URL", "redis://redis:6379/0")
+    monkeypatch.setenv("FILIAL_SERVE__MAX_WAIT_MS", "5")
+    settings = load_settings(port=9000)  # a flag over the environment
+    assert (settings.redis_url, settings.max_wait_ms, settings.port) == ("redis://redis:6379/0", 5.0, 9000)
+    (warning,) = unknown_variables({"FILIAL_SERVE__MAX_WAIT": "5", "FILIAL_SERVE__PORT": "1", "FILIAL_TOPIC": "t"})
+    assert "FILIAL_SERVE__MAX_WAIT " in warning and "did you mean FILIAL_SERVE__MAX_WAIT_MS" in warning
