@@ -73,7 +73,12 @@ def serve(args: argparse.Namespace, setup_logging: Callable[[str, str], None],
     loader = ZooLoader(client, line=settings.line, prefix=settings.prefix, signing_key=key.encode() if key else None,
                        pin_version=settings.pin_version, device=settings.device)
     metrics = ServeMetrics(loader)
-    loader.on_swap = lambda version, published_at: _observe_publish(metrics, version, published_at)  # needs both
+
+    def swapped(version: int, published_at: float | None) -> None:  # set after both: each needs the other
+        metrics.observe_swap(version, published_at)
+        log.info("serving %s v%d", settings.line, version)
+
+    loader.on_swap = swapped
     try:
         server = HttpServer(ServeApp(Predictor(loader, mode=settings.mode, temperature=settings.temperature),
                                      loader, settings, metrics).app, settings.host, settings.port)
@@ -98,11 +103,3 @@ def serve(args: argparse.Namespace, setup_logging: Callable[[str, str], None],
 
 def _path(value) -> str | None:
     return str(value) if value is not None else None
-
-
-def _observe_publish(metrics, version: int, published_at: float | None) -> None:
-    import time
-
-    if published_at is not None:
-        metrics.publish_to_served.observe(max(time.time() - published_at, 0.0))
-    log.info("serving v%d", version)

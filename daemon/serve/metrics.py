@@ -7,6 +7,7 @@ size, swaps, refusals, readiness) is read from it at each scrape, so the two can
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -68,6 +69,12 @@ class ServeMetrics:
         self.batch_requests.observe(requests)
         self.batch_rows.observe(rows)
         self.model_seconds.observe(seconds)
+
+    def observe_swap(self, version: int, published_at: float | None) -> None:
+        """The loader's ``on_swap``: a served version swapped in, ``published_at`` (epoch seconds) after
+        its publish (clocks of two hosts when the daemon runs elsewhere)."""
+        if published_at is not None:
+            self.publish_to_served.observe(max(time.time() - published_at, 0.0))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

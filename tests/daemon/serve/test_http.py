@@ -272,6 +272,7 @@ def test_filial_serve_pinned_serves_that_version_and_stops_on_sigterm(redis_clie
 
         assert wait_until(ready, timeout=90), "filial serve did not become ready"
         assert predict(url).json()["version"] == pinned
+        assert metric(url, "filial_serve_publish_to_served_seconds_count") == 1
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) == 0
     finally:
