@@ -38,7 +38,6 @@ STAMP = TOOLS_VENV / ".installed"
 COMPOSE_REQUIREMENT = "docker-compose==1.29.2"
 
 EXPECTED_SERVICES = {"kafka", "topics", "redis", "daemon", "daemon-gpu", "producer", "watcher"}
-OBSERVABILITY = {"prometheus", "grafana"}  # profile `observability`: tests/deploy/test_dashboard.py
 
 
 # --- the tools venv -----------------------------------------------------------------------------------
@@ -124,6 +123,9 @@ def test_compose_config_rejects_a_broken_file(compose_bin, tmp_path, mutation):
 
 
 # --- compose: what it says ---------------------------------------------------------------------------------
+OBSERVABILITY = {"prometheus", "grafana"}  # profile `observability`: tests/deploy/test_dashboard.py
+
+
 def test_services_and_profiles(config, compose_bin):
     services = config["services"]
     assert set(services) == EXPECTED_SERVICES | OBSERVABILITY
