@@ -20,6 +20,8 @@ key                                type    content
                                            children, each on its line ``{line}.{child_id}``)
 {p}:zoo:events                     STREAM  capped; field ``event`` (JSON ZooEvent: member.published,
                                            member.removed); also PUBLISHed on a channel of that name
+{p}:leader                         STRING  JSON {holder, token} of the merge leader's lease (expires)
+{p}:leader:token                   STRING  the fencing token counter (only grows; zoo_store/lease.py)
 {p}:metrics                        STREAM  capped; field ``metric`` (JSON)
 {p}:decisions                      STREAM  capped; field ``decision`` (JSON, one per batch)
 {p}:merges                         STREAM  capped; field ``merge`` (JSON, accepted and rejected)
@@ -56,6 +58,14 @@ class Keys:
     @property
     def zoo_events(self) -> str:
         return f"{self.prefix}:zoo:events"
+
+    @property
+    def leader(self) -> str:
+        return f"{self.prefix}:leader"
+
+    @property
+    def leader_token(self) -> str:
+        return f"{self.prefix}:leader:token"
 
     @property
     def metrics(self) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 import redis
 
 from zoo_store.keys import Keys, event_id
+from zoo_store.lease import Fenced
 from zoo_store.models import Manifest, VersionEvent, sha256_hex, utc_now
 
 log = logging.getLogger("filial.zoo_store")
@@ -72,9 +73,11 @@ class VersionStore:
 
     def publish(self, line: str, weights: bytes, *, publish_id: str, reason: str,
                 architecture: dict[str, Any], fingerprint: bytes | None = None,
-                **manifest_fields: Any) -> Published:
+                fencing_token: int | None = None, **manifest_fields: Any) -> Published:
         """Write version ``latest + 1`` of ``line``: weights, manifest, the optional fingerprint file
-        (its sha256 and size go into the manifest, so the signature covers it) and the event."""
+        (its sha256 and size go into the manifest, so the signature covers it) and the event.
+        With ``fencing_token`` (the merge leader's, :mod:`zoo_store.lease`), the same transaction
+        checks it is still the newest: :class:`Fenced` otherwise, and nothing is written."""
         lk = self.keys.line(line)
         digest = sha256_hex(weights)
         if fingerprint is not None:
@@ -82,7 +85,13 @@ class VersionStore:
         while True:
             with self.client.pipeline() as pipe:
                 try:
-                    pipe.watch(lk.latest, lk.publish_ids)
+                    pipe.watch(lk.latest, lk.publish_ids, *([self.keys.leader_token] if fencing_token else []))
+                    if fencing_token is not None:
+                        newest = int(pipe.get(self.keys.leader_token) or 0)
+                        if newest != fencing_token:
+                            pipe.reset()
+                            raise Fenced(f"fencing token {fencing_token} is stale (the lease's newest is {newest}): "
+                                         f"another process leads; not publishing {line}")
                     already = pipe.hget(lk.publish_ids, publish_id)
                     if already is not None:
                         pipe.reset()
