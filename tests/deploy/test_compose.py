@@ -123,13 +123,16 @@ def test_compose_config_rejects_a_broken_file(compose_bin, tmp_path, mutation):
 
 
 # --- compose: what it says ---------------------------------------------------------------------------------
+OBSERVABILITY = {"prometheus", "grafana"}  # profile `observability`: tests/deploy/test_dashboard.py
+
+
 def test_services_and_profiles(config, compose_bin):
     services = config["services"]
-    assert set(services) == EXPECTED_SERVICES
-    assert {name for name, s in services.items() if s.get("profiles")} == {"daemon-gpu"}
+    assert set(services) == EXPECTED_SERVICES | OBSERVABILITY
+    assert {name for name, s in services.items() if s.get("profiles")} == {"daemon-gpu"} | OBSERVABILITY
     assert services["daemon-gpu"]["profiles"] == ["gpu"]
     done = _compose(compose_bin, "config", "--profiles")
-    assert done.returncode == 0 and done.stdout.split() == ["gpu"], done.stdout + done.stderr
+    assert done.returncode == 0 and sorted(done.stdout.split()) == ["gpu", "observability"], done.stdout + done.stderr
 
 
 def test_kafka_is_a_single_kraft_node(config):
