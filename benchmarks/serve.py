@@ -12,9 +12,12 @@ Every answer must name a version that was published.
 (c) Publish → served: after each of ``--publishes`` publishes (spaced out, the server otherwise idle),
 the time from the publish call returning until a ``POST /predict`` is answered by that version (polled
 back to back, so the figure includes up to one request's latency).
-(a) Accuracy by mode on mixed traffic is the accuracy part's (the ``accuracy`` key is left for it).
+(a) Accuracy by mode on mixed, unlabelled traffic of every slice seen, per ``filial bench cl`` stream
+(:mod:`benchmarks.serve_accuracy`: the engine through the stream, then the zoo it would publish;
+``--streams none`` skips it, ~3 min per image stream on 2 cores).
 
-The last line of stdout is one JSON object: ``failed_requests`` (over every run), ``p99_ms``
+The last line of stdout is one JSON object: ``accuracy`` (``{stream: {mode: acc}}``),
+``failed_requests`` (over every run), ``p99_ms``
 (``{"clients_8": {"no_swap": ..., "swap_every_1s": ...}, ...}``), ``publish_to_served_ms`` (p50, p99).
 """
 
@@ -34,7 +37,7 @@ import httpx
 import torch
 from safetensors.torch import save as st_save
 
-from benchmarks import progress
+from benchmarks import progress, serve_accuracy
 from benchmarks.serve_load import quantile, request_body
 from daemon.learn.fingerprint import Fingerprint, encode_fingerprints
 from daemon.learn.models import infer_architecture
@@ -50,6 +53,7 @@ _log = progress("serve")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    serve_accuracy.add_arguments(parser)  # (a): --streams (none: skip), --seeds, --batch-rows, ...
     parser.add_argument("--clients", default="1,8,64", help="concurrent clients of each run (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=6.0, help="length of each load run (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each configuration, interleaved and pooled "
@@ -199,6 +203,12 @@ def pooled(results: list[dict]) -> dict:
 
 
 def main(args: argparse.Namespace) -> dict:
+    accuracy = None
+    if args.streams.strip() != "none":
+        threads = torch.get_num_threads()
+        accuracy = serve_accuracy.main(args)   # one torch thread, as filial bench cl's engines
+        torch.set_num_threads(threads)
+        _log(f"accuracy by mode: {json.dumps(accuracy['accuracy'])}")
     for noisy in ("httpx", "filial.zoo_store"):  # a line per request and per publish otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
     clients = [int(c) for c in str(args.clients).split(",") if c.strip()]
@@ -244,7 +254,10 @@ def main(args: argparse.Namespace) -> dict:
     p99 = each("p99_ms")
     ratio = {c: round(v["swap_every_1s"] / v["no_swap"], 2) for c, v in p99.items()
              if v.get("no_swap") and v.get("swap_every_1s")}
-    return {"bench": "serve", "failed_requests": failed, "accuracy": None, "p99_ms": p99, "p50_ms": each("p50_ms"),
+    return {"bench": "serve", "failed_requests": failed,
+            "accuracy": accuracy["accuracy"] if accuracy else None,
+            "accuracy_detail": {k: v for k, v in accuracy.items() if k not in ("accuracy", "bench")} if accuracy else None,
+            "p99_ms": p99, "p50_ms": each("p50_ms"),
             "requests_per_second": each("requests_per_second"), "server_cpu_percent": each("server_cpu_percent"),
             "p99_swap_over_no_swap": ratio, "publish_to_served_ms": latency, "runs": runs,
             "cpu_cores": os.cpu_count(), "rows_per_request": args.rows, "body": args.body, "mode": args.mode,

@@ -226,7 +226,9 @@ class _NestedDotEnv(DotEnvSettingsSource):
         super().__init__(settings_cls)
         self.flat = {k: v for k, v in self.env_vars.items() if k.upper().removeprefix("FILIAL_") in
                      {f.upper() for f in FLAT_NAMES}}
-        self.env_vars = {k: v for k, v in self.env_vars.items() if k not in self.flat}
+        # a .env shared with `filial serve` (FILIAL_SERVE__*) or other programs: not the daemon's to refuse
+        self.env_vars = {k: v for k, v in self.env_vars.items() if k not in self.flat
+                         and k.upper().startswith("FILIAL_") and not k.upper().startswith(SERVE_PREFIX)}
 
 
 class SettingsError(ValueError):
@@ -289,6 +291,7 @@ def _explain(exc: ValidationError) -> str:
 
 # FILIAL_ variables that are not settings: make chaos's failpoints, the image's build argument
 _NOT_SETTINGS = ("FILIAL_CHAOS_TRACE", "FILIAL_CHAOS_CRASH_SLICE", "FILIAL_CHAOS_PAUSE", "FILIAL_EXTRAS")
+SERVE_PREFIX = "FILIAL_SERVE__"  # `filial serve`'s settings (daemon/serve/settings.py), which checks its own
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:
@@ -302,7 +305,7 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
         known |= {f"FILIAL_{group.upper()}__{field.upper()}" for field in model.model_fields}
     warnings = []
     for name in sorted(environ):
-        if name.upper().startswith("FILIAL_") and name.upper() not in known:
+        if name.upper().startswith("FILIAL_") and name.upper() not in known and not name.upper().startswith(SERVE_PREFIX):
             near = difflib.get_close_matches(name.upper().removeprefix("FILIAL_"),  # the shared prefix is no evidence
                                              sorted(k.removeprefix("FILIAL_") for k in known), n=1, cutoff=0.6)
             hint = f"; did you mean FILIAL_{near[0]}?" if near else "; 'filial run --help' lists the settings"

@@ -72,6 +72,15 @@ def test_unknown_variable_in_dotenv_is_refused(monkeypatch, tmp_path):
         load_settings()
 
 
+def test_a_dotenv_shared_with_filial_serve_and_other_programs_is_read(monkeypatch, tmp_path):
+    from daemon.service.settings import unknown_variables
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("FILIAL_SERVE__MODE=route\nOTHER=1\nFILIAL_KEEP_VERSIONS=3\n")
+    assert load_settings().publish.keep_versions == 3
+    assert unknown_variables({"FILIAL_SERVE__MODE": "route"}) == []   # filial serve checks its own
+
+
 def test_a_misspelt_variable_is_named_with_the_nearest_setting():
     from daemon.service.settings import unknown_variables
 
