@@ -6,6 +6,8 @@ Positions come from the engine's checkpoint, not only from the group: whenever p
 - the log ends before ``A`` → the broker lost the log (a memory-only broker restarted, the topic
   was recreated): the partition's applied offset is forgotten and it is read from the beginning;
   replayed batches are still recognised by their ``batch_id``;
+- the group's committed offset is past ``A`` → another learner of the group owned the partition
+  meanwhile (a rebalance) and applied it up to there: resume at the committed offset;
 - otherwise the consumer seeks to ``A - 1`` and looks at that record: if it carries a
   ``batch_id`` the engine does not know, the log was reset *and* already refilled past ``A``
   (same handling); if it is the batch the engine applied, consumption resumes at ``A`` (not at the
@@ -17,7 +19,7 @@ Every broker call has a timeout: an unreachable broker is reported, never waited
 from __future__ import annotations
 
 import logging
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
@@ -55,10 +57,18 @@ def record_batch_id(record: ConsumerRecord) -> str | None:
 
 
 class _Assignments(ConsumerRebalanceListener):
-    def __init__(self) -> None:
+    def __init__(self, on_revoked: Callable[[set[TopicPartition]], None] | None = None) -> None:
         self.unchecked: set[TopicPartition] = set()
+        self.on_revoked = on_revoked
 
     def on_partitions_revoked(self, revoked) -> None:
+        # still ours here: the engine makes what it applied durable and commits it, so the partition's
+        # next owner (another learner of the group) starts exactly where this one stopped
+        if self.on_revoked is not None and revoked:
+            try:
+                self.on_revoked(set(revoked))
+            except Exception:  # a failed save must not break the rebalance; the next owner dedups by offset
+                log.exception("saving before giving up %s failed", sorted(map(partition_key, revoked)))
         self.unchecked -= set(revoked)
 
     def on_partitions_assigned(self, assigned) -> None:
@@ -69,11 +79,12 @@ class BatchConsumer:
     def __init__(self, connection: KafkaConnection, topic: str, group_id: str,
                  session_timeout_ms: int = 10_000, max_poll_records: int = 8,
                  max_message_bytes: int = 16 * 1024 * 1024, applied: AppliedLog | None = None,
-                 request_timeout_ms: int = 5_000) -> None:
+                 request_timeout_ms: int = 5_000,
+                 on_revoked: Callable[[set[TopicPartition]], None] | None = None) -> None:
         self.topic = topic
         self.applied = applied
         self.timeout_ms = request_timeout_ms
-        self._assignments = _Assignments()
+        self._assignments = _Assignments(on_revoked)
         self._verify: dict[TopicPartition, int] = {}  # partition -> offset whose record must be known
         self._consumer = KafkaConsumer(
             group_id=group_id, enable_auto_commit=False, auto_offset_reset="earliest",
@@ -117,7 +128,12 @@ class BatchConsumer:
                 return moved
             self._assignments.unchecked.discard(tp)
             moved.add(tp)
-            if end < applied:
+            committed = self._committed(tp)
+            if committed is not None and applied < committed <= end:
+                # another learner of the group owned it meanwhile and applied up to its commit
+                self.applied.forget_partition(partition_key(tp), f"another learner applied it up to {committed}")
+                self._consumer.seek(tp, committed)
+            elif end < applied:
                 self._reset(tp, f"log ends at {end}, before the applied offset {applied}")
             elif begin >= applied:
                 self._consumer.seek(tp, begin)  # older records expired (retention): nothing to compare
@@ -125,6 +141,13 @@ class BatchConsumer:
                 self._consumer.seek(tp, applied - 1)
                 self._verify[tp] = applied - 1
         return moved
+
+    def _committed(self, tp: TopicPartition) -> int | None:
+        try:
+            return self._consumer.committed(tp)
+        except KafkaError as exc:  # compared again at the next assignment; the checkpoint stays the truth
+            log.warning("cannot read the committed offset of %s (%s)", partition_key(tp), exc)
+            return None
 
     def _verified(self, tp: TopicPartition, batch: list[ConsumerRecord]) -> list[ConsumerRecord]:
         expected = self._verify.pop(tp)

@@ -22,11 +22,15 @@ key                                type    content
                                            member.removed); also PUBLISHed on a channel of that name
 {p}:leader                         STRING  JSON {holder, token} of the merge leader's lease (expires)
 {p}:leader:token                   STRING  the fencing token counter (only grows; zoo_store/lease.py)
+{p}:contributions                  HASH    learner -> JSON meta of its contribution to the merge leader
+{p}:contribution:{learner}         STRING  safetensors: its served model as learned, its slices' rows
+                                           (zoo_store/contributions.py)
 {p}:metrics                        STREAM  capped; field ``metric`` (JSON)
 {p}:decisions                      STREAM  capped; field ``decision`` (JSON, one per batch)
 {p}:merges                         STREAM  capped; field ``merge`` (JSON, accepted and rejected)
 {p}:tree                           STRING  JSON snapshot of the model tree
-{p}:checkpoint:meta                STRING  JSON engine checkpoint (offsets, counters, tree)
+{p}:checkpoint:meta                STRING  JSON engine checkpoint (offsets, counters, tree); with several
+                                           learners each has its own: {p}:learner:{id}:checkpoint:...
 {p}:checkpoint:tensors             STRING  safetensors bytes of the checkpoint's tensors
 {p}:checkpoint:inflight            STRING  JSON: the batch being applied now and at how many
                                            consecutive crashes it was in flight (crash loops)
@@ -43,6 +47,11 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Keys:
     prefix: str = "filial"
+    learner: str = ""   # a learner's own keys (its checkpoint) when several share the prefix
+
+    @property
+    def _own(self) -> str:
+        return f"{self.prefix}:learner:{self.learner}" if self.learner else self.prefix
 
     @property
     def lines(self) -> str:
@@ -68,6 +77,13 @@ class Keys:
         return f"{self.prefix}:leader:token"
 
     @property
+    def contributions(self) -> str:
+        return f"{self.prefix}:contributions"
+
+    def contribution(self, learner: str) -> str:
+        return f"{self.prefix}:contribution:{learner}"
+
+    @property
     def metrics(self) -> str:
         return f"{self.prefix}:metrics"
 
@@ -85,19 +101,19 @@ class Keys:
 
     @property
     def checkpoint_meta(self) -> str:
-        return f"{self.prefix}:checkpoint:meta"
+        return f"{self._own}:checkpoint:meta"
 
     @property
     def checkpoint_tensors(self) -> str:
-        return f"{self.prefix}:checkpoint:tensors"
+        return f"{self._own}:checkpoint:tensors"
 
     @property
     def checkpoint_dead_letters(self) -> str:
-        return f"{self.prefix}:checkpoint:dead_letters"
+        return f"{self._own}:checkpoint:dead_letters"
 
     @property
     def checkpoint_inflight(self) -> str:
-        return f"{self.prefix}:checkpoint:inflight"
+        return f"{self._own}:checkpoint:inflight"
 
 
 @dataclass(frozen=True)

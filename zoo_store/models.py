@@ -80,6 +80,7 @@ class Manifest(BaseModel):
     slices: list[str] = Field(default_factory=list, description="slices this model was trained on")
     spawn_method: str | None = Field(None, description="members: how the child inherited (copy | hkt | scratch)")
     rollback_of: int | None = Field(None, description="rollbacks: the version whose weights this one republishes")
+    publisher: str | None = Field(None, description="the learner that published it (the merge leader's lease holder)")
     weights_sha256: str
     weights_bytes: int
     fingerprint_slices: list[str] = Field(default_factory=list, description="slices of the fingerprint file, in "

@@ -22,14 +22,15 @@ import threading
 import time
 from collections import Counter as Tally
 from dataclasses import replace
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from consumers.wire import Batch
 from daemon.engine import atomic, merger
 from daemon.engine.learner import Learner
-from daemon.engine.records import BatchResult, ChildRelease, Counters, EngineStatus, MergeOutcome, Release
+from daemon.engine.records import (BatchResult, ChildRelease, Contribution, Counters, EngineStatus, MergeOutcome,
+                                   Release)
 from daemon.engine.seeding import seeded
 from daemon.engine.settings import LearnerSettings, MergeSettings, ModelSettings
 from daemon.engine.state import EngineState, cpu_state, decode, encode
@@ -107,11 +108,14 @@ class Engine:
         with self._lock:
             return cpu_state(self._state.root.model)
 
-    def metrics(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
-        """Held-out accuracy per slice of ``state`` (default: the served version), evaluated outside the lock."""
+    def metrics(self, state: dict[str, torch.Tensor] | None = None,
+                extra: merger.Sets | None = None) -> dict[str, float]:
+        """Held-out accuracy per slice of ``state`` (default: the served version), evaluated outside the
+        lock; ``extra``: held-out rows of slices other learners contributed."""
         with self._lock:
             root = self._state.root
-            arch, data_type, sets = root.architecture, root.data_type, self._state.buffers.heldout_sets()
+            arch, data_type = root.architecture, root.data_type
+            sets = {**(extra or {}), **self._state.buffers.heldout_sets()}
         state = state if state is not None else self.served_state()
         return merger.heldout_accuracy(self._build(arch, state), data_type, sets)
 
@@ -141,8 +145,9 @@ class Engine:
             self._state.counters.duplicates_skipped += 1
 
     # --- merging ----------------------------------------------------------------------------------------
-    def merge_snapshot(self) -> merger.MergeSnapshot | None:
-        """What a merge of the active children reads; None when nothing was learned since the last try."""
+    def merge_snapshot(self, contributions: Sequence[Contribution] = ()) -> merger.MergeSnapshot | None:
+        """What a merge of the active children (and of other learners' ``contributions`` built on the
+        served version) reads; None when nothing was learned since the last try."""
         with self._lock:
             st = self._state
             root = st.root
@@ -150,32 +155,46 @@ class Engine:
                 return None
             active = st.tree.active_children()
             learns = self.learner_settings.train_served
+            usable = [c for c in contributions if c.version == st.served_version
+                      and c.architecture == root.architecture.model_dump()]
             signature = tuple((c.node_id, c.updates) for c in active) + (
-                (("served", st.counters.served_updates),) if learns else ())
-            if not (active or (learns and st.counters.served_updates)) or signature == st.last_merge_signature:
+                (("served", st.counters.served_updates),) if learns else ()) + tuple(
+                (f"learner:{c.learner}", c.samples) for c in usable)
+            if (not (active or usable or (learns and st.counters.served_updates))
+                    or signature == st.last_merge_signature):
                 return None  # nothing learned since the last attempt: the same merge again
             st.last_merge_signature = signature
             st.counters.child_updates_since_merge = 0
             children = [c for c in active if c.in_weight_space_of(root)]
+            heldout, replay = st.buffers.heldout_sets(), st.buffers.replay_sets()
+            for c in usable:  # this learner's own rows win for a slice both have seen
+                heldout = {**c.heldout, **heldout}
+                replay = {**c.replay, **replay}
             return merger.MergeSnapshot(
                 base=st.base_state, served=st.published_state,
                 working=cpu_state(root.model) if learns else None, working_weight=float(max(root.samples, 1)),
-                children=[cpu_state(c.model) for c in children],
-                weights=[float(max(c.samples, 1)) for c in children], ids=[c.node_id for c in children],
+                children=[cpu_state(c.model) for c in children] + [c.state for c in usable],
+                weights=[float(max(c.samples, 1)) for c in children] + [float(max(c.samples, 1)) for c in usable],
+                ids=[c.node_id for c in children] + [f"learner:{c.learner}" for c in usable],
                 distill={c.node_id: merger.DistillChild(c.updates, c.architecture, cpu_state(c.model))
                          for c in active if not c.in_weight_space_of(root)},
-                replay=st.buffers.replay_sets(), heldout=st.buffers.heldout_sets(),
+                replay=replay, heldout=heldout,
                 served_version=st.served_version, base_version=st.base_version,
                 architecture=root.architecture, data_type=root.data_type, seed=st.counters.batches,
                 slice_age={s: st.counters.batches - b for s, b in st.slice_last_batch.items()})
 
-    def merge(self) -> MergeOutcome | None:
-        """Merge the active children into a candidate and gate it; None when there is nothing new.
-        Only the snapshot holds the lock."""
-        snapshot = self.merge_snapshot()
+    def merge(self, contributions: Sequence[Contribution] = ()) -> MergeOutcome | None:
+        """Merge the active children (and other learners' contributions) into a candidate and gate it;
+        None when there is nothing new. Only the snapshot holds the lock."""
+        snapshot = self.merge_snapshot(contributions)
         if snapshot is None:
             return None
         outcome = merger.merge(snapshot, self.merge_settings, self.learner_settings, self.device)
+        with self._lock:
+            local = set(self._state.buffers.heldout_sets())
+        foreign = {name: rows for name, rows in snapshot.heldout.items() if name not in local}
+        if foreign:
+            outcome = replace(outcome, foreign_heldout=foreign)
         with self._lock:
             if outcome.accepted:
                 self._state.counters.merges_accepted += 1
@@ -189,14 +208,14 @@ class Engine:
 
     # --- releases (what to publish) and adoption ----------------------------------------------------
     def _release(self, reason: str, state: dict[str, torch.Tensor], base_version: int | None,
-                 merge: dict[str, Any] | None) -> Release:
+                 merge: dict[str, Any] | None, foreign: merger.Sets | None = None) -> Release:
         with self._lock:
             st = self._state
             lineage = [n.describe_lineage() for n in st.tree.nodes.values()]
             arch, parent, batches = st.root.architecture, st.served_version, st.counters.batches
             learned, fresh = {s: acc for s, (acc, _) in st.learned.items()}, st.fresh_slices()
             data_type, rows = st.root.data_type, {name: x for name, (x, _) in st.buffers.replay_sets().items()}
-        metrics = self.metrics(state)
+        metrics = self.metrics(state, foreign)
         fingerprints = fit_slices(self._build(arch, state), data_type, rows)
         return Release(reason, state, arch, parent, base_version, lineage, metrics, merge,
                        continual_metrics(metrics, learned, fresh), batches, data_type, fingerprints)
@@ -214,7 +233,18 @@ class Engine:
         return self._release("bootstrap", self.working_state(), None, None)
 
     def release_merge(self, outcome: MergeOutcome) -> Release:
-        return self._release("merge", outcome.state, outcome.base_version, outcome.plan)
+        return self._release("merge", outcome.state, outcome.base_version, outcome.plan, outcome.foreign_heldout)
+
+    def contribution(self, learner: str) -> Contribution | None:
+        """This learner's served model as it learned since the served version, with its slices' rows:
+        what the merge leader merges from it (None before a first version, or when it does not learn)."""
+        with self._lock:
+            st = self._state
+            root = st.root
+            if root is None or st.served_version is None or not self.learner_settings.train_served:
+                return None
+            return Contribution(learner, st.served_version, root.samples, root.architecture.model_dump(),
+                                cpu_state(root.model), st.buffers.heldout_sets(), st.buffers.replay_sets())
 
     def children_to_publish(self) -> list[ChildRelease]:
         """Children trained since they were last published as zoo members, each with its held-out
@@ -284,7 +314,9 @@ class Engine:
                     child.model.load_state_dict(state)
                     child.refresh_fingerprint()
             for cid in outcome.children:
-                child = st.tree.nodes[cid]
+                child = st.tree.nodes.get(cid)
+                if child is None:  # another learner's contribution: its slices live in its own tree
+                    continue
                 self._learner.grow_reference(st, root, child.reference_x)
                 for s in child.slices:
                     if s not in root.slices:
@@ -322,6 +354,24 @@ class Engine:
             children = [c.node_id for c in st.tree.active_children() if c.architecture == root.architecture]
         self.adopt_merge(MergeOutcome(True, "adopted after restart", state, children, base_version, parent_version,
                                       {}, dict(metrics), plan), version)
+        return True
+
+    def adopt_external(self, *, version: int, parent_version: int, architecture: dict[str, Any],
+                       state: dict[str, torch.Tensor], base_version: int | None, metrics: dict[str, float],
+                       carry_progress: bool) -> bool:
+        """Serve a version this engine did not derive: the merge leader's (another learner), or a
+        rollback. Only the direct successor of the served version, in the served architecture. With
+        ``carry_progress`` the served model keeps what it learned since its last version (task
+        arithmetic: the new version plus this learner's progress); no child counts as merged."""
+        with self._lock:
+            st = self._state
+            root = st.root
+            if (root is None or st.served_version is None or parent_version != st.served_version
+                    or architecture != root.architecture.model_dump()):
+                return False
+            since = st.published_state if carry_progress else None
+        self.adopt_merge(MergeOutcome(True, "adopted from the served line", state, [], base_version, parent_version,
+                                      {}, dict(metrics), None, working_state=since), version)
         return True
 
     # --- checkpoints ----------------------------------------------------------------------------------

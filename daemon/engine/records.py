@@ -75,6 +75,9 @@ class MergeOutcome:
     # decides what followers see, not what the learner builds on): set when the candidate scores at
     # least as well as the served model as it was trained, on the selection rows
     working_takes_candidate: bool = False
+    # held-out rows of slices other learners contributed (not in this engine's buffers): the release's
+    # metrics cover them too
+    foreign_heldout: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def record(self) -> dict[str, Any]:
         return {"accepted": self.accepted, "reason": self.reason, "children": self.children,
@@ -104,6 +107,20 @@ class Release:
     batches: int = 0                           # the engine's batch count when it was taken
     data_type: str = "tabular"
     fingerprints: dict[str, Fingerprint] = field(default_factory=dict)  # per slice, in its features (zoo)
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """Another learner's served model as it learned since served ``version``, with its slices'
+    rows: the merge leader merges it like a child in weight space, and judges and consolidates on
+    those rows too (zoo_store/contributions.py carries it)."""
+    learner: str
+    version: int
+    samples: int
+    architecture: dict[str, Any]
+    state: dict[str, torch.Tensor]
+    heldout: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    replay: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,15 @@ from apscheduler.triggers.interval import IntervalTrigger
 import redis
 
 from daemon.engine.engine import Engine
-from daemon.engine.records import MergeOutcome
+from daemon.engine.records import Contribution, MergeOutcome
 from daemon.service.failpoints import Failpoints
 from daemon.service.metrics import ServiceMetrics
-from daemon.service.publisher import PublishAbandoned, Publisher, child_job, release_job
+from daemon.service.leadership import Leadership
+from daemon.service.publisher import PublishAbandoned, Publisher, child_job, member_line, release_job
 from daemon.service.recovery import adopt_unrecorded_versions
 from daemon.service.settings import MergeJobSettings
+from zoo_store.contributions import ContributionStore
+from zoo_store.lease import Fenced
 from zoo_store.versions import Published
 
 log = logging.getLogger("filial.service")
@@ -33,9 +36,12 @@ log = logging.getLogger("filial.service")
 
 class MergeJob:
     def __init__(self, engine: Engine, publisher: Publisher, settings: MergeJobSettings, line: str, *,
-                 metrics: ServiceMetrics, failpoints: Failpoints, stop_event: threading.Event,
-                 on_published: Callable[[Published], None], record: Callable[[dict[str, Any]], None]) -> None:
+                 leadership: Leadership, metrics: ServiceMetrics, failpoints: Failpoints,
+                 stop_event: threading.Event, on_published: Callable[[Published], None],
+                 record: Callable[[dict[str, Any]], None], on_adopted: Callable[[], None] = lambda: None,
+                 contributions: ContributionStore | None = None) -> None:
         self.engine = engine
+        self.leadership = leadership
         self.publisher = publisher
         self.s = settings
         self.line = line
@@ -43,6 +49,8 @@ class MergeJob:
         self.failpoints = failpoints
         self.stop_event = stop_event
         self.on_published = on_published  # the service's bookkeeping after an adoption
+        self.on_adopted = on_adopted      # versions adopted from the served line: checkpoint them
+        self.contributions = contributions  # several learners: what each contributes to the leader's merge
         self.record = record              # telemetry of the merge
         self._lock = threading.Lock()
         self._scheduler: BackgroundScheduler | None = None
@@ -71,9 +79,14 @@ class MergeJob:
         """Plan, gate and (if accepted) publish a merge. Safe to call from any thread; returns once
         the version is written (or the service stops: the publish then finishes or is abandoned)."""
         with self._lock:
-            self._adopt_rollback()
+            self.adopt_served_line()
+            claim = self.leadership.claim()
+            if claim is None:  # another learner merges and publishes the served line: contribute to it
+                self._contribute()
+                self._publish_children()
+                return None
             with self.failpoints.phase("merge"):
-                outcome = self.engine.merge()
+                outcome = self.engine.merge(self._others())
                 if outcome is not None:
                     self.failpoints.pause("merge")
             if outcome is None:
@@ -88,7 +101,7 @@ class MergeJob:
                     self.engine.record_served(release)
                     self.on_published(published)
 
-                job = release_job(self.line, release, adopt)
+                job = release_job(self.line, release, adopt, claim.token, self.leadership.publisher)
                 published = self._await(self.publisher.submit(job))
                 record["version"] = published.manifest.version if published else None
                 if published:
@@ -103,12 +116,42 @@ class MergeJob:
             self._publish_children()
             return outcome
 
-    def _adopt_rollback(self) -> None:
-        """A `filial rollback` of the served version is served from now on (and learned on from)."""
+    def _contribute(self) -> None:
+        """This learner's served model as learned since the served version, and its slices' rows, for
+        the leader's next merge."""
+        learner = self.leadership.publisher
+        mine = self.engine.contribution(learner or "") if self.contributions is not None and learner else None
+        if mine is None:
+            return
         try:
-            adopt_unrecorded_versions(self.engine, self.publisher.versions, self.line)
+            self.contributions.write(learner, mine.version, mine.samples, mine.architecture, mine.state,
+                                     mine.heldout, mine.replay)
+        except redis.RedisError as exc:  # the next tick writes it again
+            log.warning("contribution not written: %s", exc)
+
+    def _others(self) -> list[Contribution]:
+        """The other learners' latest contributions (the engine takes those built on its served version)."""
+        if self.contributions is None:
+            return []
+        try:
+            stored = self.contributions.read_all(exclude=self.leadership.publisher)
+        except redis.RedisError as exc:
+            log.warning("contributions not read (%s): merging this learner's own work only", exc)
+            return []
+        return [Contribution(c.learner, c.version, c.samples, c.architecture, c.state, c.heldout, c.replay)
+                for c in stored]
+
+    def adopt_served_line(self) -> None:
+        """Versions of the served line this learner did not write: the merge leader's (another
+        learner) and `filial rollback`s are served from now on and learned on from."""
+        try:
+            adopted = adopt_unrecorded_versions(self.engine, self.publisher.versions, self.line,
+                                                self.leadership.publisher)
         except redis.RedisError as exc:  # the next merge looks again
-            log.warning("could not check %s for a rollback: %s", self.line, exc)
+            log.warning("could not follow %s: %s", self.line, exc)
+            return
+        if adopted:
+            self.on_adopted()
 
     def _publish_children(self) -> None:
         """The zoo: children trained since their last release, each a member on its own line
@@ -116,14 +159,16 @@ class MergeJob:
         id); members whose child retired leave it."""
         if self.publisher.zoo is None:
             return
+        learner = self.leadership.publisher
         for release in self.engine.children_to_publish():
-            job = child_job(self.line, release, lambda _published, r=release: self.engine.child_published(r))
+            job = child_job(self.line, release, lambda _published, r=release: self.engine.child_published(r), learner)
             if self._await(self.publisher.submit(job)) is None:
                 return  # stopping: the next run publishes it
-        active, mine = self.engine.active_children(), f"{self.line}."
+        mine = {member_line(self.line, c, learner) for c in self.engine.active_children()}
+        own = member_line(self.line, "", learner)   # the prefix of this learner's member lines
         try:
             for member in self.publisher.zoo.members():
-                if member.startswith(mine) and member[len(mine):] not in active:
+                if member.startswith(own) and member not in mine:
                     self.publisher.zoo.remove(member, "its child retired into the served model")
         except redis.RedisError as exc:  # the next merge tries again
             log.warning("could not remove retired members from the zoo: %s", exc)
@@ -138,5 +183,5 @@ class MergeJob:
             except FutureTimeout:
                 if self.stop_event.is_set():
                     return None  # the publisher keeps trying during its drain; adoption still follows
-            except PublishAbandoned:
+            except (PublishAbandoned, Fenced):  # stopping, or another learner leads now (the publisher logged it)
                 return None

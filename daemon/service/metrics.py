@@ -36,6 +36,10 @@ class ServiceMetrics:
         self.publish_failures = Counter("filial_publish_failures", "Failed publish attempts (each is retried)",
                                         ["reason"], registry=r)
         self.publish_pending = Gauge("filial_publish_pending", "Publishes queued or being retried", registry=r)
+        self.leader = Gauge("filial_leader", "1 while this learner holds the merge lease (publishes the served line)",
+                            registry=r)
+        self.lease_token = Gauge("filial_lease_token", "Fencing token of the merge lease when this learner last held it",
+                                 registry=r)
         self.served_version = Gauge("filial_served_version", "Version the engine serves", registry=r)
         self.checkpoint_age = Gauge("filial_last_checkpoint_age_seconds", "Seconds since the last durable "
                                     "checkpoint (offsets are committed only up to it)", registry=r)

@@ -30,6 +30,7 @@ from daemon.engine.records import ChildRelease, Release
 from daemon.learn.fingerprint import Fingerprint, encode_fingerprints
 from daemon.service.failpoints import Failpoints
 from zoo_store.connection import CappedBackoff
+from zoo_store.lease import Fenced
 from zoo_store.models import sha256_hex
 from zoo_store.versions import Published, VersionStore
 from zoo_store.zoo import ZooStore
@@ -50,6 +51,7 @@ class PublishJob:
     publish_id: str
     manifest_fields: dict[str, Any]
     on_published: Callable[[Published], None] | None = None
+    fencing_token: int | None = None   # the served line's publishes: the merge lease's token (zoo_store/lease.py)
     future: Future = field(default_factory=Future)
     submitted_at: float = field(default_factory=time.monotonic)
 
@@ -68,26 +70,33 @@ def _fingerprint_fields(fingerprints: dict[str, Fingerprint]) -> dict[str, Any]:
                 fingerprint_slices=list(fingerprints))
 
 
-def release_job(line: str, release: Release, on_published: Callable[[Published], None]) -> PublishJob:
+def release_job(line: str, release: Release, on_published: Callable[[Published], None],
+                fencing_token: int | None = None, publisher: str | None = None) -> PublishJob:
     """The served model's next version. Deterministic: the same state published from the same
-    parent is the same publish."""
+    parent is the same publish. Fenced by the merge lease's token when given."""
     weights, digest = serialize(release.state)
     fields = dict(architecture=release.architecture.model_dump(), base_version=release.base_version,
                   parent_version=release.parent_version, lineage=release.lineage, metrics=release.metrics,
                   merge=release.merge, continual=release.continual.record() if release.continual else None,
-                  slices=sorted(release.metrics), **_fingerprint_fields(release.fingerprints))
+                  slices=sorted(release.metrics), publisher=publisher, **_fingerprint_fields(release.fingerprints))
     return PublishJob(line, release.reason, weights, f"{release.reason}:{release.parent_version}:{digest}", fields,
-                      on_published)
+                      on_published, fencing_token)
 
 
-def child_job(line: str, release: ChildRelease, on_published: Callable[[Published], None]) -> PublishJob:
-    """A child as a zoo member on its own line ``{line}.{node_id}``; entered in the zoo once written."""
+def member_line(line: str, node_id: str, learner: str | None = None) -> str:
+    """A child's line: ``{line}.{node_id}``, or ``{line}.{learner}-{node_id}`` among several learners."""
+    return f"{line}.{learner}-{node_id}" if learner else f"{line}.{node_id}"
+
+
+def child_job(line: str, release: ChildRelease, on_published: Callable[[Published], None],
+              learner: str | None = None) -> PublishJob:
+    """A child as a zoo member on its own line (:func:`member_line`); entered in the zoo once written."""
     weights, digest = serialize(release.state)
     fields = dict(architecture=release.architecture.model_dump(), parent_version=release.parent_version,
                   parent_line=line, lineage=release.lineage, metrics=release.metrics, kind="member",
                   slices=release.slices, spawn_method=release.spawn_method, base_version=release.base_version,
-                  **_fingerprint_fields(release.fingerprints))
-    return PublishJob(f"{line}.{release.node_id}", "retrain", weights,
+                  publisher=learner, **_fingerprint_fields(release.fingerprints))
+    return PublishJob(member_line(line, release.node_id, learner), "retrain", weights,
                       f"child:{release.node_id}:{release.updates}:{digest}", fields, on_published)
 
 class Publisher:
@@ -161,10 +170,14 @@ class Publisher:
                 try:
                     member = job.manifest_fields.get("kind") == "member"
                     store = self.zoo.versions if member and self.zoo is not None else self.versions
-                    published = store.publish(job.line, job.weights, publish_id=job.publish_id,
-                                              reason=job.reason, **job.manifest_fields)
+                    published = store.publish(job.line, job.weights, publish_id=job.publish_id, reason=job.reason,
+                                              fencing_token=job.fencing_token, **job.manifest_fields)
                     if member and self.zoo is not None:
                         self.zoo.enter(job.line, published.manifest.version, job.reason)
+                except Fenced as exc:  # another learner leads now: this version must never be written
+                    log.warning("%s not published: %s", job.reason, exc)
+                    job.future.set_exception(exc)
+                    return
                 except redis.RedisError as exc:
                     wait = backoff.failed()
                     self._on_failure(job.reason)

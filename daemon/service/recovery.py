@@ -46,8 +46,10 @@ def ledger_from(meta: dict[str, Any]) -> AppliedLedger:
     return AppliedLedger.from_json(meta.get("ledger", {}))
 
 
-def adopt_unrecorded_versions(engine: Engine, versions: VersionStore, line: str) -> int:
-    """Serve the versions written after the checkpoint, in order; returns how many were adopted."""
+def adopt_unrecorded_versions(engine: Engine, versions: VersionStore, line: str, me: str | None = None) -> int:
+    """Serve the versions of ``line`` after the served one, in order; returns how many were adopted.
+    Ours (``publisher`` is ``me``, or unnamed) were written before a crash: adopted as the merge
+    they were. Another learner's (the merge leader's) or a rollback: adopted as external versions."""
     adopted = 0
     latest = versions.latest(line)
     while latest is not None and (engine.served_version or 0) < latest and engine.architecture is not None:
@@ -60,15 +62,26 @@ def adopt_unrecorded_versions(engine: Engine, versions: VersionStore, line: str)
         if found is None:
             break
         manifest, weights = found
-        if not engine.adopt_recovered(version=manifest.version, parent_version=served,
-                                      architecture=manifest.architecture, state=st_load(weights),
-                                      base_version=manifest.base_version, metrics=manifest.metrics,
-                                      plan=manifest.merge):
+        external = manifest.reason == "rollback" or manifest.publisher not in (None, me)
+        if external and served is not None:
+            adopted_ok = engine.adopt_external(version=manifest.version, parent_version=served,
+                                               architecture=manifest.architecture, state=st_load(weights),
+                                               base_version=manifest.base_version, metrics=manifest.metrics,
+                                               carry_progress=manifest.reason != "rollback")
+        else:
+            adopted_ok = engine.adopt_recovered(version=manifest.version, parent_version=served,
+                                                architecture=manifest.architecture, state=st_load(weights),
+                                                base_version=manifest.base_version, metrics=manifest.metrics,
+                                                plan=manifest.merge)
+        if not adopted_ok:
             break
         adopted += 1
         if manifest.reason == "rollback":
             log.warning("v%d rolls v%s back to v%s: serving it and learning on from it", manifest.version, served,
                         manifest.rollback_of)
+        elif external:
+            log.info("v%d (%s by %s, the merge leader) adopted: learning on from it", manifest.version,
+                     manifest.reason, manifest.publisher)
         else:
             log.warning("v%d (%s of v%s) was written before the last crash but not checkpointed: serving it "
                         "instead of re-deriving it", manifest.version, manifest.reason, served)

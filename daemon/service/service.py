@@ -41,6 +41,7 @@ from daemon.service.consume import ConsumeLoop
 from daemon.service.failpoints import Failpoints
 from daemon.service.health import DependencyProber, HealthServer, HealthState
 from daemon.service.lifecycle import Hooks, Lifecycle
+from daemon.service.leadership import Leadership
 from daemon.service.merge_job import MergeJob
 from daemon.service.metrics import ServiceMetrics
 from daemon.service.publisher import PublishAbandoned, Publisher, release_job
@@ -48,6 +49,7 @@ from daemon.service.recovery import adopt_unrecorded_versions, ledger_from, load
 from daemon.service.settings import Settings
 from zoo_store.checkpoints import CheckpointStore, DeadLetterLog, InFlightMarker
 from zoo_store.connection import probe_client
+from zoo_store.contributions import ContributionStore
 from zoo_store.keys import Keys
 from zoo_store.telemetry import Telemetry
 from zoo_store.versions import Published, VersionStore
@@ -71,7 +73,7 @@ class Service:
         self.metrics = ServiceMetrics()
         self.health = HealthState(settings.ops.health_stall_seconds)
         self.redis = redis_client(settings)
-        keys = Keys(settings.redis.prefix)
+        keys = Keys(settings.redis.prefix, learner=settings.cluster.learner_id)
         self.versions = VersionStore(self.redis, keys, signing_key(settings), settings.publish.keep_versions)
         self.checkpoints = CheckpointStore(self.redis, keys)
         self.telemetry = Telemetry(self.redis, keys)
@@ -88,8 +90,12 @@ class Service:
                                          metrics=self.metrics, failpoints=self.failpoints,
                                          backoff_cap=settings.ops.backoff_max_seconds,
                                          redis_available=lambda: self.redis_available, on_saved=self._checkpointed)
+        self.leadership = Leadership(self.redis, keys, settings.cluster, self.metrics)
         self.merge_job = MergeJob(self.engine, self.publisher, settings.merge, settings.publish.line,
-                                  metrics=self.metrics, failpoints=self.failpoints, stop_event=self.stop_event,
+                                  leadership=self.leadership, on_adopted=self._adopted, metrics=self.metrics,
+                                  contributions=(ContributionStore(self.redis, keys) if settings.cluster.learner_id
+                                                 else None),
+                                  failpoints=self.failpoints, stop_event=self.stop_event,
                                   on_published=self._published,
                                   record=lambda record: self._best_effort(self.telemetry.merge, record))
         self.loop = ConsumeLoop(self.engine, self.ledger, self.checkpointer, settings.limits, metrics=self.metrics,
@@ -143,7 +149,8 @@ class Service:
         log.info("restored checkpoint seq %s: served v%s, %d batches applied, offsets %s",
                  meta.get("seq"), meta["served_version"], meta["counters"]["batches"], self.ledger.next_offsets())
         try:
-            for _ in range(adopt_unrecorded_versions(self.engine, self.versions, self.s.publish.line)):
+            for _ in range(adopt_unrecorded_versions(self.engine, self.versions, self.s.publish.line,
+                                                     self.leadership.publisher)):
                 self.checkpointer.note_adoption()  # checkpoint it at the first chance
         except redis.RedisError as exc:  # then the state is re-derived, as before recovery existed
             log.warning("could not look for versions written after the checkpoint (%s)", exc)
@@ -170,6 +177,7 @@ class Service:
             life.start(self.checkpointer)  # stops with the last checkpoint, before the clients close
             life.start(Hooks("publisher", start=self.publisher.start,
                              stop=lambda: self.publisher.stop(self.s.publish.drain_seconds, hurry=self.hurry)))
+            life.start(self.leadership)
             life.start(self.merge_job)
             self.health.started()
             log.info("consuming %s as group %s; publishing to %s (line %s)", self.s.kafka.topic,
@@ -184,7 +192,7 @@ class Service:
         conn, cap, k = kafka_connection(self.s), self.s.ops.backoff_max_seconds, self.s.kafka
         consumer = kafka_client("consumer", lambda: BatchConsumer(
             conn, k.topic, k.group_id, k.session_timeout_ms, max_message_bytes=self.s.limits.max_message_bytes,
-            applied=_CountingLedger(self)), self.stop_event, cap)
+            applied=_CountingLedger(self), on_revoked=self._revoked), self.stop_event, cap)
         if consumer is None:
             return None, None
         self._consumer = consumer
@@ -234,6 +242,10 @@ class Service:
         """
         if self._bootstrap_publish is not None and not self._bootstrap_publish.done():
             return
+        claim = self.leadership.claim()
+        if claim is None:  # another learner leads: serve its first version once it is there
+            self.merge_job.adopt_served_line()
+            return
 
         release = self.engine.release_bootstrap()
 
@@ -247,7 +259,7 @@ class Service:
             # restart finds this checkpoint and serves the written version (restore) instead of
             # re-deriving a different first model
             self.checkpointer.maybe_save(force=True)
-        job = release_job(self.s.publish.line, release, adopt)
+        job = release_job(self.s.publish.line, release, adopt, claim.token, self.leadership.publisher)
         self._bootstrap_publish = self.publisher.submit(job)
         if self.s.merge.trigger == "count":  # reproducible: the next batch always sees the adopted version
             self.merge_job.await_publish(self._bootstrap_publish)
@@ -259,6 +271,18 @@ class Service:
                         "background", self.s.publish.block_seconds)
         except PublishAbandoned:
             pass
+
+    def _revoked(self, partitions) -> None:
+        """Partitions move to another learner of the group: what was applied of them is made durable
+        and committed first (called inside the consumer's poll, between two batches)."""
+        log.info("partitions %s move to another learner: checkpointing and committing first",
+                 sorted(f"{tp.topic}:{tp.partition}" for tp in partitions))
+        self.checkpointer.maybe_save(force=True)
+
+    def _adopted(self) -> None:
+        """Versions adopted from the served line (the leader's, a rollback): checkpoint them promptly."""
+        self.checkpointer.note_adoption()
+        self.metrics.served_version.set(self.engine.served_version or 0)
 
     def _published(self, published: Published) -> None:
         version = published.manifest.version

@@ -158,9 +158,21 @@ class OpsSettings(BaseModel):
                                        "reconnecting and retrying publishes and checkpoints")
 
 
+class ClusterSettings(BaseModel):
+    model_config = _GROUP
+
+    learner_id: str = Field("", pattern=r"^[A-Za-z0-9_\-]*$", description="this learner's name among several in one "
+                            "consumer group (e.g. the pod name): its checkpoint is its own ({p}:learner:{id}:...) and its "
+                            "children publish as {line}.{id}-{child}; empty: a single learner")
+    lease_ttl_seconds: float = Field(15.0, gt=0, description="the merge leader's lease: held this long unless renewed "
+                                     "(every third of it); only the holder merges and publishes the served line, "
+                                     "fenced by its token (zoo_store/lease.py)")
+
+
 GROUPS: dict[str, type[BaseModel]] = {
     "kafka": KafkaSettings, "redis": RedisSettings, "model": ModelSettings, "learner": LearnerSettings,
     "merge": MergeJobSettings, "publish": PublishSettings, "checkpoint": CheckpointSettings, "ops": OpsSettings,
+    "cluster": ClusterSettings,
 }
 
 # The flat name of each field where it is not "<group>_<field>" nor the bare field name.
@@ -171,7 +183,7 @@ _FLAT_EXCEPTIONS = {
     ("publish", "line"): "line", ("publish", "keep_versions"): "keep_versions",
     ("publish", "signing_key"): "signing_key", ("publish", "signing_key_file"): "signing_key_file",
 }
-_BARE_GROUPS = {"learner", "ops"}  # their fields were documented without a prefix
+_BARE_GROUPS = {"learner", "ops", "cluster"}  # their fields were documented without a prefix
 
 
 def _flat_names() -> dict[str, tuple[str, str]]:
@@ -247,6 +259,7 @@ class Settings(BaseSettings):
     publish: PublishSettings = Field(default_factory=PublishSettings)
     checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings)
     ops: OpsSettings = Field(default_factory=OpsSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     limits: WireLimits = Field(default_factory=WireLimits, description="input size limits")
 
     @classmethod

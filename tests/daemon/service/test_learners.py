@@ -1,0 +1,69 @@
+"""Several learners in one consumer group on real servers (issue 13): one merge leader publishes the
+served line, fenced by its lease; the others learn their partitions, publish their children to the zoo,
+contribute what they learned (merged by the leader through the gate, judged on their rows too) and
+follow the leader's versions; every batch is applied once across them; when the leader stops, another
+takes the lease and publishes the next versions."""
+
+from __future__ import annotations
+
+from daemon.service.service import Service
+from tests.helpers import run_in_thread, service_settings, wait_until
+from zoo_store.lease import Lease
+
+
+def test_one_leader_publishes_and_every_batch_is_applied_once(kafka, redis_server, unique, produce_tabular):
+    base = dict(lease_ttl_seconds=2.0, bootstrap_batches=2, accuracy_threshold=0.7, child_size_ratio=0.5,
+                merge_trigger="count", merge_after_child_updates=2)
+    settings = {name: service_settings(kafka.address, redis_server.address, unique, learner_id=name, **base)
+                for name in ("a", "b")}
+    topic = settings["a"].kafka.topic
+    kafka.create_topics({topic: 2, settings["a"].kafka.dead_letter_topic: 1})
+    learners = {name: Service(s) for name, s in settings.items()}
+    threads = {name: run_in_thread(learner) for name, learner in learners.items()}
+    produced = 0
+    try:
+        produced += len(produce_tabular(kafka.address, topic, "plain", 6, "plain", rows=96, partition=0))
+        produced += len(produce_tabular(kafka.address, topic, "perm", 6, "perm", rows=96, permute_seed=5,
+                                        partition=1))
+        applied = lambda: sum(learner.engine.counters.batches for learner in learners.values())  # noqa: E731
+        assert wait_until(lambda: applied() >= produced, timeout=120), applied()
+        assert all(learner.engine.counters.batches for learner in learners.values()), "each owns a partition"
+        store = learners["a"].versions
+        versions = store.versions("main")
+        assert versions == list(range(1, len(versions) + 1)) and versions, versions   # contiguous, no gap
+        publishers = {store.manifest("main", v).publisher for v in versions}
+        assert len(publishers) == 1, publishers   # one leader wrote the served line
+        leader = publishers.pop()
+        follower = "b" if leader == "a" else "a"
+        learners[follower].merge_now()   # not the leader: follows the served line, contributes its work
+        assert learners[follower].engine.served_version == store.latest("main")
+        assert learners[follower].metrics.leader._value.get() == 0
+        theirs = set(learners[follower].engine._state.buffers.heldout_sets()) - set(
+            learners[leader].engine._state.buffers.heldout_sets())
+        assert theirs, "the follower learned a slice the leader never saw"
+        learners[leader].merge_now()   # (its own merges, between its batches, may have taken it already)
+
+        def served_theirs() -> bool:
+            """A version the leader published merged the follower's contribution, judged on its slices."""
+            for v in store.versions("main"):
+                manifest = store.manifest("main", v)
+                if (any(c.startswith("learner:") for c in (manifest.merge or {}).get("children", []))
+                        and theirs <= set(manifest.metrics)):
+                    return True
+            return False
+
+        assert wait_until(served_theirs, timeout=60)
+
+        learners[leader].stop()   # gives the lease back
+        threads[leader].join(timeout=60)
+        produced += len(produce_tabular(kafka.address, topic, "plain", 4, "plain", rows=96, partition=0, start=6))
+        assert wait_until(lambda: applied() >= produced, timeout=120), applied()   # its partition moved over
+        learners[follower].merge_now()
+        assert learners[follower].metrics.leader._value.get() == 1
+        token = Lease(learners[follower].redis, store.keys, "probe").current().token
+        assert token >= 2   # a new lease, a larger fencing token
+        assert applied() == produced   # every batch once, across the rebalance
+    finally:
+        for name, learner in learners.items():
+            learner.stop()
+            threads[name].join(timeout=60)
