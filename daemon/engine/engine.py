@@ -235,6 +235,24 @@ class Engine:
     def release_merge(self, outcome: MergeOutcome) -> Release:
         return self._release("merge", outcome.state, outcome.base_version, outcome.plan, outcome.foreign_heldout)
 
+    def knows_slice(self, name: str) -> bool:
+        with self._lock:
+            return name in self._state.known_slices()
+
+    def take_over_slice(self, name: str, heldout: tuple[torch.Tensor, torch.Tensor] | None,
+                        replay: tuple[torch.Tensor, torch.Tensor] | None) -> bool:
+        """A slice another learner owned until a rebalance: its held-out and replay rows (from that
+        learner's contribution) seed this engine's buffers, so the slice's history still trains and
+        judges merges here. Only for a slice this engine holds nothing of."""
+        with self._lock:
+            st = self._state
+            if name in st.known_slices():
+                return False
+            empty = (torch.empty(0), torch.empty(0, dtype=torch.long))
+            (xr, yr), (xh, yh) = replay or empty, heldout or empty
+            st.buffers.add(name, xr, yr, xh, yh, st.generator)
+            return True
+
     def contribution(self, learner: str) -> Contribution | None:
         """This learner's served model as it learned since the served version, with its slices' rows:
         what the merge leader merges from it (None before a first version, or when it does not learn)."""

@@ -48,6 +48,7 @@ class ConsumeLoop:
                  metrics: ServiceMetrics, health: HealthState, failpoints: Failpoints, backoff_cap: float,
                  stop_event: threading.Event, record: Callable[[dict[str, Any]], None],
                  after_batch: Callable[[BatchResult], None], inflight: InFlightMarker | None = None,
+                 before_batch: Callable[[Batch], None] | None = None,
                  crash_loop_after: int = 2, dead_letter_log: DeadLetterLog | None = None) -> None:
         self.engine = engine
         self.ledger = ledger
@@ -60,6 +61,7 @@ class ConsumeLoop:
         self.stop_event = stop_event
         self.record = record            # telemetry of each decision
         self.after_batch = after_batch  # the service: bootstrap publish, merge nudge, user callback
+        self.before_batch = before_batch  # the service: a slice taken over from another learner
         self.idle = threading.Event()   # set while the consumer has nothing to do
         self.dead_lettered = 0
         self.inflight = inflight            # None: no crash-loop protection (tests of other parts)
@@ -146,6 +148,8 @@ class ConsumeLoop:
         """The engine applies ``batch``; one retry after an error (each failure is undone by the engine);
         after the second, the ``engine_error`` to dead-letter it with."""
         self._mark(where, crashes)
+        if self.before_batch is not None:
+            self.before_batch(batch)
         for attempt in (1, 2):
             self.health.holding(where, f"applying (attempt {attempt})")
             try:

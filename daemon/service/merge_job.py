@@ -113,6 +113,7 @@ class MergeJob:
             else:
                 log.warning("merge rejected: %s (children %s)", outcome.reason, outcome.children)
             self.record(record)
+            self._contribute()   # the leader's rows too: a later leader, or a learner taking a slice over, needs them
             self._publish_children()
             return outcome
 

@@ -102,7 +102,8 @@ class Service:
                                 health=self.health, failpoints=self.failpoints,
                                 backoff_cap=settings.ops.backoff_max_seconds, stop_event=self.stop_event,
                                 record=lambda record: self._best_effort(self.telemetry.decision, record),
-                                after_batch=self._after_batch, inflight=InFlightMarker(self.redis, keys),
+                                after_batch=self._after_batch, before_batch=self._before_batch,
+                                inflight=InFlightMarker(self.redis, keys),
                                 crash_loop_after=settings.ops.crash_loop_after,
                                 dead_letter_log=DeadLetterLog(self.redis, keys))
         self.health_server: HealthServer | None = None
@@ -271,6 +272,24 @@ class Service:
                         "background", self.s.publish.block_seconds)
         except PublishAbandoned:
             pass
+
+    def _before_batch(self, batch) -> None:
+        """Several learners: a slice new to this learner that another learner contributed rows of
+        (it owned the partition before a rebalance) starts from those rows."""
+        store = self.merge_job.contributions
+        if store is None or self.engine.knows_slice(batch.slice):
+            return
+        try:
+            others = store.read_all(exclude=self.s.cluster.learner_id)
+        except redis.RedisError as exc:
+            log.warning("cannot read contributions for slice %s (%s): it starts afresh", batch.slice, exc)
+            return
+        for c in sorted(others, key=lambda c: -c.version):
+            if batch.slice in c.replay or batch.slice in c.heldout:
+                if self.engine.take_over_slice(batch.slice, c.heldout.get(batch.slice), c.replay.get(batch.slice)):
+                    log.info("slice %s taken over from learner %s: its rows seed the buffers", batch.slice,
+                             c.learner)
+                return
 
     def _revoked(self, partitions) -> None:
         """Partitions move to another learner of the group: what was applied of them is made durable

@@ -54,15 +54,22 @@ def test_one_leader_publishes_and_every_batch_is_applied_once(kafka, redis_serve
 
         assert wait_until(served_theirs, timeout=60)
 
+        its_slices = set(learners[leader].engine._state.buffers.heldout_sets()) - theirs
         learners[leader].stop()   # gives the lease back
         threads[leader].join(timeout=60)
-        produced += len(produce_tabular(kafka.address, topic, "plain", 4, "plain", rows=96, partition=0, start=6))
+        moved = "plain" if "plain" in its_slices else "perm"   # the former leader's partition gets more batches
+        produced += len(produce_tabular(kafka.address, topic, moved, 4, moved, rows=96, start=6,
+                                        partition=0 if moved == "plain" else 1,
+                                        permute_seed=None if moved == "plain" else 5))
         assert wait_until(lambda: applied() >= produced, timeout=120), applied()   # its partition moved over
         learners[follower].merge_now()
         assert learners[follower].metrics.leader._value.get() == 1
         token = Lease(learners[follower].redis, store.keys, "probe").current().token
         assert token >= 2   # a new lease, a larger fencing token
         assert applied() == produced   # every batch once, across the rebalance
+        # the slice that moved over starts from the rows the former leader contributed, not afresh
+        held = learners[follower].engine._state.buffers.heldout
+        assert its_slices and all(len(held[s]) > 4 * 96 * 0.2 for s in its_slices), {s: len(held[s]) for s in held}
     finally:
         for name, learner in learners.items():
             learner.stop()
