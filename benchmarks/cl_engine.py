@@ -14,14 +14,69 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
 from benchmarks.cl_streams import STREAMS, batches, build_stream
 from consumers.wire import Batch, BatchSource
 from daemon.engine.engine import Engine
+from daemon.engine.records import MergeOutcome, Release
 from daemon.learn.training import accuracy, model_input
 from daemon.service.settings import load_settings
+
+
+@dataclass(frozen=True)
+class Step:
+    """One thing that happened while :func:`drive` fed a stream: an experience started (``start``) or
+    ended (``end``), a bootstrap version, a merge (accepted or not); ``release`` is set when a version
+    was published (adopted as the daemon does), ``version`` is the served version after the step."""
+    kind: str
+    experience: int
+    slice: str
+    batches: int
+    version: int
+    tag: str = ""
+    outcome: MergeOutcome | None = None
+    release: Release | None = None
+
+
+def drive(engine: Engine, stream, batch_size: int) -> Iterator[Step]:
+    """The engine through ``stream`` as the daemon would take it with a count-triggered merge: each
+    experience's training rows in batches, the bootstrap publish, a merge when one is due and at the end
+    of each experience, every accepted version adopted (no servers)."""
+    version, n = 0, 0
+    for e, sl in enumerate(stream.experiences()):
+        yield Step("start", e, sl.name, n, version)
+        for x, y in batches(sl.x_train, sl.y_train, batch_size):
+            result = engine.process(Batch(x, y, sl.name, stream.data_type, f"b{n}", BatchSource("bench", 0, n)))
+            n += 1
+            if result.publish_bootstrap:
+                release = engine.release_bootstrap()
+                version += 1
+                engine.adopt_bootstrap(version)
+                engine.record_served(release)
+                yield Step("bootstrap", e, sl.name, n, version, release=release)
+            if result.merge_due:
+                yield from _merge(engine, e, sl.name, n, version, f"batch {n}")
+                version = engine.served_version or version
+        yield from _merge(engine, e, sl.name, n, version, "end of experience")
+        version = engine.served_version or version
+        yield Step("end", e, sl.name, n, version)
+
+
+def _merge(engine: Engine, e: int, name: str, n: int, version: int, tag: str) -> Iterator[Step]:
+    out = engine.merge()
+    if out is None:
+        return
+    release = None
+    if out.accepted:
+        release = engine.release_merge(out)
+        version += 1
+        engine.adopt_merge(out, version)
+        engine.record_served(release)
+    yield Step("merge", e, name, n, version, tag, out, release)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -41,47 +96,33 @@ def main(argv: list[str] | None = None) -> dict:
     s = load_settings(num_classes=stream.num_classes, merge_after_child_updates=4, merge_trigger="count",
                       seed=args.seed, **overrides)
     engine = Engine(s.model, s.learner, s.merge, torch.device("cpu"))
-    version, n, served, first = 0, 0, [], {}
+    served, first = [], {}
 
     def test_row(state) -> list[float]:
         model = engine.architecture.build()
         model.load_state_dict(state)
         return [round(accuracy(model, model_input(sl.x_test, stream.data_type), sl.y_test), 3) for sl in stream.slices]
 
-    def merge(tag: str) -> None:
-        nonlocal version
-        out = engine.merge()
-        if out is None:
-            return
-        if out.accepted:
-            release = engine.release_merge(out)
-            version += 1
-            engine.adopt_merge(out, version)
-            engine.record_served(release)
-            served.append((n, test_row(engine.served_state())))
-        cons = out.plan.get("consolidate", {})
-        print(f"  merge at {tag}: {'v%d' % version if out.accepted else 'rejected'}; {out.plan.get('chosen', '-')}; "
-              f"consolidation {cons.get('epochs')} epochs (best {cons.get('best_epoch')}); {out.reason}")
-        print(f"    held-out served {out.served_metrics}\n    candidate      {out.candidate_metrics}")
-
     started = time.perf_counter()
-    for e, sl in enumerate(stream.experiences()):
-        first.setdefault(sl.name, n)
-        for x, y in batches(sl.x_train, sl.y_train, args.batch_size):
-            result = engine.process(Batch(x, y, sl.name, stream.data_type, f"b{n}", BatchSource("bench", 0, n)))
-            n += 1
-            if result.publish_bootstrap:
-                release = engine.release_bootstrap()
-                version += 1
-                engine.adopt_bootstrap(version)
-                engine.record_served(release)
-                served.append((n, test_row(engine.served_state())))
-                print(f"  bootstrap v{version} at batch {n}")
-            if result.merge_due:
-                merge(f"batch {n}")
-        merge("end of experience")
-        print(f"experience {e} ({sl.name}): served {test_row(engine.served_state())}, working "
-              f"{test_row(engine.working_state())}, {time.perf_counter() - started:.0f} s", flush=True)
+    version = 0
+    for step in drive(engine, stream, args.batch_size):
+        version = step.version
+        if step.kind == "start":
+            first.setdefault(step.slice, step.batches)
+        if step.release is not None:
+            served.append((step.batches, test_row(engine.served_state())))
+        if step.kind == "bootstrap":
+            print(f"  bootstrap v{version} at batch {step.batches}")
+        elif step.kind == "merge":
+            out = step.outcome
+            cons = out.plan.get("consolidate", {})
+            print(f"  merge at {step.tag}: {'v%d' % version if out.accepted else 'rejected'}; "
+                  f"{out.plan.get('chosen', '-')}; consolidation {cons.get('epochs')} epochs (best "
+                  f"{cons.get('best_epoch')}); {out.reason}")
+            print(f"    held-out served {out.served_metrics}\n    candidate      {out.candidate_metrics}")
+        elif step.kind == "end":
+            print(f"experience {step.experience} ({step.slice}): served {test_row(engine.served_state())}, working "
+                  f"{test_row(engine.working_state())}, {time.perf_counter() - started:.0f} s", flush=True)
     final = test_row(engine.served_state())
     tts = {s.name: next((b - first[s.name] for b, row in served if b > first[s.name] and row[j] >= 0.9 * final[j]), None)
            for j, s in enumerate(stream.slices)}

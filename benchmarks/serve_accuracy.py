@@ -33,8 +33,8 @@ import time
 
 import torch
 
-from benchmarks.cl_streams import STREAMS, Stream, batches, build_stream
-from consumers.wire import Batch, BatchSource
+from benchmarks.cl_engine import drive
+from benchmarks.cl_streams import STREAMS, Stream, build_stream
 from daemon.engine.engine import Engine
 from daemon.engine.records import ChildRelease, Release
 from daemon.serve.members import Member, ZooSnapshot
@@ -67,39 +67,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------------ training
 
 def learn(stream: Stream, seed: int, batch_size: int) -> tuple[Engine, Release, int]:
-    """The engine through ``stream`` as :mod:`benchmarks.cl_engine` drives it; the last served release."""
+    """The engine through ``stream`` (:func:`benchmarks.cl_engine.drive`); the last served release."""
     from daemon.service.settings import load_settings
 
     s = load_settings(num_classes=stream.num_classes, merge_after_child_updates=4, merge_trigger="count", seed=seed)
     engine = Engine(s.model, s.learner, s.merge, torch.device("cpu"))
-    version, n, last = 0, 0, None
-
-    def merge() -> None:
-        nonlocal version, last
-        out = engine.merge()
-        if out is not None and out.accepted:
-            release = engine.release_merge(out)
-            version += 1
-            engine.adopt_merge(out, version)
-            engine.record_served(release)
-            last = release
-
-    started = time.perf_counter()
-    for e, sl in enumerate(stream.experiences()):
-        for x, y in batches(sl.x_train, sl.y_train, batch_size):
-            result = engine.process(Batch(x, y, sl.name, stream.data_type, f"b{n}", BatchSource("bench", 0, n)))
-            n += 1
-            if result.publish_bootstrap:
-                release = engine.release_bootstrap()
-                version += 1
-                engine.adopt_bootstrap(version)
-                engine.record_served(release)
-                last = release
-            if result.merge_due:
-                merge()
-        merge()
-        log(f"  {stream.name} seed {seed}: experience {e} ({sl.name}) learned, v{version}, "
-            f"{time.perf_counter() - started:.0f} s")
+    last, version, started = None, 0, time.perf_counter()
+    for step in drive(engine, stream, batch_size):
+        version = step.version
+        if step.release is not None:
+            last = step.release
+        if step.kind == "end":
+            log(f"  {stream.name} seed {seed}: experience {step.experience} ({step.slice}) learned, v{version}, "
+                f"{time.perf_counter() - started:.0f} s")
     if last is None:
         raise RuntimeError(f"{stream.name}: nothing was published (too few batches to bootstrap)")
     return engine, last, version

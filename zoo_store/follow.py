@@ -52,6 +52,26 @@ class VerificationError(Exception):
     """The weights or manifest are not what the publisher wrote; the reason says which check failed."""
 
 
+def read_stream(client: redis.Redis, stream: str, last_id: str, block_ms: int,
+                stop: threading.Event | None) -> Iterator[dict[bytes, bytes]]:
+    """Each entry's fields after ``last_id``, blocking for new ones until ``stop`` is set; a Redis
+    outage is waited out with capped backoff and reading resumes after the last entry yielded, so
+    nothing is skipped or repeated."""
+    backoff = CappedBackoff(base=0.2, cap=10.0)
+    while stop is None or not stop.is_set():
+        try:
+            reply = client.xread({stream: last_id}, block=block_ms, count=100)
+        except redis.ConnectionError as exc:
+            log.warning("cannot read %s (%s); retrying in %.1fs", stream, exc, backoff.failed())
+            backoff.sleep(stop)
+            continue
+        backoff.succeeded()
+        for _, entries in reply or ():
+            for entry_id, fields in entries:
+                last_id = entry_id.decode()
+                yield fields
+
+
 class Follower:
     def __init__(self, client: redis.Redis, line: str = "main", prefix: str = "filial",
                  signing_key: bytes | None = None, require_signature: bool | None = None) -> None:
@@ -80,21 +100,8 @@ class Follower:
         else:
             first = from_version
         last_id = event_id(max(first - 1, 0))  # XREAD returns entries after last_id; "0-0" = all
-        stream = self.keys.line(self.line).events
-        backoff = CappedBackoff(base=0.2, cap=10.0)
-        while stop is None or not stop.is_set():
-            try:
-                reply = self.client.xread({stream: last_id}, block=block_ms, count=100)
-            except redis.ConnectionError as exc:  # Redis away: wait, then resume after last_id
-                wait = backoff.failed()
-                log.warning("cannot read %s (%s); retrying in %.1fs", stream, exc, wait)
-                backoff.sleep(stop)
-                continue
-            backoff.succeeded()
-            for _, entries in reply or ():
-                for entry_id, fields in entries:
-                    last_id = entry_id.decode()
-                    yield VersionEvent.model_validate_json(fields[b"event"])
+        for fields in read_stream(self.client, self.keys.line(self.line).events, last_id, block_ms, stop):
+            yield VersionEvent.model_validate_json(fields[b"event"])
 
     def verify(self, manifest: Manifest, weights: bytes) -> None:
         """Raise :class:`VerificationError` unless ``weights`` are exactly what ``manifest`` describes

@@ -20,8 +20,7 @@ from typing import Iterator
 
 import redis
 
-from zoo_store.connection import CappedBackoff
-from zoo_store.follow import Follower, LoadedVersion
+from zoo_store.follow import Follower, LoadedVersion, read_stream
 from zoo_store.keys import Keys
 from zoo_store.models import ZooEvent, utc_now
 from zoo_store.versions import VersionNotFound, VersionStore
@@ -118,19 +117,8 @@ class ZooFollower:
         """Yield zoo events after ``from_id`` ("0" every retained one; "$" only new ones; or an id
         from :meth:`last_event_id`), blocking for more until ``stop`` is set; rides out Redis outages."""
         last_id = self.last_event_id() if from_id == "$" else from_id
-        backoff = CappedBackoff(base=0.2, cap=10.0)
-        while stop is None or not stop.is_set():
-            try:
-                reply = self.client.xread({self.keys.zoo_events: last_id}, block=block_ms, count=100)
-            except redis.ConnectionError as exc:
-                log.warning("cannot read %s (%s); retrying in %.1fs", self.keys.zoo_events, exc, backoff.failed())
-                backoff.sleep(stop)
-                continue
-            backoff.succeeded()
-            for _, entries in reply or ():
-                for entry_id, fields in entries:
-                    last_id = entry_id.decode()
-                    yield ZooEvent.model_validate_json(fields[b"event"])
+        for fields in read_stream(self.client, self.keys.zoo_events, last_id, block_ms, stop):
+            yield ZooEvent.model_validate_json(fields[b"event"])
 
     def load(self, line: str, version: int) -> LoadedVersion:
         return Follower(self.client, line=line, prefix=self.prefix, signing_key=self.signing_key,

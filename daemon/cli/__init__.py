@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import sys
-from typing import Any
 
 from daemon.cli.errors import UserError
 
