@@ -41,7 +41,7 @@ from daemon.learn.inherit.hkt import HKTLoss
 from daemon.learn.inherit.spawn import compact_architecture, spawn_child
 from daemon.learn.models import infer_architecture, parameter_count
 from daemon.learn.policy import Observation, Verdict, decide, spawn_method
-from daemon.learn.training import Hook, accuracy, fit, model_input
+from daemon.learn.training import Hook, accuracy, features_and_logits, fit, model_input
 from zoo_store.models import utc_now
 
 log = logging.getLogger("filial.engine")
@@ -195,10 +195,11 @@ class Learner:
     # --- after bootstrap -------------------------------------------------------------------------------
     def _observe(self, state: EngineState, rows: Rows) -> tuple[float, float]:
         root = state.root
-        correct = float(accuracy(root.model, rows.x, rows.y))
+        features, logits = features_and_logits(root.model, rows.x)   # one pass: accuracy and drift
+        correct = float((logits.argmax(1) == rows.y).float().mean())
         c, n = state.prequential.setdefault(rows.slice, [0.0, 0])
         state.prequential[rows.slice] = [c + correct * rows.size, n + rows.size]
-        return correct, root.kl_to(rows.x)
+        return correct, root.fingerprint.score(features)
 
     @staticmethod
     def _expected_accuracy(state: EngineState, slice_name: str, min_rows: int = 100) -> float | None:
@@ -214,8 +215,7 @@ class Learner:
     def _decide_and_train(self, state: EngineState, rows: Rows) -> BatchResult:
         expected = self._expected_accuracy(state, rows.slice)
         acc, kl = self._observe(state, rows)
-        nearest, nearest_kl = state.tree.nearest_child(rows.x, rows.data_type)
-        nearest_acc = float(accuracy(nearest.model, rows.x, rows.y)) if nearest is not None else None
+        nearest, nearest_kl, nearest_acc = state.tree.nearest_child(rows.x, rows.data_type, rows.y)
         verdict: Verdict = decide(Observation(acc, kl, nearest.node_id if nearest else None, nearest_kl,
                                               nearest_acc, expected, rows.size), state.thresholds,
                                   served_learns=self.s.train_served)

@@ -17,7 +17,7 @@ from torch import nn
 from daemon.engine.seeding import seeded
 from daemon.learn.drift import FeatureKL
 from daemon.learn.models import Architecture
-from daemon.learn.training import embed, model_input
+from daemon.learn.training import embed, features_and_logits, model_input
 
 Status = Literal["served", "active", "retired"]
 ROOT = "root"
@@ -87,15 +87,20 @@ class ModelTree:
     def add(self, node: Node) -> None:
         self.nodes[node.node_id] = node
 
-    def nearest_child(self, x_model: torch.Tensor, data_type: str) -> tuple[Node | None, float | None]:
-        best, best_kl = None, None
+    def nearest_child(self, x_model: torch.Tensor, data_type: str,
+                      y: torch.Tensor | None = None) -> tuple[Node | None, float | None, float | None]:
+        """The active child whose fingerprint the batch is closest to (KL in the child's own features),
+        that KL, and (given labels ``y``) its accuracy on the batch, from the same forward pass."""
+        best, best_kl, best_acc = None, None, None
         for child in self.active_children():
             if child.data_type != data_type:
                 continue
-            kl = child.kl_to(x_model)
+            features, logits = features_and_logits(child.model, x_model)
+            kl = child.fingerprint.score(features)
             if best_kl is None or kl < best_kl:
                 best, best_kl = child, kl
-        return best, best_kl
+                best_acc = None if y is None else float((logits.argmax(1) == y).float().mean())
+        return best, best_kl, best_acc
 
     def describe(self) -> dict:
         return {"nodes": [n.describe() for n in self.nodes.values()]}

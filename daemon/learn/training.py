@@ -240,6 +240,24 @@ def embed(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Te
     return torch.cat(outs) if outs else torch.empty(0)
 
 
+@torch.no_grad()
+def features_and_logits(model: nn.Module, x: torch.Tensor,
+                        batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Penultimate features and logits of one forward pass (``model.head`` over ``model.features``, as
+    the built-in families compute ``forward``; a model without a ``head`` runs twice), on the CPU."""
+    device = next(model.parameters()).device
+    model.eval()
+    feats, logits = [], []
+    for start in range(0, len(x), batch_size):
+        with autocast(device):
+            chunk = to_device(x[start:start + batch_size], device)
+            f = model.features(chunk)
+            out = model.head(f) if isinstance(getattr(model, "head", None), nn.Module) else model(chunk)
+            feats.append(f.float().cpu())
+            logits.append(out.float().cpu())
+    return (torch.cat(feats), torch.cat(logits)) if feats else (torch.empty(0), torch.empty(0))
+
+
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     if len(x) == 0:
         return float("nan")
