@@ -215,7 +215,10 @@ class Learner:
     def _decide_and_train(self, state: EngineState, rows: Rows) -> BatchResult:
         expected = self._expected_accuracy(state, rows.slice)
         acc, kl = self._observe(state, rows)
-        nearest, nearest_kl, nearest_acc = state.tree.nearest_child(rows.x, rows.data_type, rows.y)
+        if acc >= state.thresholds.accuracy:  # kept whatever the children would say: do not run them
+            nearest, nearest_kl, nearest_acc = None, None, None
+        else:
+            nearest, nearest_kl, nearest_acc = state.tree.nearest_child(rows.x, rows.data_type, rows.y)
         verdict: Verdict = decide(Observation(acc, kl, nearest.node_id if nearest else None, nearest_kl,
                                               nearest_acc, expected, rows.size), state.thresholds,
                                   served_learns=self.s.train_served)
