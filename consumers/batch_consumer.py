@@ -6,8 +6,9 @@ Positions come from the engine's checkpoint, not only from the group: whenever p
 - the log ends before ``A`` → the broker lost the log (a memory-only broker restarted, the topic
   was recreated): the partition's applied offset is forgotten and it is read from the beginning;
   replayed batches are still recognised by their ``batch_id``;
-- the group's committed offset is past ``A`` → another learner of the group owned the partition
-  meanwhile (a rebalance) and applied it up to there: resume at the committed offset;
+- the group's position is past ``A`` (the offset the partition's last owner checkpointed, shared in
+  Redis, or the group's committed offset) → another learner of the group owned the partition
+  meanwhile (a rebalance) and applied it up to there: resume there;
 - otherwise the consumer seeks to ``A - 1`` and looks at that record: if it carries a
   ``batch_id`` the engine does not know, the log was reset *and* already refilled past ``A``
   (same handling); if it is the batch the engine applied, consumption resumes at ``A`` (not at the
@@ -40,6 +41,14 @@ class AppliedLog(Protocol):
     def knows_batch(self, partition_key: str, batch_id: str) -> bool: ...
 
     def forget_partition(self, partition_key: str, reason: str) -> None: ...
+
+    def group_offset(self, partition_key: str) -> int | None:
+        """The next offset to apply as the partition's last owner checkpointed it (several learners), or None."""
+        ...
+
+    def taken_over(self, partition_key: str, offset: int) -> None:
+        """Another learner applied the partition up to ``offset`` while it was not ours: forget our older position."""
+        ...
 
 
 def partition_key(tp: TopicPartition) -> str:
@@ -116,23 +125,28 @@ class BatchConsumer:
             self._assignments.unchecked.clear()
             return moved
         for tp in list(self._assignments.unchecked):
-            applied = self.applied.applied_offset(partition_key(tp))
-            if applied <= 0:
+            key = partition_key(tp)
+            applied = self.applied.applied_offset(key)
+            group = self.applied.group_offset(key) or 0
+            if applied <= 0 and group <= 0:
                 self._assignments.unchecked.discard(tp)
                 continue
             try:
                 begin = self._consumer.beginning_offsets([tp], timeout_ms=self.timeout_ms)[tp]
                 end = self._consumer.end_offsets([tp], timeout_ms=self.timeout_ms)[tp]
             except KafkaError as exc:
-                log.warning("cannot check %s against the checkpoint yet (%s); will retry", partition_key(tp), exc)
+                log.warning("cannot check %s against the checkpoint yet (%s); will retry", key, exc)
                 return moved
             self._assignments.unchecked.discard(tp)
             moved.add(tp)
-            committed = self._committed(tp)
-            if committed is not None and applied < committed <= end:
-                # another learner of the group owned it meanwhile and applied up to its commit
-                self.applied.forget_partition(partition_key(tp), f"another learner applied it up to {committed}")
-                self._consumer.seek(tp, committed)
+            ahead = max(group, self._committed(tp) or 0)
+            if applied < ahead <= end:
+                # another learner of the group owned it meanwhile and checkpointed (or committed) up to there
+                if applied > 0:
+                    self.applied.taken_over(key, ahead)
+                self._consumer.seek(tp, ahead)
+            elif applied <= 0:
+                moved.discard(tp)   # nothing of ours to compare; the group's position is past the log (reset)
             elif end < applied:
                 self._reset(tp, f"log ends at {end}, before the applied offset {applied}")
             elif begin >= applied:
@@ -181,6 +195,10 @@ class BatchConsumer:
                 offsets[tp] = OffsetAndMetadata(offset, "", -1)
         if offsets:
             self._consumer.commit(offsets, timeout_ms=self.timeout_ms)
+
+    def owned(self) -> set[str]:
+        """The partitions assigned now, as ``topic:partition``."""
+        return {partition_key(tp) for tp in self._consumer.assignment()}
 
     def lag(self) -> dict[str, int]:
         """Messages behind the log end, per owned partition."""

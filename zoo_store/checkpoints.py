@@ -35,7 +35,11 @@ class CheckpointStore:
         self.client = client
         self.keys = keys
 
-    def save(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> int:
+    def save(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
+             owned_offsets: dict[str, int] | None = None) -> int:
+        """Write the checkpoint; ``owned_offsets`` (the partitions this learner owns now, next offset to
+        apply) go to the group's shared ``{p}:applied`` in the same transaction, so a partition's next
+        owner resumes past everything a checkpoint holds even if the Kafka commit never happened."""
         blob = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
         seq = int(meta.get("seq", 0))
         record = {**meta, "seq": seq, "saved_at": utc_now(), "tensors_sha256": sha256_hex(blob),
@@ -43,8 +47,18 @@ class CheckpointStore:
         with self.client.pipeline(transaction=True) as pipe:
             pipe.set(self.keys.checkpoint_tensors, blob)
             pipe.set(self.keys.checkpoint_meta, json.dumps(record))
+            if owned_offsets:
+                pipe.hset(self.keys.applied_offsets, mapping=owned_offsets)
             pipe.execute()
         return len(blob)
+
+    def shared_offset(self, partition: str) -> int | None:
+        """The next offset to apply of ``partition`` as its last owner's checkpoint holds it."""
+        raw = self.client.hget(self.keys.applied_offsets, partition)
+        return int(raw) if raw is not None else None
+
+    def forget_shared_offset(self, partition: str) -> None:
+        self.client.hdel(self.keys.applied_offsets, partition)
 
     def load(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
         with self.client.pipeline(transaction=True) as pipe:

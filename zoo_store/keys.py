@@ -32,6 +32,8 @@ key                                type    content
 {p}:checkpoint:meta                STRING  JSON engine checkpoint (offsets, counters, tree); with several
                                            learners each has its own: {p}:learner:{id}:checkpoint:...
 {p}:checkpoint:tensors             STRING  safetensors bytes of the checkpoint's tensors
+{p}:applied                        HASH    topic:partition -> next offset to apply, as its owner's last
+                                           checkpoint holds it (shared: the next owner resumes there)
 {p}:checkpoint:inflight            STRING  JSON: the batch being applied now and at how many
                                            consecutive crashes it was in flight (crash loops)
 {p}:checkpoint:dead_letters        HASH    source (topic:partition:offset) -> reason: dead letters
@@ -98,6 +100,10 @@ class Keys:
     @property
     def tree(self) -> str:
         return f"{self.prefix}:tree"
+
+    @property
+    def applied_offsets(self) -> str:
+        return f"{self.prefix}:applied"   # shared by the learners of a group, unlike their checkpoints
 
     @property
     def checkpoint_meta(self) -> str:

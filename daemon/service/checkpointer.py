@@ -35,7 +35,8 @@ log = logging.getLogger("filial.service")
 class Checkpointer:
     def __init__(self, engine: Engine, ledger: AppliedLedger, store: CheckpointStore, settings: CheckpointSettings,
                  *, metrics: ServiceMetrics, failpoints: Failpoints, backoff_cap: float,
-                 redis_available: Callable[[], bool], on_saved: Callable[[dict[str, Any]], None]) -> None:
+                 redis_available: Callable[[], bool], on_saved: Callable[[dict[str, Any]], None],
+                 owned: Callable[[], set[str]] = lambda: set()) -> None:
         self.engine = engine
         self.ledger = ledger
         self.store = store
@@ -44,6 +45,7 @@ class Checkpointer:
         self.failpoints = failpoints
         self.redis_available = redis_available
         self.on_saved = on_saved  # commits the offsets, records telemetry
+        self.owned = owned        # the partitions this learner owns now ("topic:partition")
         self.batches_since = 0
         self._adoptions = 0
         self._adoptions_lock = threading.Lock()
@@ -85,7 +87,8 @@ class Checkpointer:
             meta["applied_offsets"] = self.ledger.next_offsets()
             meta["seq"] = int(time.time() * 1000)
             try:
-                size = self.store.save(meta, tensors)
+                owned = self.owned()
+                size = self.store.save(meta, tensors, {k: v for k, v in meta["applied_offsets"].items() if k in owned})
             except redis.RedisError as exc:
                 wait = self._backoff.failed()
                 self.metrics.checkpoint_failures.inc()

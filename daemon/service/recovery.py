@@ -59,11 +59,20 @@ def adopt_unrecorded_versions(engine: Engine, versions: VersionStore, line: str,
                       if m.parent_version == served and m.reason in (("bootstrap",) if served is None
                                                                      else ("merge", "rollback"))),
                      None)
+        if found is None and served is None:
+            # a learner without a version of its own (new, or its checkpoint lost) joins the line where it
+            # is: the latest version, even when the line's first one has expired
+            found = _verified(versions, line, latest)
         if found is None:
             break
         manifest, weights = found
         external = manifest.reason == "rollback" or manifest.publisher not in (None, me)
-        if external and served is not None:
+        if served is None:   # the first version this engine serves: it starts from its weights
+            adopted_ok = engine.adopt_recovered(version=manifest.version, parent_version=None,
+                                                architecture=manifest.architecture, state=st_load(weights),
+                                                base_version=manifest.base_version, metrics=manifest.metrics,
+                                                plan=manifest.merge)
+        elif external:
             adopted_ok = engine.adopt_external(version=manifest.version, parent_version=served,
                                                architecture=manifest.architecture, state=st_load(weights),
                                                base_version=manifest.base_version, metrics=manifest.metrics,

@@ -89,7 +89,8 @@ class Service:
         self.checkpointer = Checkpointer(self.engine, self.ledger, self.checkpoints, settings.checkpoint,
                                          metrics=self.metrics, failpoints=self.failpoints,
                                          backoff_cap=settings.ops.backoff_max_seconds,
-                                         redis_available=lambda: self.redis_available, on_saved=self._checkpointed)
+                                         redis_available=lambda: self.redis_available, on_saved=self._checkpointed,
+                                         owned=self._owned_partitions)
         self.leadership = Leadership(self.redis, keys, settings.cluster, self.metrics)
         self.merge_job = MergeJob(self.engine, self.publisher, settings.merge, settings.publish.line,
                                   leadership=self.leadership, on_adopted=self._adopted, metrics=self.metrics,
@@ -243,9 +244,11 @@ class Service:
         """
         if self._bootstrap_publish is not None and not self._bootstrap_publish.done():
             return
+        self.merge_job.adopt_served_line()   # a line that already has versions is joined, never restarted
+        if self.engine.served_version is not None:
+            return
         claim = self.leadership.claim()
         if claim is None:  # another learner leads: serve its first version once it is there
-            self.merge_job.adopt_served_line()
             return
 
         release = self.engine.release_bootstrap()
@@ -290,6 +293,10 @@ class Service:
                     log.info("slice %s taken over from learner %s: its rows seed the buffers", batch.slice,
                              c.learner)
                 return
+
+    def _owned_partitions(self) -> set[str]:
+        """Partitions assigned to this learner now (the consume thread's view; checkpoints run there)."""
+        return self._consumer.owned() if self._consumer is not None else set()
 
     def _revoked(self, partitions) -> None:
         """Partitions move to another learner of the group: what was applied of them is made durable
@@ -352,6 +359,22 @@ class _CountingLedger:
         self.service.metrics.log_resets.labels(partition_key).inc()
         dropped = self.service.ledger.forget_partition(partition_key, reason)
         log.warning("forgot applied offset %s of %s: %s", dropped, partition_key, reason)
+        try:  # the group's position names the old log too
+            self.service.checkpoints.forget_shared_offset(partition_key)
+        except redis.RedisError as exc:
+            log.warning("could not forget the group's position of %s (%s)", partition_key, exc)
+
+    def group_offset(self, partition_key: str) -> int | None:
+        try:
+            return self.service.checkpoints.shared_offset(partition_key)
+        except redis.RedisError as exc:  # then the group's committed offset decides, as with one learner
+            log.warning("cannot read the group's position of %s (%s)", partition_key, exc)
+            return None
+
+    def taken_over(self, partition_key: str, offset: int) -> None:
+        dropped = self.service.ledger.forget_partition(partition_key, "another learner applied it further")
+        log.info("%s: another learner applied it up to %d while it was not ours (we had %s): resuming there",
+                 partition_key, offset, dropped)
 
 
 def _redis_problem(probe: redis.Redis) -> str | None:
