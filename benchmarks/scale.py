@@ -14,9 +14,10 @@
    held-out and replay rows of a slice of its own (another permutation), so the gate, the selection
    and the consolidation grow as they do with real learners. Seconds per member: the least-squares
    slope of merge seconds over members (the engine's active children plus k).
-3. **A model of N machines.** Each learner adds ``children + 1`` members (its children in the zoo, its
-   contribution); the leader merges every ``merge_interval`` (default 60 s). One leader saturates at
-   N = interval / (s_per_member x members_per_learner): beyond it merges run back to back (the merge job
+3. **A model of N machines.** The leader merges its own children plus one contribution per other
+   learner (their children go to the zoo, not into its merge) every ``merge_interval`` (default 60 s):
+   merge(N) = merge(k=0) + s_per_member x (N - 1). One leader saturates where that reaches the
+   interval: beyond it merges run back to back (the merge job
    coalesces missed runs, ``max_instances=1``), so the served model gets fresher work at most once per
    merge duration while learners keep learning and contributing; the design's answer then is the zoo
    (serve members directly, ``filial serve --mode route``) or a leader per line (shard slices by line).
@@ -162,8 +163,10 @@ def merge_cost(args) -> dict:
     for k in range(args.max_contributions + 1):
         times = []
         for _ in range(args.repeats):
+            engine._state.last_merge_signature = None   # the same snapshot again (it skips repeats otherwise)
             t0 = time.perf_counter()
-            engine.merge(others[:k])   # not adopted: every repeat merges the same snapshot
+            out = engine.merge(others[:k])   # not adopted: every repeat merges the same children
+            assert out is not None, "nothing to merge"
             times.append(time.perf_counter() - t0)
         rows.append({"contributions": k, "members": children + k, "merge_s": round(min(times), 3)})
         _log(f"merge with {k} contribution(s), {children + k} members: {rows[-1]['merge_s']} s")
@@ -182,14 +185,13 @@ def main(args: argparse.Namespace) -> dict:
     learners = throughput(args)
     merge = merge_cost(args)
     per_member = max(merge["s_per_member"], 1e-6)
-    members_per_learner = max(merge["children"], 1) + 1   # its children in the zoo, its contribution
-    saturate = (merge["interval_s"] - max(merge["fixed_s"], 0.0)) / (per_member * members_per_learner)
-    model = {"merge_interval_s": merge["interval_s"], "members_per_learner": members_per_learner,
-             "merge_s_at_n": {str(n): round(max(merge["fixed_s"], 0) + per_member * members_per_learner * n, 2)
-                              for n in (1, 4, 16, 64)},
-             "leader_saturates_at_learners": int(saturate),
-             "then": "merges run back to back (the job coalesces missed runs): the served model absorbs work at "
-                     "most once per merge; serve zoo members directly or shard slices over lines, a leader each"}
+    own = merge["rows"][0]["merge_s"]   # the leader's own children; each other learner adds one contribution
+    model = {"merge_interval_s": merge["interval_s"], "leader_own_merge_s": own,
+             "merge_s_at_n": {str(n): round(own + per_member * (n - 1), 1) for n in (1, 4, 16, 64)},
+             "leader_saturates_at_learners": 1 + int(max(merge["interval_s"] - own, 0) / per_member),
+             "then": "merges run back to back (the job coalesces missed runs): the served model absorbs the "
+                     "learners' work at most once per merge while they keep learning; past that, shard slices "
+                     "over lines (a leader each) or serve zoo members directly (filial serve --mode route)"}
     return {"cores": cores, "note": f"{cores} cores: more learners than cores measure contention",
             "learners": {n: r["samples_per_s"] for n, r in learners.items()},
             "cpu_s_per_sample": {n: r["cpu_s_per_sample"] for n, r in learners.items()},
