@@ -20,7 +20,7 @@
    interval: beyond it merges run back to back (the merge job
    coalesces missed runs, ``max_instances=1``), so the served model gets fresher work at most once per
    merge duration while learners keep learning and contributing; the design's answer then is the zoo
-   (serve members directly, ``filial serve --mode route``) or a leader per line (shard slices by line).
+   (serve members directly: ``filial serve``, mode ``route``) or a leader per line (shard slices by line).
 
 Last stdout line: one JSON object with ``learners`` ({"1": samples/s per learner, ...}),
 ``cpu_s_per_sample``, ``leader_merge_s_per_member`` and ``model``.
@@ -191,7 +191,7 @@ def main(args: argparse.Namespace) -> dict:
              "leader_saturates_at_learners": 1 + int(max(merge["interval_s"] - own, 0) / per_member),
              "then": "merges run back to back (the job coalesces missed runs): the served model absorbs the "
                      "learners' work at most once per merge while they keep learning; past that, shard slices "
-                     "over lines (a leader each) or serve zoo members directly (filial serve --mode route)"}
+                     "over lines (a leader each) or serve zoo members directly (`filial serve`, mode 'route')"}
     return {"cores": cores, "note": f"{cores} cores: more learners than cores measure contention",
             "learners": {n: r["samples_per_s"] for n, r in learners.items()},
             "cpu_s_per_sample": {n: r["cpu_s_per_sample"] for n, r in learners.items()},
