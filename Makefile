@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test chaos bench-soak bench-merge bench-hkt bench-drift bench-pause bench-cl bench-ablation compose-config clean
+.PHONY: demo test chaos scale bench-scale bench-soak bench-merge bench-hkt bench-drift bench-pause bench-cl bench-ablation compose-config clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,14 @@ test: $(STAMP)
 # SIGKILL the daemon at >= 10 random dangerous moments, restart it, audit Redis (last line: JSON)
 chaos: $(STAMP)
 	$(BIN)/python -m tools.chaos
+
+# 3 learners in one group on a 12-partition topic: SIGKILL one mid-training and the leader mid-merge, restart,
+# audit exactly-once, versions, one fenced leader per version, accuracy vs one learner (last line: JSON)
+scale: $(STAMP)
+	$(BIN)/python -m tools.scale
+
+bench-scale: $(STAMP)
+	$(BIN)/filial bench scale
 
 bench-soak: $(STAMP)
 	$(BIN)/filial bench soak

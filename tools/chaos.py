@@ -360,43 +360,54 @@ def applied_batch_ids(meta: dict) -> list[str]:
     return [i for entry in meta["ledger"].values() for i in entry["batch_ids"]]
 
 
-def audit(redis_url: str, prefix: str, produced: list[str]) -> dict:
-    from zoo_store.connection import connect
+def versions_audit(client, prefix: str, line: str = "main") -> dict:
+    """Every version of ``line``: numbers 1..latest without gaps, one publish each, data present and
+    verified (sha256 + HMAC); ``manifests`` are the verified ones, in order (tools/scale.py reads
+    their publishers)."""
     from zoo_store.follow import Follower, VerificationError
     from zoo_store.keys import Keys
     from zoo_store.versions import VersionNotFound
+
+    follower = Follower(client, line=line, prefix=prefix, signing_key=SIGNING_KEY.encode())
+    versions = follower.store.versions(line)
+    latest = follower.latest_version() or 0
+    without_data, manifests = [], []
+    for v in versions:
+        try:
+            manifest = follower.manifest(v)
+            follower.verify(manifest, follower.store.weights(line, v))
+            manifests.append(manifest)
+        except (VersionNotFound, VerificationError) as exc:
+            without_data.append({"version": v, "why": str(exc)})
+    same_publish = Counter((m.reason, m.parent_version, m.weights_sha256) for m in manifests)
+    return {"versions": versions, "latest_version": latest, "manifests": manifests,
+            "version_gaps": len(set(range(1, latest + 1)) - set(versions)),
+            "duplicate_versions": (sum(n - 1 for n in same_publish.values())
+                                   + sum(n - 1 for n in Counter(m.publish_id for m in manifests).values())),
+            "events_without_data": len(without_data), "problems": without_data,
+            "publish_ids": client.hlen(Keys(prefix).line(line).publish_ids)}
+
+
+def audit(redis_url: str, prefix: str, produced: list[str]) -> dict:
+    from zoo_store.connection import connect
+    from zoo_store.keys import Keys
 
     client = connect(redis_url)
     keys = Keys(prefix)
     meta = json.loads(client.get(keys.checkpoint_meta))
     ids = applied_batch_ids(meta)
     applied = set(ids) & set(produced)
-    follower = Follower(client, line="main", prefix=prefix, signing_key=SIGNING_KEY.encode())
-    versions = follower.store.versions("main")
-    latest = follower.latest_version() or 0
-    without_data, manifests = [], []
-    for v in versions:
-        try:
-            manifest = follower.manifest(v)
-            follower.verify(manifest, follower.store.weights("main", v))
-            manifests.append(manifest)
-        except (VersionNotFound, VerificationError) as exc:
-            without_data.append({"version": v, "why": str(exc)})
-    same_publish = Counter((m.reason, m.parent_version, m.weights_sha256) for m in manifests)
+    line = versions_audit(client, prefix)
+    manifests = line["manifests"]
     parents = Counter(m.parent_version for m in manifests if m.parent_version is not None)
     return {
         "batches_produced": len(produced),
         "batches_applied": len(applied),
         "batches_lost": len(set(produced) - applied),
         "batches_applied_twice": meta["counters"]["batches"] - len(set(ids)),
-        "versions": versions,
-        "version_gaps": len(set(range(1, latest + 1)) - set(versions)),
-        "duplicate_versions": (sum(n - 1 for n in same_publish.values())
-                               + sum(n - 1 for n in Counter(m.publish_id for m in manifests).values())),
-        "events_without_data": len(without_data),
+        **{k: line[k] for k in ("versions", "version_gaps", "duplicate_versions", "events_without_data",
+                                "latest_version", "publish_ids", "problems")},
         "served_version": meta["served_version"],
-        "latest_version": latest,
-        "publish_ids": client.hlen(keys.line("main").publish_ids),
         # written, then a crash hit before the engine adopted and checkpointed it; the restarted daemon
         # published a different state from the same parent (the orphan stays valid, verifiable data)
         "orphaned_versions": [m.version for m in manifests
@@ -404,7 +415,6 @@ def audit(redis_url: str, prefix: str, produced: list[str]) -> dict:
         "duplicates_skipped": meta["counters"]["duplicates_skipped"],
         "merges_accepted": meta["counters"]["merges_accepted"],
         "children_spawned": meta["counters"]["children_spawned"],
-        "problems": without_data,
     }
 
 
