@@ -1,7 +1,7 @@
 """Settings: environment (``FILIAL_*``), a ``.env`` file, then CLI flags, in rising priority.
 
 Settings are grouped: ``kafka``, ``redis``, ``model``, ``learner``, ``merge``, ``publish``,
-``checkpoint``, ``ops`` and ``limits``. Each field has two spellings:
+``checkpoint``, ``ops``, ``cluster`` and ``limits``. Each field has two spellings:
 
 - nested, ``FILIAL_<GROUP>__<FIELD>`` (``FILIAL_LEARNER__KL_THRESHOLD=0.3``);
 - flat, the name documented before the groups existed and still the CLI flag
@@ -9,6 +9,9 @@ Settings are grouped: ``kafka``, ``redis``, ``model``, ``learner``, ``merge``, `
 
 Invalid values stop the daemon at start with the field's names and what is allowed
 (:func:`load_settings` raises :class:`SettingsError`).
+
+Over 300 lines because every setting of the daemon is declared here, once, with its description: the
+CLI flags, the README's table (tested) and the error messages are generated from these fields.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ PyYAML 5.4.1, which on Python 3.11 builds from source only with Cython<3, plus o
 python-dotenv. So it gets its own tools venv, ``.venv/compose-tools/`` (``make compose-config`` builds
 the same one); when it is missing, the ``compose`` fixture builds it (about a minute), so ``make test`` on
 a fresh clone needs no extra step. ``DOCKER_COMPOSE_BIN`` points the tests at another 1.29 binary.
+
+Over 300 lines because each compose service (daemon, producer, watcher, serve, the observability profile)
+gets its own checks that its command and variables are what the CLI and the settings accept.
 """
 
 from __future__ import annotations
