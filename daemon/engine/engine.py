@@ -11,8 +11,10 @@ The engine knows no Kafka or Redis names: which records were applied is the cons
 ledger (``consumers.ledger``), saved in the same checkpoint by the service.
 See docs/architecture.md for the threads and locks.
 
-Over 300 lines because it is the whole surface the service may use, each method a few lines under
-the lock; splitting it would spread the lock's discipline over several modules.
+Over 400 lines because it is the whole surface the service may use (one learner's batches, merges,
+releases and adoptions, and what several learners exchange: contributions, slices taken over, external
+versions), each method a few lines under the lock; splitting it would spread the lock's discipline
+over several modules.
 """
 
 from __future__ import annotations
