@@ -29,12 +29,13 @@ from typing import Any, Sequence
 import torch
 
 from consumers.wire import Batch
-from daemon.engine import atomic, merger
+from daemon.engine import atomic, merger, stages
 from daemon.engine.learner import Learner
 from daemon.engine.records import (BatchResult, ChildRelease, Contribution, Counters, EngineStatus, MergeOutcome,
                                    Release)
 from daemon.engine.seeding import seeded
 from daemon.engine.settings import LearnerSettings, MergeSettings, ModelSettings
+from daemon.engine.stages import StageClock
 from daemon.engine.state import EngineState, cpu_state, decode, encode
 from daemon.engine.tree import ModelTree
 from daemon.learn.continual import continual_metrics
@@ -132,10 +133,12 @@ class Engine:
         """Apply one batch, all or nothing (:mod:`daemon.engine.atomic`): if the learner raises, the
         state is put back as it was before the batch and the exception propagates."""
         started = time.perf_counter()
+        clock = StageClock()
         with self._lock:
-            before = atomic.snapshot(self._state)
+            with clock(stages.SNAPSHOT):
+                before = atomic.snapshot(self._state)
             try:
-                result = self._learner.apply(self._state, batch)
+                result = self._learner.apply(self._state, batch, clock)
             except Exception:
                 self._state = atomic.rolled_back(before, self._state, self.device)
                 raise

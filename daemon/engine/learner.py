@@ -34,6 +34,8 @@ from consumers.wire import Batch
 from daemon.engine.records import BatchResult
 from daemon.engine.seeding import node_seed, seeded
 from daemon.engine.settings import LearnerSettings, MergeSettings, ModelSettings
+from daemon.engine import stages
+from daemon.engine.stages import StageClock
 from daemon.engine.state import EngineState
 from daemon.engine.tree import ROOT, Node
 from daemon.learn.inherit.child_tuning import child_tuning_hook
@@ -73,6 +75,7 @@ class Learner:
         self.s = learner
         self.merge_after = merge.after_child_updates
         self.device = device
+        self.clock = StageClock()  # this batch's seconds per stage (one batch at a time: the engine's lock)
 
     # --- one batch ------------------------------------------------------------------------------
     def split(self, state: EngineState, batch: Batch) -> Rows:
@@ -84,9 +87,11 @@ class Learner:
         return Rows(batch.slice, batch.data_type, x, batch.y, batch.x[train], x[train], batch.y[train],
                     batch.x[held], batch.y[held])
 
-    def apply(self, state: EngineState, batch: Batch) -> BatchResult:
+    def apply(self, state: EngineState, batch: Batch, clock: StageClock | None = None) -> BatchResult:
+        self.clock = clock or StageClock()
         evicted = self._admit_slice(state, batch.slice)
-        rows = self.split(state, batch)
+        with self.clock(stages.SPLIT):
+            rows = self.split(state, batch)
         if state.bootstrapped:
             result = self._decide_and_train(state, rows)
         elif state.root is not None and rows.slice not in state.root.slices:
@@ -95,12 +100,13 @@ class Learner:
             result = replace(self._decide_and_train(state, rows), publish_bootstrap=True)
         else:
             result = self._bootstrap(state, batch, rows)
-        state.buffers.add(rows.slice, rows.x_train_wire, rows.y_train, rows.x_held_wire, rows.y_held,
-                          state.generator)
+        with self.clock(stages.BUFFERS):
+            state.buffers.add(rows.slice, rows.x_train_wire, rows.y_train, rows.x_held_wire, rows.y_held,
+                              state.generator)
         state.counters.batches += 1
         state.counters.samples += rows.size
         state.slice_last_batch[rows.slice] = state.counters.batches
-        return replace(result, evicted_slice=evicted) if evicted else result
+        return replace(result, evicted_slice=evicted, stages=dict(self.clock.seconds))
 
     def _admit_slice(self, state: EngineState, name: str) -> str | None:
         """A new slice name beyond ``max_slices`` evicts the least recently seen slice (returned)."""
@@ -150,21 +156,23 @@ class Learner:
         return node
 
     def _bootstrap(self, state: EngineState, batch: Batch, rows: Rows) -> BatchResult:
-        root = state.root or self._new_root(state, batch)
-        acc = float(accuracy(root.model, rows.x, rows.y)) if state.bootstrap_batches_seen else float("nan")
-        x_fit, y_fit = self._training_set(state, rows)
-        self._train(state, root.model, x_fit, y_fit, self.s.bootstrap_epochs)
-        root.samples += len(rows.y_train)
-        self.grow_reference(state, root, rows.x_train_wire)
-        state.bootstrap_batches_seen += 1
-        done, why = self._bootstrap_done(state, rows)
+        with self.clock(stages.BOOTSTRAP):
+            root = state.root or self._new_root(state, batch)
+            acc = float(accuracy(root.model, rows.x, rows.y)) if state.bootstrap_batches_seen else float("nan")
+            x_fit, y_fit = self._training_set(state, rows)
+            self._train(state, root.model, x_fit, y_fit, self.s.bootstrap_epochs)
+            root.samples += len(rows.y_train)
+            self.grow_reference(state, root, rows.x_train_wire)
+            state.bootstrap_batches_seen += 1
+            done, why = self._bootstrap_done(state, rows)
         if done:
             self._finish_bootstrap(state, why)
         return BatchResult(rows.slice, rows.size, "bootstrap", why, None, acc, False, publish_bootstrap=done)
 
     def _finish_bootstrap(self, state: EngineState, why: str) -> None:
         state.bootstrapped = True
-        state.root.refresh_fingerprint()
+        with self.clock(stages.FINGERPRINT):
+            state.root.refresh_fingerprint()
         log.info("bootstrap done: %s; publishing the first served model", why)
 
     def _bootstrap_done(self, state: EngineState, rows: Rows) -> tuple[bool, str]:
@@ -214,11 +222,13 @@ class Learner:
 
     def _decide_and_train(self, state: EngineState, rows: Rows) -> BatchResult:
         expected = self._expected_accuracy(state, rows.slice)
-        acc, kl = self._observe(state, rows)
+        with self.clock(stages.OBSERVE):
+            acc, kl = self._observe(state, rows)
         if acc >= state.thresholds.accuracy:  # kept whatever the children would say: do not run them
             nearest, nearest_kl, nearest_acc = None, None, None
         else:
-            nearest, nearest_kl, nearest_acc = state.tree.nearest_child(rows.x, rows.data_type, rows.y)
+            with self.clock(stages.ROUTE):
+                nearest, nearest_kl, nearest_acc = state.tree.nearest_child(rows.x, rows.data_type, rows.y)
         verdict: Verdict = decide(Observation(acc, kl, nearest.node_id if nearest else None, nearest_kl,
                                               nearest_acc, expected, rows.size), state.thresholds,
                                   served_learns=self.s.train_served)
@@ -271,27 +281,32 @@ class Learner:
         with join its reference (the distribution it serves); drifted rows join when a merge brings
         their child in. Its features moved, so its fingerprint is refit."""
         root = state.root
-        x_fit, y_fit = self._training_set(state, rows)
-        self._train(state, root.model, x_fit, y_fit, self.s.child_epochs)
-        root.samples += len(rows.y_train)
-        if in_distribution:
-            self.grow_reference(state, root, rows.x_train_wire)
-        root.refresh_fingerprint()
+        with self.clock(stages.TRAIN_SERVED):
+            x_fit, y_fit = self._training_set(state, rows)
+            self._train(state, root.model, x_fit, y_fit, self.s.child_epochs)
+            root.samples += len(rows.y_train)
+            if in_distribution:
+                self.grow_reference(state, root, rows.x_train_wire)
+        with self.clock(stages.FINGERPRINT):
+            root.refresh_fingerprint()
         state.counters.served_updates += 1
 
     def _update_child(self, state: EngineState, child: Node, rows: Rows) -> None:
         """Train an existing child on the new rows plus replay. A compact child keeps inheriting
         from the served model through HKT; a same-size child trains on cross-entropy (with
         Child-Tuning's gradient mask when configured)."""
-        x_fit, y_fit = self._training_set(state, rows)
-        if child.architecture != state.root.architecture:
-            with seeded(node_seed(self.s.seed, f"{child.node_id}.{child.updates}")):  # HKT's projections
-                self._train(state, child.model, x_fit, y_fit, self.s.child_epochs, loss=HKTLoss(state.root.model))
-        else:
-            hooks = ((child_tuning_hook(child.model, x_fit, y_fit, mode=self.s.child_tuning, p=self.s.child_tuning_p,
-                                        batch_size=self.s.train_batch_size, generator=state.generator),)
-                     if self.s.child_tuning != "none" else ())
-            self._train(state, child.model, x_fit, y_fit, self.s.child_epochs, hooks=hooks)
+        with self.clock(stages.TRAIN_CHILDREN):
+            x_fit, y_fit = self._training_set(state, rows)
+            if child.architecture != state.root.architecture:
+                with seeded(node_seed(self.s.seed, f"{child.node_id}.{child.updates}")):  # HKT's projections
+                    self._train(state, child.model, x_fit, y_fit, self.s.child_epochs,
+                                loss=HKTLoss(state.root.model))
+            else:
+                hooks = ((child_tuning_hook(child.model, x_fit, y_fit, mode=self.s.child_tuning,
+                                            p=self.s.child_tuning_p, batch_size=self.s.train_batch_size,
+                                            generator=state.generator),)
+                         if self.s.child_tuning != "none" else ())
+                self._train(state, child.model, x_fit, y_fit, self.s.child_epochs, hooks=hooks)
         self._note_trained(state, child, rows)
 
     def _note_trained(self, state: EngineState, child: Node, rows: Rows) -> None:
@@ -300,7 +315,8 @@ class Learner:
         if rows.slice not in child.slices:
             child.slices.append(rows.slice)
         self.grow_reference(state, child, rows.x_train_wire)
-        child.refresh_fingerprint()
+        with self.clock(stages.FINGERPRINT):
+            child.refresh_fingerprint()
 
     def _spawn(self, state: EngineState, rows: Rows) -> Node:
         """A child that inherits from the served model: a copy (same size) or a compact child
@@ -312,7 +328,8 @@ class Learner:
         x_fit, y_fit = self._training_set(state, rows)
         tuning = self.s.child_tuning if method == "copy" and self.s.child_tuning != "none" else None
         node_id = state.tree.new_child_id()
-        with seeded(node_seed(self.s.seed, node_id)):  # a fresh or compact child draws its initial weights
+        # a fresh or compact child draws its initial weights
+        with self.clock(stages.TRAIN_CHILDREN), seeded(node_seed(self.s.seed, node_id)):
             model = spawn_child(root.model, arch if compact else None, x_fit, y_fit,
                                 epochs=self.s.child_epochs, lr=self.s.learning_rate,
                                 batch_size=self.s.train_batch_size, method=method, child_tuning=tuning,

@@ -48,9 +48,12 @@ class BatchResult:
     merge_due: bool = False
     seconds: float = 0.0
     evicted_slice: str | None = None  # the least recently seen slice this batch's new slice displaced (max_slices)
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage (daemon.engine.stages)
 
     def record(self) -> dict[str, Any]:
-        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
+        """The telemetry entry (the stage timings go to Prometheus, ``filial_stage_seconds``, instead)."""
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()
+                if k != "stages"}
 
 
 @dataclass

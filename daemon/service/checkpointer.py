@@ -72,15 +72,16 @@ class Checkpointer:
     def stop(self) -> None:
         self.maybe_save(force=True)
 
-    def maybe_save(self, force: bool) -> None:
+    def maybe_save(self, force: bool) -> bool:
+        """Save when due (or, with ``force``, whenever anything changed); True when a checkpoint was saved."""
         adoptions = self.adoptions
         changed = self.batches_since or adoptions
         due = (self.batches_since >= self.s.every_batches or adoptions
                or (changed and time.monotonic() - self._last >= self.s.every_seconds))
         if not (due or (force and changed)):
-            return
+            return False
         if not force and not (self._backoff.ready() and self.redis_available()):
-            return  # known outage: an attempt could hold the loop for the client's connect timeouts
+            return False  # known outage: an attempt could hold the loop for the client's connect timeouts
         with self.failpoints.phase("checkpoint"):
             meta, tensors = self.engine.checkpoint()
             meta["ledger"] = self.ledger.to_json()
@@ -93,7 +94,7 @@ class Checkpointer:
                 wait = self._backoff.failed()
                 self.metrics.checkpoint_failures.inc()
                 log.warning("checkpoint not saved (%s): offsets stay uncommitted; next try in %.1fs", exc, wait)
-                return
+                return False
             self._backoff.succeeded()
             self.metrics.checkpoint_saved()
             self.failpoints.pause("checkpoint")  # saved, offsets not yet committed: a crash here re-reads, deduped
@@ -103,3 +104,4 @@ class Checkpointer:
             self._adoptions -= adoptions
         self._last = time.monotonic()
         log.debug("checkpoint saved (%d bytes), offsets committed %s", size, meta["applied_offsets"])
+        return True

@@ -80,9 +80,12 @@ class ConsumeLoop:
             self.health.tick()
             handled = 0
             try:
-                for record in consumer.poll(timeout_ms=500):
-                    if not handled:  # the records of one poll were fetched together
-                        self.health.fetched(time.monotonic())
+                started = time.perf_counter()
+                records = list(consumer.poll(timeout_ms=500))
+                if records:  # an empty poll is waiting, not work
+                    self.metrics.stage_seconds.labels("poll").observe(time.perf_counter() - started)
+                    self.health.fetched(time.monotonic())  # the records of one poll were fetched together
+                for record in records:
                     self.handle(record, dead_letters)
                     handled += 1
                     if self.stop_event.is_set():
@@ -96,7 +99,9 @@ class ConsumeLoop:
                 self.idle.clear()
             else:
                 self.idle.set()
-            self.checkpointer.maybe_save(force=False)
+            started = time.perf_counter()
+            if self.checkpointer.maybe_save(force=False):
+                self.metrics.stage_seconds.labels("checkpoint").observe(time.perf_counter() - started)
             self._update_lag(consumer)
 
     def handle(self, record, dead_letters: DeadLetterProducer) -> None:
@@ -114,11 +119,13 @@ class ConsumeLoop:
             self._sent_before.discard(where)
             self._passed(record, source)
             return
+        started = time.perf_counter()
         try:
             batch = decode_batch(record.value, record.headers, self.limits, expected=self._expected(), source=source)
         except DecodeError as exc:
             self._dead_letter(record, exc, dead_letters, source)
             return
+        self.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - started)
         if self.ledger.already_applied(source, batch.batch_id):
             self.engine.count_duplicate()
             result = BatchResult(batch.slice, len(batch), "skip", "already applied (replayed batch)", None, None, False)
@@ -259,6 +266,7 @@ class ConsumeLoop:
         log.info("batch slice=%s rows=%d kl=%s acc=%s decision=%s%s (%s) %.2fs", r.slice, r.rows, kl, acc,
                  r.action, target, r.reason, r.seconds)
         m = self.metrics
+        m.stages(r.stages)
         m.decisions.labels(r.action).inc()
         if r.action == "skip":
             m.duplicates.inc()

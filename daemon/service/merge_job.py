@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import Future, TimeoutError as FutureTimeout
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -78,6 +79,13 @@ class MergeJob:
     def merge_now(self) -> MergeOutcome | None:
         """Plan, gate and (if accepted) publish a merge. Safe to call from any thread; returns once
         the version is written (or the service stops: the publish then finishes or is abandoned)."""
+        started = time.thread_time()
+        try:
+            return self._merge_now()
+        finally:  # this thread's CPU only: the publisher's thread writes, the merge computes
+            self.metrics.merge_cpu_seconds.inc(time.thread_time() - started)
+
+    def _merge_now(self) -> MergeOutcome | None:
         with self._lock:
             self.adopt_served_line()
             claim = self.leadership.claim()

@@ -62,6 +62,17 @@ class ServiceMetrics:
                                  "and not yet applied or dead-lettered has waited (0: none in hand)", registry=r)
         self.engine_errors = Counter("filial_engine_errors", "Attempts to apply a batch that raised (each undone; "
                                      "the second failure quarantines the batch)", registry=r)
+        self.stage_seconds = Histogram("filial_stage_seconds", "Seconds per batch spent in each stage of the "
+                                       "consume path: poll, decode, checkpoint (the service's) and the engine's "
+                                       "(daemon.engine.stages)", ["stage"],
+                                       buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
+                                                2.5, 5), registry=r)
+        self.merge_cpu_seconds = Counter("filial_merge_cpu_seconds", "CPU seconds of the merge job's thread (merge, "
+                                         "gate, releases, zoo members; torch's intra-op workers count only when "
+                                         "torch runs one thread)", registry=r)
+        self.process_cpu_seconds = Gauge("filial_process_cpu_seconds", "CPU seconds of the whole process (user + "
+                                         "system): with filial_merge_cpu_seconds, the merge job's share", registry=r)
+        self.process_cpu_seconds.set_function(time.process_time)
         self._last_checkpoint: float | None = None
         self.checkpoint_age.set_function(self._checkpoint_age)
 
@@ -89,6 +100,10 @@ class ServiceMetrics:
                 metric.remove(name)
             except KeyError:  # never set for this slice
                 pass
+
+    def stages(self, seconds: dict[str, float]) -> None:
+        for stage, value in seconds.items():
+            self.stage_seconds.labels(stage).observe(value)
 
     def checkpoint_saved(self) -> None:
         self._last_checkpoint = time.monotonic()

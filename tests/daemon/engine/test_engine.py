@@ -10,6 +10,7 @@ from tools.scenarios import parse_phase, split_into_phases
 from consumers.wire import Batch, BatchSource
 from daemon.engine.engine import Engine
 from daemon.engine.settings import LearnerSettings, MergeSettings, ModelSettings
+from daemon.engine.stages import ENGINE_STAGES
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,21 @@ def test_drift_spawns_a_child_then_retrains_it(served, phases):
     assert any(r.action == "retrain" and r.child == first.child for r in results[1:])
     assert engine.counters.drift_events >= 1
     assert any(r.merge_due for r in results)
+
+
+def test_each_batch_reports_where_its_time_went(served, phases):
+    engine = _copy(served)
+    (up, xu, yu), (rot, xr, yr) = phases
+    kept = engine.process(next(_batches(up, xu[-100:], yu[-100:], offset=20)))
+    spawned = engine.process(next(_batches(rot, xr, yr, offset=21)))
+    assert kept.action == "keep" and spawned.action == "spawn"
+    assert {"snapshot", "split", "observe", "train_served", "fingerprint", "buffers"} <= set(kept.stages)
+    assert "route" not in kept.stages and "train_children" not in kept.stages  # a kept batch runs no child
+    assert {"route", "train_children"} <= set(spawned.stages)
+    for r in (kept, spawned):
+        assert set(r.stages) <= set(ENGINE_STAGES) and all(v >= 0 for v in r.stages.values())
+        assert sum(r.stages.values()) <= r.seconds  # stages never nest: their sum is within the batch
+        assert "stages" not in r.record()
 
 
 def test_served_model_learns_every_batch_and_publishes_through_the_gate(served, phases):

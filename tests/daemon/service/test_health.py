@@ -51,6 +51,14 @@ def test_health_ready_and_metrics_follow_redis(kafka, restartable_redis, unique,
     text = _get(base + "/metrics")[1].decode()
     assert 'filial_served_accuracy{slice="a"}' in text and "filial_served_average_accuracy" in text
     assert "filial_served_bwt NaN" in text   # one slice, learned by this version: nothing to forget yet
+    # where the batches' time went: the service's stages and the engine's, per batch
+    assert wait_until(lambda: 'filial_stage_seconds_count{stage="buffers"} 3.0' in _get(base + "/metrics")[1].decode())
+    text = _get(base + "/metrics")[1].decode()
+    for stage in ("decode", "snapshot", "split", "bootstrap"):
+        assert f'filial_stage_seconds_count{{stage="{stage}"}} 3.0' in text, stage
+    assert 'filial_stage_seconds_count{stage="poll"}' in text
+    cpu = [line for line in text.splitlines() if line.startswith("filial_process_cpu_seconds ")]
+    assert cpu and float(cpu[0].split()[1]) > 0 and "filial_merge_cpu_seconds_total" in text
 
     restartable_redis.stop()
     assert wait_until(lambda: _get(base + "/readyz")[0] == 503, timeout=10)
