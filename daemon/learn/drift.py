@@ -58,7 +58,7 @@ def gaussian_kl(mean_new: torch.Tensor, var_new: torch.Tensor, mean_ref: torch.T
     floor = eps * float(var_ref.mean().clamp_min(1e-12))
     v_new, v_ref = var_new.clamp_min(floor), var_ref.clamp_min(floor)
     kl = 0.5 * (v_new / v_ref + (mean_ref - mean_new) ** 2 / v_ref - 1.0 + torch.log(v_ref / v_new))
-    return float(kl.sum())
+    return max(float(kl.sum()), 0.0)  # rounding can leave -1e-30 where the two are the same
 
 
 @dataclass(frozen=True)

@@ -89,8 +89,9 @@ def inherit_weights(parent: nn.Module, child: nn.Module, prefixes: Sequence[str]
         for cls, g in _RNN_GATES.items():
             if isinstance(module, cls):
                 gates[name] = g
-    inherited = []
-    for name, tensor in child.state_dict().items():
+    inherited: dict[str, torch.Tensor] = {}
+    state = child.state_dict()
+    for name, tensor in state.items():
         src = p_state.get(name)
         if not name.startswith(tuple(prefixes)):
             continue
@@ -100,11 +101,12 @@ def inherit_weights(parent: nn.Module, child: nn.Module, prefixes: Sequence[str]
         leaf = name.rsplit(".", 1)[-1]
         blocks = gates.get(owner, 1) if leaf.startswith(("weight_ih", "weight_hh", "bias_ih", "bias_hh")) else 1
         try:
-            tensor.copy_(_slice_to(src, tensor.shape, blocks))
+            inherited[name] = _slice_to(src, tensor.shape, blocks)
         except ValueError:
             continue
-        inherited.append(name)
-    return inherited
+    # loaded rather than copied into state_dict()'s tensors: a model may hand out copies (models.ImageCNN)
+    child.load_state_dict({**state, **inherited})
+    return list(inherited)
 
 
 @torch.no_grad()
