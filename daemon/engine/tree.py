@@ -22,6 +22,15 @@ from daemon.learn.training import embed, features_and_logits, model_input
 Status = Literal["served", "active", "retired"]
 ROOT = "root"
 
+# A fingerprint is refitted on at most this many of the reference's rows (evenly spread over it):
+# the refit re-embeds them after every update of the model, the largest per-batch cost after
+# training. Measured on MNIST-5k, default CNN, batches of 100 (KL of each batch against the whole
+# 512-row reference vs against 256 of its rows, 5 draws): 0.08 vs 0.09 in distribution, 0.62 vs
+# 0.65 at the start of a 30-degree rotation, within one draw's spread (+-0.02-0.08) everywhere;
+# 128 rows raise the in-distribution figure by 0.04. A refit on a model's features from a few
+# updates ago is no substitute: two updates later the same batches score 2-5x higher.
+FINGERPRINT_ROWS = 256
+
 
 @dataclass
 class Node:
@@ -48,7 +57,11 @@ class Node:
         return self.architecture == root.architecture and self.spawn_method == "copy"
 
     def refresh_fingerprint(self) -> None:
-        self.fingerprint = FeatureKL.fit(embed(self.model, model_input(self.reference_x, self.data_type)))
+        """Refit on the model as it is now (features move with every update), on at most
+        :data:`FINGERPRINT_ROWS` of the reference's rows."""
+        stride = -(-len(self.reference_x) // FINGERPRINT_ROWS)
+        rows = self.reference_x[::stride] if stride > 1 else self.reference_x
+        self.fingerprint = FeatureKL.fit(embed(self.model, model_input(rows, self.data_type)))
 
     def kl_to(self, x_model: torch.Tensor) -> float:
         return self.fingerprint.score(embed(self.model, x_model))
