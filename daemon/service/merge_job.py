@@ -1,6 +1,12 @@
 """The merge job: APScheduler runs it on an interval or a crontab; the consume loop nudges it after
 ``merge.after_child_updates`` child updates. One merge at a time.
 
+A CPU budget (``merge.cpu_share``) keeps merging from crowding out learning: after a merge that
+used ``c`` CPU-seconds on its thread, scheduled runs and nudges rest ``c * (1/cpu_share - 1)``
+seconds, so the merge job's share of a busy daemon's CPU stays at most ``cpu_share`` whatever a
+merge costs (a larger zoo merges less often, not slower ingest). Explicit ``merge_now()`` calls
+(operators, benchmarks, the count trigger) are not held back; their cost still sets the rest.
+
 A merge is planned and gated by the engine (on a snapshot, outside the engine's lock); an
 accepted candidate is published by the publisher thread and adopted once written. Compact
 children trained since their last release are then published on their own lines.
@@ -55,6 +61,7 @@ class MergeJob:
         self.record = record              # telemetry of the merge
         self._lock = threading.Lock()
         self._scheduler: BackgroundScheduler | None = None
+        self._rest_until = 0.0   # time.monotonic() before which scheduled runs and nudges wait (cpu_share)
 
     def start(self) -> None:
         if self.s.trigger == "count":
@@ -62,7 +69,7 @@ class MergeJob:
         self._scheduler = BackgroundScheduler(daemon=True)
         trigger = (CronTrigger.from_crontab(self.s.cron) if self.s.cron
                    else IntervalTrigger(seconds=self.s.interval_seconds))
-        self._scheduler.add_job(self.merge_now, trigger, id="merge", max_instances=1, coalesce=True,
+        self._scheduler.add_job(self._scheduled, trigger, id="merge", max_instances=1, coalesce=True,
                                 misfire_grace_time=None)
         self._scheduler.start()
 
@@ -71,10 +78,24 @@ class MergeJob:
             self._scheduler.shutdown(wait=True)  # a running merge completes (its publish is stop-aware)
 
     def nudge(self) -> None:
-        """Run now (enough child updates); while a merge runs it is not nudged again: the next one
-        takes these updates."""
-        if self._scheduler is not None and not self._lock.locked():
+        """Run now (enough child updates); while a merge runs, or the job rests (``cpu_share``), it is
+        not nudged: a later nudge or tick takes these updates."""
+        if self._scheduler is not None and not self._lock.locked() and not self.resting():
             self._scheduler.modify_job("merge", next_run_time=datetime.now(timezone.utc))
+
+    def resting(self) -> bool:
+        return self.rest_seconds() > 0
+
+    def rest_seconds(self) -> float:
+        """Seconds before a scheduled run or a nudge may merge again (``merge.cpu_share``)."""
+        return max(self._rest_until - time.monotonic(), 0.0)
+
+    def _scheduled(self) -> None:
+        if self.resting():
+            log.debug("merge tick skipped: resting %.1fs more (merge.cpu_share %.2f)", self.rest_seconds(),
+                      self.s.cpu_share)
+            return
+        self.merge_now()
 
     def merge_now(self) -> MergeOutcome | None:
         """Plan, gate and (if accepted) publish a merge. Safe to call from any thread; returns once
@@ -83,7 +104,9 @@ class MergeJob:
         try:
             return self._merge_now()
         finally:  # this thread's CPU only: the publisher's thread writes, the merge computes
-            self.metrics.merge_cpu_seconds.inc(time.thread_time() - started)
+            used = time.thread_time() - started
+            self.metrics.merge_cpu_seconds.inc(used)
+            self._rest_until = time.monotonic() + used * (1.0 / self.s.cpu_share - 1.0)
 
     def _merge_now(self) -> MergeOutcome | None:
         with self._lock:
