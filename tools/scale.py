@@ -16,8 +16,8 @@ durable checkpoint, the learners run until no version was published for ``--sett
   before its checkpoint is not audited;
 - **versions** (``chaos.versions_audit``): 1..latest without gaps, one publish each, data verified;
 - **one leader per version**: each manifest's ``publisher`` held the lease at its ``created_at`` and
-  the lease's token never decreases from version to version (the manifest does not carry the token;
-  proposal: a ``fencing_token`` field written by ``VersionStore.publish``);
+  the fencing token each manifest carries (``fencing_token``, checked by the publish transaction)
+  never decreases from version to version;
 - **accuracy**: the latest served version, mean over the slices' held-out rows, not below one
   ``filial run`` without ``learner_id`` or kills on the same stream (``--baseline``) by > ``--tolerance``.
 
@@ -133,9 +133,10 @@ def leader_audit(manifests: list, lease: LeaseWatch) -> dict:
     mismatches, decreases, last_token, publishers = [], [], 0, Counter()
     for m in manifests:
         t = datetime.fromisoformat(m.created_at.replace("Z", "+00:00")).timestamp()
-        holder, token = lease.holder_at(t)
+        holder, sampled = lease.holder_at(t)
         if holder != m.publisher:  # a change within one sample of the publish: the next sample decides
-            holder, token = lease.holder_at(t + 0.05)
+            holder, sampled = lease.holder_at(t + 0.05)
+        token = m.fencing_token if m.fencing_token is not None else sampled
         publishers[m.publisher or "-"] += 1
         if holder != m.publisher:
             mismatches.append({"version": m.version, "publisher": m.publisher, "lease_holder": holder})

@@ -81,6 +81,8 @@ class Manifest(BaseModel):
     spawn_method: str | None = Field(None, description="members: how the child inherited (copy | hkt | scratch)")
     rollback_of: int | None = Field(None, description="rollbacks: the version whose weights this one republishes")
     publisher: str | None = Field(None, description="the learner that published it (the merge leader's lease holder)")
+    fencing_token: int | None = Field(None, description="the merge lease's fencing token it was published under "
+                                      "(zoo_store.lease): never smaller than an earlier version's on the line")
     weights_sha256: str
     weights_bytes: int
     fingerprint_slices: list[str] = Field(default_factory=list, description="slices of the fingerprint file, in "

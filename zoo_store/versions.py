@@ -80,6 +80,8 @@ class VersionStore:
         checks it is still the newest: :class:`Fenced` otherwise, and nothing is written."""
         lk = self.keys.line(line)
         digest = sha256_hex(weights)
+        if fencing_token is not None:
+            manifest_fields["fencing_token"] = fencing_token
         if fingerprint is not None:
             manifest_fields.update(fingerprint_sha256=sha256_hex(fingerprint), fingerprint_bytes=len(fingerprint))
         while True:

@@ -58,3 +58,5 @@ def test_a_former_leader_cannot_publish(redis_client, unique):
     assert store.latest("main") == 1   # nothing of the fenced publish was written
     assert store.publish("main", b"w2", publish_id="2", reason="merge", architecture=ARCH,
                          fencing_token=fresh).manifest.version == 2
+    # each manifest says under which token it was published: an audit sees them increase
+    assert [store.manifest("main", v).fencing_token for v in (1, 2)] == [stale, fresh] and fresh > stale

@@ -72,6 +72,8 @@ def test_one_leader_publishes_and_every_batch_is_applied_once(kafka, redis_serve
         assert learners[follower].metrics.leader._value.get() == 1
         token = Lease(learners[follower].redis, store.keys, "probe").current().token
         assert token >= 2   # a new lease, a larger fencing token
+        tokens = [store.manifest("main", v).fencing_token for v in store.versions("main")]
+        assert None not in tokens and tokens == sorted(tokens), tokens   # each version names its leader's token
         assert applied() == produced   # every batch once, across the rebalance
         # the slice that moved over starts from the rows the former leader contributed, not afresh
         held = learners[follower].engine._state.buffers.heldout
