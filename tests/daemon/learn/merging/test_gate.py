@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tools.datasets import load_dataset
-from daemon.learn.merging.gate import (DEFAULT_ALPHA, DEFAULT_TOLERANCE, correctness, gate, paired_gate,
+from daemon.learn.merging.gate import (DEFAULT_ALPHA, DEFAULT_TOLERANCE, EXACT_SUPPORT, correctness, gate, paired_gate,
                                        recency_weights)
 from daemon.learn.merging.plans import MergePlan, UnitPlan, apply_plan
 from daemon.learn.models import TabularMLP
@@ -54,6 +54,33 @@ def reference(served: dict, candidate: dict, weights: dict | None):
     return gain, z
 
 
+def brute_force_p(served, candidate, weights=None, max_rows=16, draws=None):
+    """P0(sign-flipped gain >= observed) by enumerating every sign of every discordant row (None
+    beyond ``max_rows`` discordant rows, or without any): the exact test, computed the slow way.
+    With ``draws``, a Monte Carlo estimate from that many random sign flips instead, for any size."""
+    names = [s for s in served if len(served[s])]
+    w = torch.tensor([1.0 if weights is None else weights[s] for s in names], dtype=torch.float64)
+    w = w / w.sum()
+    values, observed = [], 0.0
+    for wi, s in zip(w.tolist(), names):
+        d = candidate[s].double() - served[s].double()
+        for sign in d[d != 0].tolist():
+            values.append(wi / len(d))
+            observed += sign * wi / len(d)
+    if not values:
+        return None
+    if draws:
+        signs = torch.randint(0, 2, (draws, len(values)), generator=torch.Generator().manual_seed(0)) * 2.0 - 1
+        sums = signs.double() @ torch.tensor(values, dtype=torch.float64)
+        return float((sums >= observed - 1e-12).double().mean())
+    if len(values) > max_rows:
+        return None
+    signs = torch.tensor([[1.0 if (i >> j) & 1 else -1.0 for j in range(len(values))]
+                          for i in range(2 ** len(values))], dtype=torch.float64)
+    sums = signs @ torch.tensor(values, dtype=torch.float64)
+    return float((sums >= observed - 1e-12).double().mean())
+
+
 # --- (1) worse overall is always rejected -----------------------------------------------------------------
 @st.composite
 def candidates(draw, worse: bool):
@@ -82,7 +109,16 @@ def test_a_candidate_that_is_not_better_overall_is_never_accepted(case):
     gain, z = reference(served, cand, weights)
     verdict = paired_gate(served, cand, weights=weights)
     assert verdict.gain == pytest.approx(gain, abs=1e-9) and verdict.z == pytest.approx(z, abs=1e-6)
-    if gain <= 0 or z < Z_ALPHA:
+    exact = brute_force_p(served, cand, weights)
+    if exact is not None:   # few discordant rows: the gate's p-value is the exact one
+        assert verdict.p_value == pytest.approx(exact, abs=1e-9)
+        p_ref, slack = exact, 0.0
+    else:                   # more: 20,000 random sign flips (sd of the estimate <= 0.0035)
+        p_ref, slack = brute_force_p(served, cand, weights, draws=20_000), 0.015
+        p_ref = 1.0 if p_ref is None else p_ref   # no discordant row
+        if 0 < math.prod(st.gained + st.lost + 1 for st in verdict.slices) <= EXACT_SUPPORT:   # exact there too
+            assert verdict.p_value == pytest.approx(p_ref, abs=slack)
+    if gain <= 0 or p_ref > DEFAULT_ALPHA + slack:
         assert not verdict.accepted, verdict.reason
     if verdict.accepted:   # what acceptance means, whatever the draw
         assert verdict.gain > 0 and verdict.p_value <= DEFAULT_ALPHA and not verdict.regressions
@@ -99,12 +135,38 @@ def test_a_candidate_worse_overall_by_the_paired_test_is_always_rejected(case, t
     assert gain > 0 or not verdict.accepted                        # and so is anything not better
 
 
-def test_one_slice_is_mcnemars_corrected_test():
+def test_one_slice_is_mcnemars_test():
     a, b = pair(200, 150, lost=4, gained=16)
     v = paired_gate({"s": a}, {"s": b})
-    assert v.z == pytest.approx((16 - 4 - 1) / math.sqrt(16 + 4))
+    assert v.z == pytest.approx((16 - 4 - 1) / math.sqrt(16 + 4))   # the corrected statistic, reported
     assert (v.gained, v.lost, v.rows) == (16, 4, 200) and v.gain == pytest.approx(12 / 200)
-    assert v.accepted and v.p_value == pytest.approx(1 - NormalDist().cdf(v.z))
+    exact = sum(math.comb(20, k) for k in range(16, 21)) / 2 ** 20   # McNemar's exact (binomial) p-value
+    assert v.accepted and v.p_value == pytest.approx(exact)
+
+
+def test_few_discordant_rows_are_judged_exactly():
+    # 5 rows gained and none lost over three recency-weighted slices: the normal approximation said
+    # p 0.06 (rejected); five fair coins all landing "gained" has probability 1/32
+    served = {s: torch.zeros(100, dtype=torch.bool) for s in ("old", "mid", "new")}
+    cand = {s: t.clone() for s, t in served.items()}
+    cand["old"][:2] = True
+    cand["new"][:3] = True
+    v = paired_gate(served, cand, weights={"old": 0.2, "mid": 0.5, "new": 1.0})
+    assert v.accepted and v.p_value == pytest.approx(1 / 32)
+    assert 1 - NormalDist().cdf(v.z) > DEFAULT_ALPHA     # what the approximation alone would have said
+    cand["mid"][:1] = True                                 # one more gained row: still exact
+    cand["mid"][50] = False
+    served["mid"][50] = True                               # and one lost
+    v = paired_gate(served, cand, weights={"old": 0.2, "mid": 0.5, "new": 1.0})
+    assert v.p_value == pytest.approx(brute_force_p(served, cand, {"old": 0.2, "mid": 0.5, "new": 1.0}))
+
+
+def test_many_discordant_rows_fall_back_to_the_normal_approximation():
+    a, b = pair(3000, 1500, lost=400, gained=500)   # 901 sums per slice; three slices: 901^3 > EXACT_SUPPORT
+    sets_a = {f"s{i}": a for i in range(3)}
+    sets_b = {f"s{i}": b for i in range(3)}
+    v = paired_gate(sets_a, sets_b)
+    assert v.p_value == pytest.approx(1 - NormalDist().cdf(v.z))
 
 
 # --- (2) a new slice at a small cost elsewhere is published -----------------------------------------------
