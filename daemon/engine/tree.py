@@ -22,14 +22,15 @@ from daemon.learn.training import embed, features_and_logits, model_input
 Status = Literal["served", "active", "retired"]
 ROOT = "root"
 
-# A fingerprint is refitted on at most this many of the reference's rows (evenly spread over it):
-# the refit re-embeds them after every update of the model, the largest per-batch cost after
-# training. Measured on MNIST-5k, default CNN, batches of 100 (KL of each batch against the whole
-# 512-row reference vs against 256 of its rows, 5 draws): 0.08 vs 0.09 in distribution, 0.62 vs
-# 0.65 at the start of a 30-degree rotation, within one draw's spread (+-0.02-0.08) everywhere;
-# 128 rows raise the in-distribution figure by 0.04. A refit on a model's features from a few
-# updates ago is no substitute: two updates later the same batches score 2-5x higher.
-FINGERPRINT_ROWS = 256
+# A fingerprint is refitted on at most this many of the reference's rows (evenly spread over it; the
+# default reference_size is 512, so all of them): the refit re-embeds them after every update of the
+# model, the largest per-batch cost after training (25 ms of a 75 ms batch on the CPU, default CNN).
+# Fewer rows are cheaper but noisier: at 256, the KL of batches of 100 stayed within one draw's
+# spread of the 512-row figure (0.08 vs 0.09 in distribution), yet `filial bench cl`'s stationary
+# control (batches of 50) raised 2 and 1 false drift events on seeds 1 and 2 where 512 rows raise
+# none. A refit on a model's features from a few updates ago is no substitute: two updates later
+# the same in-distribution batches score 2-5x higher.
+FINGERPRINT_ROWS = 512
 
 
 @dataclass
