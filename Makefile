@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test chaos scale bench-scale bench-soak bench-merge bench-hkt bench-drift bench-pause bench-cl bench-ablation compose-config clean
+.PHONY: demo test chaos scale bench-scale bench-soak bench-merge bench-hkt bench-drift bench-pause bench-cl bench-ablation bench-throughput compose-config clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,13 @@ bench-cl: $(STAMP)
 # which of the learner's tools pay off on which stream (filial only, its real path; last line: JSON)
 bench-ablation: $(STAMP)
 	$(BIN)/filial bench ablation
+
+# the full path against the raw training loop, keep cost, ingest by client, publish -> follower (issue 14);
+# confluent-kafka (the bench extra) for the ingest comparison, installed here on first use
+bench-throughput: $(STAMP)
+	$(BIN)/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('confluent_kafka') is None)" \
+		|| $(BIN)/python -m pip install --quiet confluent-kafka
+	$(BIN)/filial bench throughput
 
 # docker-compose 1.29.2 (PyPI) in its own tools venv, nested under .venv/ so `make clean` removes it but never
 # installed into the project's environment: it pins PyYAML 5.4.1, whose sdist only builds on Python 3.11

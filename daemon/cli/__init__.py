@@ -132,7 +132,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if "watcher_error" not in summary else 1
 
 
-BENCHES = ("merge", "hkt", "drift", "pause", "soak", "cl", "ablation", "serve", "ingest", "keep_cost", "scale")
+BENCHES = ("merge", "hkt", "drift", "pause", "soak", "cl", "ablation", "serve", "ingest", "keep_cost", "scale",
+           "throughput")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
