@@ -27,8 +27,8 @@ from benchmarks.serve_load import quantile
 
 _log = progress("throughput")
 # where the time goes (p50 of each): until the publisher's future resolved (the transaction, from the same
-# clock); until the follower read the event; fetch + sha256 + decode; building the model; loading the state
-PHASES = ("written", "event_read", "fetch_verify_decode", "build", "load_state")
+# clock); until the follower read the event; fetch + sha256 + decode; building the model and loading the state
+PHASES = ("written", "event_read", "fetch_verify_decode", "build_load")
 
 
 def cnn_for(parameters: int):
@@ -65,10 +65,8 @@ def follower_latency(redis_url: str, parameters: int, publishes: int, prefix: st
             marks = [time.perf_counter()]                    # the event read
             manifest, state = follower.load(event.version)
             marks.append(time.perf_counter())                # fetched, sha256 checked, decoded
-            model = Architecture.model_validate(manifest.architecture).build()
-            marks.append(time.perf_counter())                # built
-            model.load_state_dict(state)
-            marks.append(time.perf_counter())                # loaded
+            model = Architecture.model_validate(manifest.architecture).build_with(state)
+            marks.append(time.perf_counter())                # built (without initial weights) and loaded
             loaded.put((event.version, marks, parameter_count(model)))
 
     thread = threading.Thread(target=follow, name="follower", daemon=True)
@@ -77,8 +75,9 @@ def follower_latency(redis_url: str, parameters: int, publishes: int, prefix: st
     try:
         for i in range(publishes + 1):   # the first is a warm-up (connections, allocator), not counted
             weights, digest = blobs[i % 2]
-            job = PublishJob("main", "merge", weights, f"bench-{i}-{digest}",
-                             {"architecture": arch.model_dump(), "metrics": {"all": 0.9}, "slices": ["all"]})
+            job = PublishJob("main", "merge", weights, f"bench-{i}-{digest[:24]}",
+                             {"architecture": arch.model_dump(), "metrics": {"all": 0.9}, "slices": ["all"]},
+                             weights_sha256=digest)
             started = time.perf_counter()
             published = publisher.submit(job).result(timeout=60)
             write = time.perf_counter() - started

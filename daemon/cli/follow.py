@@ -42,8 +42,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
                     record.update(loaded=False, refused=str(exc) if isinstance(exc, VerificationError) else
                                   f"version {event.version} is gone (retention keeps the newest publish_keep_versions)")
                 else:
-                    model = Architecture.model_validate(manifest.architecture).build()
-                    model.load_state_dict(state)
+                    model = Architecture.model_validate(manifest.architecture).build_with(state)
                     record.update(loaded=True, parameters=parameter_count(model))
             print(json.dumps(record), flush=True)
             seen += 1

@@ -33,7 +33,6 @@ from daemon.engine import atomic, merger, stages
 from daemon.engine.learner import Learner
 from daemon.engine.records import (BatchResult, ChildRelease, Contribution, Counters, EngineStatus, MergeOutcome,
                                    Release)
-from daemon.engine.seeding import seeded
 from daemon.engine.settings import LearnerSettings, MergeSettings, ModelSettings
 from daemon.engine.stages import StageClock
 from daemon.engine.state import EngineState, cpu_state, decode, encode
@@ -123,10 +122,7 @@ class Engine:
         return merger.heldout_accuracy(self._build(arch, state), data_type, sets)
 
     def _build(self, arch: Architecture, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-        with seeded(0):  # its initial weights are overwritten: only keep the global RNG untouched
-            model = arch.build()
-        model.load_state_dict(state)
-        return model.to(self.device)
+        return arch.build_with(state, self.device)
 
     # --- per batch ------------------------------------------------------------------------------------
     def process(self, batch: Batch) -> BatchResult:

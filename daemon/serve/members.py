@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from daemon.learn.fingerprint import Fingerprint, decode_fingerprints
-from daemon.learn.models import DEFAULT_FAMILY, Architecture, build_model
+from daemon.learn.models import DEFAULT_FAMILY, Architecture
 
 if TYPE_CHECKING:
     from zoo_store.follow import LoadedVersion
@@ -77,9 +77,8 @@ class Member:
         tensors are copied into a freshly built model, so the caller may go on training its own.
         Raises ValueError when the state does not fit the architecture."""
         arch = architecture if isinstance(architecture, Architecture) else Architecture.model_validate(architecture)
-        model = build_model(arch)
         try:
-            model.load_state_dict(dict(state), strict=True)
+            model = arch.build_with(state)
         except RuntimeError as exc:
             raise ValueError(f"{line} v{version}: weights do not fit {arch.family} {arch.params}: {exc}") from None
         model.to(device).eval().requires_grad_(False)

@@ -52,15 +52,17 @@ class PublishJob:
     manifest_fields: dict[str, Any]
     on_published: Callable[[Published], None] | None = None
     fencing_token: int | None = None   # the served line's publishes: the merge lease's token (zoo_store/lease.py)
+    weights_sha256: str | None = None  # computed once, with the publish id (:func:`serialize`)
     future: Future = field(default_factory=Future)
     submitted_at: float = field(default_factory=time.monotonic)
 
 
 
 def serialize(state: dict[str, torch.Tensor]) -> tuple[bytes, str]:
-    """A state's safetensors bytes and the digest prefix that makes its publish id deterministic."""
+    """A state's safetensors bytes and their sha256 (hex): the manifest's ``weights_sha256``, and its
+    first 24 characters make the publish id deterministic."""
     weights = st_save({k: v.contiguous() for k, v in state.items()})
-    return weights, sha256_hex(weights)[:24]
+    return weights, sha256_hex(weights)
 
 
 def _fingerprint_fields(fingerprints: dict[str, Fingerprint]) -> dict[str, Any]:
@@ -79,8 +81,8 @@ def release_job(line: str, release: Release, on_published: Callable[[Published],
                   parent_version=release.parent_version, lineage=release.lineage, metrics=release.metrics,
                   merge=release.merge, continual=release.continual.record() if release.continual else None,
                   slices=sorted(release.metrics), publisher=publisher, **_fingerprint_fields(release.fingerprints))
-    return PublishJob(line, release.reason, weights, f"{release.reason}:{release.parent_version}:{digest}", fields,
-                      on_published, fencing_token)
+    return PublishJob(line, release.reason, weights, f"{release.reason}:{release.parent_version}:{digest[:24]}",
+                      fields, on_published, fencing_token, weights_sha256=digest)
 
 
 def member_line(line: str, node_id: str, learner: str | None = None) -> str:
@@ -97,7 +99,8 @@ def child_job(line: str, release: ChildRelease, on_published: Callable[[Publishe
                   slices=release.slices, spawn_method=release.spawn_method, base_version=release.base_version,
                   publisher=learner, **_fingerprint_fields(release.fingerprints))
     return PublishJob(member_line(line, release.node_id, learner), "retrain", weights,
-                      f"child:{release.node_id}:{release.updates}:{digest}", fields, on_published)
+                      f"child:{release.node_id}:{release.updates}:{digest[:24]}", fields, on_published,
+                      weights_sha256=digest)
 
 class Publisher:
     def __init__(self, versions: VersionStore, *, zoo: ZooStore | None = None, backoff_cap: float = 30.0,
@@ -171,7 +174,8 @@ class Publisher:
                     member = job.manifest_fields.get("kind") == "member"
                     store = self.zoo.versions if member and self.zoo is not None else self.versions
                     published = store.publish(job.line, job.weights, publish_id=job.publish_id, reason=job.reason,
-                                              fencing_token=job.fencing_token, **job.manifest_fields)
+                                              fencing_token=job.fencing_token, weights_sha256=job.weights_sha256,
+                                              **job.manifest_fields)
                     if member and self.zoo is not None:
                         self.zoo.enter(job.line, published.manifest.version, job.reason)
                 except Fenced as exc:  # another learner leads now: this version must never be written
