@@ -18,3 +18,12 @@ def progress(bench: str) -> Callable[[str], None]:
         print(f"[bench {bench}] {msg}", file=sys.stderr, flush=True)
 
     return log
+
+
+def rss_mb() -> float:
+    """This process's resident memory in MB (Linux)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")

@@ -31,7 +31,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks import progress
+from benchmarks import progress, rss_mb
 
 
 log = progress("soak")
@@ -47,14 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--poison", type=float, default=0.0, help="share of messages that are poison (e.g. 0.05)")
     parser.add_argument("--warmup", type=int, default=5_000, help="batches before RSS growth is counted")
     parser.add_argument("--out-dir", default="bench-results")
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _slope(xs: list[float], ys: list[float]) -> float | None:

@@ -27,21 +27,13 @@ import time
 from collections import Counter
 from typing import Any
 
-from benchmarks import progress
+from benchmarks import progress, rss_mb
 from benchmarks.throughput_raw import TrainingRecorder
 from daemon.engine.stages import ENGINE_STAGES
 
 SERVICE_STAGES = ("poll", "decode", "checkpoint")
 STAGES = (*SERVICE_STAGES, *ENGINE_STAGES)
 _log = progress("throughput")
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def fill_topic(kafka, topic: str, dataset, phases, batch_size: int, samples_per_phase: int | None) -> dict:
