@@ -45,7 +45,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     log_settings(settings, os.environ)
     with EmbeddedInfrastructure(settings) as live:
         service = Service(live, failpoints=Failpoints.from_env())  # make chaos's markers; inert otherwise
-        with stop_service_on_signals(service):  # the handler only wakes a watcher: no lock in it
+        # the handler only wakes a watcher (no lock in it); a stop signal after the service stopped is
+        # ignored: the process is only exiting, and a late second signal must not kill it with -15
+        with stop_service_on_signals(service, ignore_after=True):
             service.run()
     return 0
 

@@ -31,12 +31,15 @@ def _ignore(_signum: int, _frame: object) -> None:
 
 class StopSignals:
     """``with StopSignals(on_signal):`` routes SIGTERM/SIGINT to ``on_signal(signum, count)`` on a
-    watcher thread; the handlers and wakeup fd in place before are restored on exit. Main thread only."""
+    watcher thread; the handlers and wakeup fd in place before are restored on exit, or, with
+    ``ignore_after``, the signals are ignored from then on (the process is ending: a late stop signal
+    must not kill it mid-teardown, or turn a clean exit into -15). Main thread only."""
 
     def __init__(self, on_signal: Callable[[signal.Signals, int], None],
-                 signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> None:
+                 signals: tuple[signal.Signals, ...] = STOP_SIGNALS, ignore_after: bool = False) -> None:
         self.on_signal = on_signal
         self.signals = signals
+        self.ignore_after = ignore_after
         self.received = 0
         self._previous_handlers: dict[int, object] = {}
         self._previous_fd = -1
@@ -55,7 +58,7 @@ class StopSignals:
 
     def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous_handlers.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.SIG_IGN if self.ignore_after else handler)
         signal.set_wakeup_fd(self._previous_fd)
         os.close(self._write_fd)  # the watcher reads end-of-file and returns
         if self._watcher is not None:
@@ -78,8 +81,9 @@ class StopSignals:
                     log.exception("acting on %s", signal.Signals(signum).name)
 
 
-def stop_service_on_signals(service) -> StopSignals:
-    """The daemon's wiring: first signal → ``service.stop()``, second → ``service.stop(hurry=True)``."""
+def stop_service_on_signals(service, ignore_after: bool = False) -> StopSignals:
+    """The daemon's wiring: first signal → ``service.stop()``, second → ``service.stop(hurry=True)``.
+    ``ignore_after``: for a process that only exits once the service has stopped (``filial run``)."""
 
     def on_signal(signum: signal.Signals, count: int) -> None:
         if count == 1:
@@ -93,4 +97,4 @@ def stop_service_on_signals(service) -> StopSignals:
             log.warning("received %s (%d): already stopping as fast as is safe; SIGKILL skips the last "
                         "checkpoint (the previous one and the ledger still prevent loss)", signum.name, count)
 
-    return StopSignals(on_signal)
+    return StopSignals(on_signal, ignore_after=ignore_after)

@@ -53,6 +53,18 @@ def test_signals_arriving_while_the_main_thread_holds_the_events_lock_cannot_dea
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
+def test_a_process_that_only_exits_afterwards_ignores_late_stop_signals():
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with StopSignals(lambda signum, count: None, ignore_after=True):
+            pass
+        assert all(signal.getsignal(s) is signal.SIG_IGN for s in before)  # a late SIGTERM cannot kill it (-15)
+        _signal_self(signal.SIGTERM)   # ignored: the test goes on
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
 def test_double_and_triple_signals_at_random_moments_stop_cleanly_and_lose_nothing(kafka, redis_server, unique):
     settings = service_settings(kafka.address, redis_server.address, unique, health_port=-1,
                                 kafka_session_timeout_ms=2000,  # heartbeat 0.5 s: a consumer closes in ~0.5 s
