@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any, Iterator
 
 import torch
 from kafka import KafkaConsumer, KafkaProducer
@@ -45,23 +46,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="check CRCs in pure Python, as kafka-python does without the crc32c extension")
 
 
+def _timed(records: Iterator[tuple[bytes, Any]], messages: int, decode: bool) -> tuple[float, int]:
+    """Seconds from the first record to the ``messages``-th (polls in between included) and the bytes read;
+    with ``decode``, each record also goes through ``decode_batch`` as the daemon's would."""
+    limits, size, started = WireLimits(), 0, None
+    for got, (value, headers) in enumerate(records, 1):
+        if started is None:
+            started = time.perf_counter()
+        if decode:
+            decode_batch(value, headers, limits)
+        size += len(value)
+        if got >= messages:
+            break
+    return time.perf_counter() - started, size
+
+
 def _read(address: str, topic: str, group: str, messages: int, decode: bool) -> tuple[float, int]:
     consumer = KafkaConsumer(topic, bootstrap_servers=address, group_id=group, auto_offset_reset="earliest",
                              enable_auto_commit=False, max_partition_fetch_bytes=17 * 2**20,
                              fetch_max_bytes=64 * 2**20, **SHORT_SESSION)
-    limits, got, size, started = WireLimits(), 0, 0, None
+
+    def records() -> Iterator[tuple[bytes, Any]]:
+        while True:
+            for batch in consumer.poll(timeout_ms=1000).values():
+                yield from ((r.value, r.headers) for r in batch)
+
     try:
-        while got < messages:
-            records = consumer.poll(timeout_ms=1000)
-            if started is None and records:
-                started = time.perf_counter()
-            for batch in records.values():
-                for record in batch:
-                    if decode:
-                        decode_batch(record.value, record.headers, limits)
-                    got += 1
-                    size += len(record.value)
-        return time.perf_counter() - started, size
+        return _timed(records(), messages, decode)
     finally:
         consumer.close()
 
@@ -69,17 +80,13 @@ def _read(address: str, topic: str, group: str, messages: int, decode: bool) -> 
 def _read_filial(address: str, topic: str, group: str, messages: int, decode: bool) -> tuple[float, int]:
     """kafka-python as the daemon configures it: the daemon's own consumer (no checkpoint to check against)."""
     consumer = BatchConsumer(KafkaConnection(bootstrap=address), topic, group, SHORT_SESSION["session_timeout_ms"])
-    limits, got, size, started = WireLimits(), 0, 0, None
+
+    def records() -> Iterator[tuple[bytes, Any]]:
+        while True:
+            yield from ((r.value, r.headers) for r in consumer.poll(timeout_ms=1000))
+
     try:
-        while got < messages:
-            for record in consumer.poll(timeout_ms=1000):
-                if started is None:
-                    started = time.perf_counter()
-                if decode:
-                    decode_batch(record.value, record.headers, limits)
-                got += 1
-                size += len(record.value)
-        return time.perf_counter() - started, size
+        return _timed(records(), messages, decode)
     finally:
         consumer.close()
 
@@ -101,22 +108,18 @@ def _read_confluent(address: str, topic: str, group: str, messages: int, decode:
                          "session.timeout.ms": SHORT_SESSION["session_timeout_ms"], "heartbeat.interval.ms": 1000,
                          "max.partition.fetch.bytes": 17 * 2**20, "fetch.max.bytes": 64 * 2**20})
     consumer.subscribe([topic])
-    limits, got, size, started = WireLimits(), 0, 0, None
-    try:
-        while got < messages:
+
+    def records() -> Iterator[tuple[bytes, Any]]:
+        while True:
             message = consumer.poll(1.0)  # one at a time: consume(n) would wait for n (or its timeout)
             if message is None:
                 continue
             if message.error():
                 raise RuntimeError(f"confluent-kafka: {message.error()}")
-            if started is None:
-                started = time.perf_counter()
-            value = message.value()
-            if decode:
-                decode_batch(value, message.headers(), limits)
-            got += 1
-            size += len(value)
-        return time.perf_counter() - started, size
+            yield message.value(), message.headers()
+
+    try:
+        return _timed(records(), messages, decode)
     finally:
         consumer.close()
 
