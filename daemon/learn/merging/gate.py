@@ -248,7 +248,9 @@ def sign_flip_p_value(discordant: list[tuple[float, int]], observed: float) -> f
                 key = round(total + step, 12)   # one key per sum whatever the order of additions
                 merged[key] = merged.get(key, 0.0) + p * q
         dist = merged
-    threshold = round(observed, 12) - 1e-12
+    # sums equal to the observed one count, whatever rounding the two computations took (1e-9 is far above
+    # float error and far below any gap between two sums of real row weights)
+    threshold = observed - 1e-9
     return min(sum(p for total, p in dist.items() if total >= threshold), 1.0)
 
 

@@ -161,6 +161,16 @@ def test_few_discordant_rows_are_judged_exactly():
     assert v.p_value == pytest.approx(brute_force_p(served, cand, {"old": 0.2, "mid": 0.5, "new": 1.0}))
 
 
+def test_an_observed_sum_that_several_slices_reach_counts_whole():
+    # two slices of equal row weight: the observed sum is reached by many sign combinations, summed in
+    # different orders; every one must count (a float-exact cut once dropped part of that atom: 0.883)
+    a0, b0 = pair(52, 20, lost=7, gained=4)
+    a1, b1 = pair(52, 20, lost=11, gained=8)
+    v = paired_gate({"s0": a0, "s1": a1}, {"s0": b0, "s1": b1})
+    exact = sum(math.comb(30, k) for k in range(12, 31)) / 2 ** 30   # 30 fair signs, at least 12 "gained"
+    assert v.p_value == pytest.approx(exact)
+
+
 def test_many_discordant_rows_fall_back_to_the_normal_approximation():
     a, b = pair(3000, 1500, lost=400, gained=500)   # 901 sums per slice; three slices: 901^3 > EXACT_SUPPORT
     sets_a = {f"s{i}": a for i in range(3)}
