@@ -204,7 +204,6 @@ class Engine:
                 if outcome.working_takes_candidate:  # followers keep their version; the learner builds on it
                     root = self._state.root
                     root.model.load_state_dict(_carry_progress(outcome.state, outcome.working_state, root.model))
-                    root.refresh_fingerprint()
         return outcome
 
     # --- releases (what to publish) and adoption ----------------------------------------------------
@@ -306,6 +305,7 @@ class Engine:
             st.base_state = cpu_state(st.root.model)
             st.published_state = st.base_state
             st.root.base_version = version
+            st.root.refresh_fingerprint(st.published_model())
             self._calibrate()
 
     def _calibrate(self) -> None:
@@ -314,7 +314,7 @@ class Engine:
             return
         st = self._state
         root = st.root
-        feats = embed(root.model, model_input(root.reference_x, root.data_type))
+        feats = embed(st.published_model(), model_input(root.reference_x, root.data_type))
         st.thresholds = replace(st.thresholds, kl=calibrate_threshold(feats, self.learner_settings.train_batch_size,
                                                                       rate))
         st.kl_calibrated_rate = rate
@@ -340,7 +340,7 @@ class Engine:
                 for s in child.slices:
                     if s not in root.slices:
                         root.slices.append(s)
-            root.refresh_fingerprint()
+            root.refresh_fingerprint(st.published_model())
             st.served_version = version
             root.updates += 1
             if len(st.tree.active_children()) >= self.learner_settings.max_children:

@@ -2,9 +2,10 @@
 
 Per batch (after bootstrap):
 1. split off ``heldout_fraction`` of the rows into the slice's held-out buffer;
-2. test-then-train: served accuracy on the whole batch (prequential) and KL(batch || served
-   reference) in the served model's features; the nearest active child by KL in its own
-   features, and that child's accuracy on the batch (label-aware routing);
+2. test-then-train: served accuracy on the whole batch (prequential, the learning served model)
+   and KL(batch || served reference) in the published version's features (what followers hold;
+   refit only when a version is adopted); the nearest active child by KL in its own features,
+   and that child's accuracy on the batch (label-aware routing);
 3. :func:`daemon.learn.policy.decide` → keep | retrain nearest child | spawn a child from the
    served model; children train on the new rows plus as many replayed rows of every other slice;
 4. the served model learns from the batch too (``train_served``: new rows plus experience-balanced
@@ -43,7 +44,7 @@ from daemon.learn.inherit.hkt import HKTLoss
 from daemon.learn.inherit.spawn import compact_architecture, spawn_child
 from daemon.learn.models import infer_architecture, parameter_count
 from daemon.learn.policy import Observation, Verdict, decide, spawn_method
-from daemon.learn.training import Hook, accuracy, features_and_logits, fit, model_input
+from daemon.learn.training import Hook, accuracy, embed, features_and_logits, fit, model_input, predict_logits
 from zoo_store.models import utc_now
 
 log = logging.getLogger("filial.engine")
@@ -202,8 +203,14 @@ class Learner:
 
     # --- after bootstrap -------------------------------------------------------------------------------
     def _observe(self, state: EngineState, rows: Rows) -> tuple[float, float]:
+        """The learning root's accuracy on the batch (prequential, test-then-train) and the batch's KL
+        to the served reference in the published version's features (where the fingerprint was fit)."""
         root = state.root
-        features, logits = features_and_logits(root.model, rows.x)   # one pass: accuracy and drift
+        published = state.published_model()
+        if published is root.model:  # before a first version: one pass gives both
+            features, logits = features_and_logits(root.model, rows.x)
+        else:
+            logits, features = predict_logits(root.model, rows.x), embed(published, rows.x)
         correct = float((logits.argmax(1) == rows.y).float().mean())
         c, n = state.prequential.setdefault(rows.slice, [0.0, 0])
         state.prequential[rows.slice] = [c + correct * rows.size, n + rows.size]
@@ -279,7 +286,9 @@ class Learner:
     def _update_served(self, state: EngineState, rows: Rows, in_distribution: bool) -> None:
         """The served model learns the batch plus experience-balanced replay. Rows it already copes
         with join its reference (the distribution it serves); drifted rows join when a merge brings
-        their child in. Its features moved, so its fingerprint is refit."""
+        their child in. Its fingerprint lives in the published version's features, refit when a
+        version is adopted (:meth:`EngineState.published_model`); only before the first version,
+        when drift is measured in its own moving features, is it refit here."""
         root = state.root
         with self.clock(stages.TRAIN_SERVED):
             x_fit, y_fit = self._training_set(state, rows)
@@ -287,8 +296,9 @@ class Learner:
             root.samples += len(rows.y_train)
             if in_distribution:
                 self.grow_reference(state, root, rows.x_train_wire)
-        with self.clock(stages.FINGERPRINT):
-            root.refresh_fingerprint()
+        if state.published_state is None:
+            with self.clock(stages.FINGERPRINT):
+                root.refresh_fingerprint()
         state.counters.served_updates += 1
 
     def _update_child(self, state: EngineState, child: Node, rows: Rows) -> None:

@@ -41,6 +41,27 @@ class EngineState:
     learned: dict[str, list[float]] = field(default_factory=dict)
     # the false-alarm rate ``thresholds.kl`` was calibrated at; None: it is the kl_threshold setting
     kl_calibrated_rate: float | None = None
+    # ``published_state`` in a model, and the dict it was loaded from (derived, never checkpointed)
+    _published_model: torch.nn.Module | None = field(default=None, repr=False)
+    _published_model_of: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    def published_model(self) -> torch.nn.Module:
+        """The published version in a model, in whose features the served model's drift is measured:
+        what followers hold, and it changes only when a version is adopted, so its fingerprint is
+        refit then and not after every update of the learning root (whose features move with each
+        batch). Before a first version, the root's own model."""
+        root = self.root
+        if self.published_state is None:
+            return root.model
+        if self._published_model_of is not self.published_state:  # replaced, never written in place
+            if self._published_model is None:
+                device = next(root.model.parameters()).device
+                self._published_model = root.architecture.build_with(self.published_state, device)
+            else:
+                self._published_model.load_state_dict(self.published_state)
+            self._published_model.eval()
+            self._published_model_of = self.published_state
+        return self._published_model
 
     def fresh_slices(self) -> set[str]:
         """Slices with batches that no published version has learned yet."""
@@ -96,6 +117,7 @@ def decode(meta: dict[str, Any], tensors: dict[str, torch.Tensor], state: Engine
     checkpoint's KL threshold is not applied here: the settings win unless it was calibrated under
     the same setting (the engine decides, :meth:`daemon.engine.engine.Engine.restore`)."""
     state.tree = ModelTree.from_checkpoint(meta["tree"], tensors, device)
+    state._published_model, state._published_model_of = None, None
     state.buffers.load_tensors(tensors, meta["buffers"])
     base = {k[5:]: v for k, v in tensors.items() if k.startswith("base.")}
     state.base_state = base or None

@@ -23,13 +23,14 @@ Status = Literal["served", "active", "retired"]
 ROOT = "root"
 
 # A fingerprint is refitted on at most this many of the reference's rows (evenly spread over it; the
-# default reference_size is 512, so all of them): the refit re-embeds them after every update of the
-# model, the largest per-batch cost after training (25 ms of a 75 ms batch on the CPU, default CNN).
-# Fewer rows are cheaper but noisier: at 256, the KL of batches of 100 stayed within one draw's
-# spread of the 512-row figure (0.08 vs 0.09 in distribution), yet `filial bench cl`'s stationary
-# control (batches of 50) raised 2 and 1 false drift events on seeds 1 and 2 where 512 rows raise
-# none. A refit on a model's features from a few updates ago is no substitute: two updates later
-# the same in-distribution batches score 2-5x higher.
+# default reference_size is 512, so all of them). A child's is refit after each of its updates, in its
+# own moving features; the served model's lives in the published version's features and is refit only
+# when a version is adopted (``EngineState.published_model``): the batch and the reference are then
+# embedded by the same frozen weights, where a refit kept from the learning model's features of a few
+# updates ago scored the same in-distribution batches 2-5x higher. Fewer rows are cheaper but noisier:
+# at 256, the KL of batches of 100 stayed within one draw's spread of the 512-row figure (0.08 vs 0.09
+# in distribution), yet `filial bench cl`'s stationary control (batches of 50) raised 2 and 1 false
+# drift events on seeds 1 and 2 where 512 rows raise none.
 FINGERPRINT_ROWS = 512
 
 
@@ -57,15 +58,15 @@ class Node:
         copy of the served weights merges in weight space; compact or scratch children distil."""
         return self.architecture == root.architecture and self.spawn_method == "copy"
 
-    def refresh_fingerprint(self) -> None:
-        """Refit on the model as it is now (features move with every update), on at most
-        :data:`FINGERPRINT_ROWS` of the reference's rows."""
+    def refresh_fingerprint(self, features_of: nn.Module | None = None) -> None:
+        """Refit on at most :data:`FINGERPRINT_ROWS` of the reference's rows, in the features of
+        ``features_of`` (default: the node's model as it is now; features move with every update).
+        The served model's fingerprint is fit in the published version's features
+        (:meth:`daemon.engine.state.EngineState.published_model`)."""
         stride = -(-len(self.reference_x) // FINGERPRINT_ROWS)
         rows = self.reference_x[::stride] if stride > 1 else self.reference_x
-        self.fingerprint = FeatureKL.fit(embed(self.model, model_input(rows, self.data_type)))
-
-    def kl_to(self, x_model: torch.Tensor) -> float:
-        return self.fingerprint.score(embed(self.model, x_model))
+        model = features_of if features_of is not None else self.model
+        self.fingerprint = FeatureKL.fit(embed(model, model_input(rows, self.data_type)))
 
     def describe_lineage(self) -> dict:
         """The node as a manifest's lineage entry."""

@@ -54,7 +54,7 @@ class Thresholds:
 @dataclass(frozen=True)
 class Observation:
     accuracy: float                 # served model's accuracy on the batch (before training)
-    kl: float                       # KL(batch || served reference), served model's features
+    kl: float                       # KL(batch || served reference), published version's features
     nearest_child: str | None = None
     nearest_kl: float | None = None  # KL(batch || that child's reference), child's features
     nearest_accuracy: float | None = None  # that child's accuracy on the batch (label-aware routing)

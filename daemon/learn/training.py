@@ -218,8 +218,8 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: 
 
 # Rows per forward pass when evaluating. Smaller chunks stay in the CPU's caches: embedding 512 rows
 # with the default CNN (channels-last, one thread) takes 19 ms in chunks of 256 and 37 ms in one of
-# 1,024 (128: 20 ms, 64: 21 ms); after training, that pass (the fingerprint's refit) is the largest
-# per-batch cost. Small enough for any GPU, large enough to keep its launches few.
+# 1,024 (128: 20 ms, 64: 21 ms): that pass is a fingerprint's refit. Small enough for any GPU, large
+# enough to keep its launches few.
 EVAL_BATCH = 256
 
 

@@ -11,6 +11,7 @@ from consumers.wire import Batch, BatchSource
 from daemon.engine.engine import Engine
 from daemon.engine.settings import LearnerSettings, MergeSettings, ModelSettings
 from daemon.engine.stages import ENGINE_STAGES
+from daemon.learn.training import embed, model_input
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +85,11 @@ def test_each_batch_reports_where_its_time_went(served, phases):
     kept = engine.process(next(_batches(up, xu[-100:], yu[-100:], offset=20)))
     spawned = engine.process(next(_batches(rot, xr, yr, offset=21)))
     assert kept.action == "keep" and spawned.action == "spawn"
-    assert {"snapshot", "split", "observe", "train_served", "fingerprint", "buffers"} <= set(kept.stages)
+    assert {"snapshot", "split", "observe", "train_served", "buffers"} <= set(kept.stages)
     assert "route" not in kept.stages and "train_children" not in kept.stages  # a kept batch runs no child
-    assert {"route", "train_children"} <= set(spawned.stages)
+    # the served fingerprint is in the published version's features: refit on adoption, not per batch
+    assert "fingerprint" not in kept.stages
+    assert {"route", "train_children", "fingerprint"} <= set(spawned.stages)  # the new child's own
     for r in (kept, spawned):
         assert set(r.stages) <= set(ENGINE_STAGES) and all(v >= 0 for v in r.stages.values())
         assert sum(r.stages.values()) <= r.seconds  # stages never nest: their sum is within the batch
@@ -110,6 +113,30 @@ def test_served_model_learns_every_batch_and_publishes_through_the_gate(served, 
     engine.adopt_merge(outcome, 2)
     assert engine.served_version == 2 and engine.metrics()["rot90"] > 0.7
     assert engine.merge() is None   # nothing learned since
+
+
+def test_drift_is_measured_in_the_published_versions_features(served, phases):
+    """The served reference's fingerprint is fit in the published version's features: the learning
+    model's updates leave it alone (no refit per batch), and a new slice stays drift until a version
+    that learned it is adopted, whose refit takes its rows in."""
+    engine = _copy(served)
+    state = engine._state
+    (up, xu, yu), (rot, xr, yr) = phases
+    fingerprint = state.root.fingerprint
+    batch = next(_batches(up, xu[-100:], yu[-100:], offset=20))
+    kept = engine.process(batch)
+    assert kept.action == "keep" and state.root.fingerprint is fingerprint
+    assert kept.kl == pytest.approx(fingerprint.score(embed(state.published_model(), model_input(batch.x, "image"))))
+    rotated = [engine.process(b) for b in _batches(rot, xr, yr, offset=21)]
+    assert rotated[-1].action == "keep" and rotated[-1].drift   # learned, but not by what is served
+    assert state.root.fingerprint is fingerprint
+    outcome = engine.merge()
+    assert outcome.accepted, outcome.reason
+    engine.adopt_merge(outcome, 2)
+    assert state.root.fingerprint is not fingerprint
+    assert all(torch.equal(state.published_model().state_dict()[k], v) for k, v in outcome.state.items())
+    after = engine.process(next(_batches(rot, xr[-100:], yr[-100:], offset=40)))
+    assert not after.drift and after.kl < rotated[-1].kl
 
 
 def test_merge_improves_the_drifted_slice_and_passes_the_gate(served, phases):
