@@ -40,7 +40,7 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-def _views(buffer: bytearray) -> dict[str, torch.Tensor] | None:
+def _views(buffer: memoryview) -> dict[str, torch.Tensor] | None:
     """The tensors as views of ``buffer``, or None unless it is certainly a valid file they can view."""
     if sys.byteorder != "little" or len(buffer) < 8:
         return None
@@ -49,7 +49,7 @@ def _views(buffer: bytearray) -> dict[str, torch.Tensor] | None:
     if header_bytes > MAX_HEADER_BYTES or start > len(buffer) or header_bytes == 0 or buffer[8] != ord("{"):
         return None
     try:
-        header = json.loads(bytes(buffer[8:start]).decode("utf-8"), parse_constant=_reject_constant)
+        header = json.loads(buffer[8:start].tobytes().decode("utf-8"), parse_constant=_reject_constant)
     except ValueError:   # not UTF-8, not JSON (JSONDecodeError is a ValueError)
         return None
     if not isinstance(header, dict):
@@ -89,18 +89,20 @@ def _views(buffer: bytearray) -> dict[str, torch.Tensor] | None:
     return state
 
 
-def decode(buffer: bytearray) -> dict[str, torch.Tensor]:
+def decode(buffer: bytes | bytearray | memoryview) -> dict[str, torch.Tensor]:
     """Tensors decoded from the safetensors file in ``buffer``: views of it where that is certainly
-    valid (the buffer must not be written to afterwards; the tensors keep it alive), otherwise what
+    valid and the buffer is writable (a ``bytearray``, or a memoryview of one or of a numpy array;
+    it must not be written to afterwards, and the tensors keep it alive), otherwise what
     ``safetensors.torch.load`` returns for it, :class:`safetensors.SafetensorError` included."""
-    if isinstance(buffer, bytearray):
+    view = memoryview(buffer)
+    if not view.readonly and view.contiguous and view.format == "B" and view.ndim == 1:
         try:
-            state = _views(buffer)
+            state = _views(view)
         except (RuntimeError, ValueError, OverflowError):   # torch refusing a shape: the library says why
             state = None
         if state is not None:
             return state
-    return st_load(bytes(buffer))
+    return st_load(view.tobytes() if not isinstance(buffer, bytes) else buffer)
 
 
 __all__ = ["DTYPES", "decode"]

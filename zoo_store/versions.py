@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import numpy
 import redis
 
 from zoo_store.keys import Keys, event_id
@@ -69,19 +70,20 @@ class VersionStore:
             raise VersionNotFound(f"{line} v{version} has no weights (never published or expired)")
         return size
 
-    def read_weights(self, line: str, version: int, size: int) -> tuple[bytearray, str]:
-        """The first ``size`` bytes of a version's weights (:meth:`weights_size`) in a buffer of their own,
-        and their sha256 (hex), hashed as they arrive.
+    def read_weights(self, line: str, version: int, size: int) -> tuple[memoryview, str]:
+        """The first ``size`` bytes of a version's weights (:meth:`weights_size`) in a writable buffer of
+        their own, and their sha256 (hex), hashed as they arrive.
 
         Read in GETRANGE chunks of :data:`WEIGHTS_CHUNK`: one GET of 40 MB costs 90 ms in redis-py's reply
         parser (it grows its buffer to the whole reply, then copies it into the bytes object), the chunks
         35 ms, and the buffer is one the tensors can then view instead of copying it
-        (:func:`zoo_store.tensors.decode`). A version is written once, in one transaction; should it be
+        (:func:`zoo_store.tensors.decode`). The buffer is a numpy array's, left uninitialised (a
+        ``bytearray`` zero-fills its 40 MB first) and, numpy's default on Linux, backed by huge pages:
+        81 -> 67 ms for the whole read. A version is written once, in one transaction; should it be
         deleted while being read (retention), a chunk comes back short and this raises
         :class:`VersionNotFound`; anything else that changed it shows in the digest."""
         key = self.keys.line(line).weights(version)
-        buffer = bytearray(size)
-        view = memoryview(buffer)
+        view = memoryview(numpy.empty(size, dtype=numpy.uint8))
         digest = hashlib.sha256()
         for start in range(0, size, WEIGHTS_CHUNK):
             end = min(start + WEIGHTS_CHUNK, size)
@@ -90,7 +92,7 @@ class VersionStore:
                 raise VersionNotFound(f"{line} v{version}'s weights went while being read (expired)")
             digest.update(chunk)
             view[start:end] = chunk
-        return buffer, digest.hexdigest()
+        return view, digest.hexdigest()
 
     def versions(self, line: str) -> list[int]:
         """Versions still stored (newest last), from the event stream."""
