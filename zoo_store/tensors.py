@@ -11,7 +11,7 @@ offsets that tile the data exactly, each tensor's size its shape times its dtype
 must be aligned for its dtype in memory. Anything else (a dtype this module does not map, a
 misaligned tensor, a big-endian host, a malformed file) is handed to ``safetensors.torch.load``, which
 decodes it or raises :class:`safetensors.SafetensorError` saying why: what is accepted, and the
-errors, are the library's. No pickle: the header is JSON, the data raw little-endian numbers.
+errors, are the library's. Nothing is unpickled: the header is JSON, the data raw little-endian numbers.
 """
 
 from __future__ import annotations
