@@ -33,6 +33,7 @@ from safetensors.torch import load as st_load
 from zoo_store.connection import CappedBackoff, connect
 from zoo_store.keys import Keys, event_id
 from zoo_store.models import SIGNATURE_SCHEMES, Manifest, VersionEvent, sha256_hex
+from zoo_store.tensors import decode
 from zoo_store.versions import VersionNotFound, VersionStore
 
 
@@ -106,11 +107,18 @@ class Follower:
     def verify(self, manifest: Manifest, weights: bytes) -> None:
         """Raise :class:`VerificationError` unless ``weights`` are exactly what ``manifest`` describes
         and, with a signing key, the manifest carries a valid HMAC."""
-        what = f"{manifest.line} v{manifest.version}"
-        if len(weights) != manifest.weights_bytes:
-            raise VerificationError(f"{what}: weights are {len(weights)} bytes, manifest says "
+        self._verify_weights(manifest, len(weights), sha256_hex(weights))
+
+    def _verify_size(self, manifest: Manifest, size: int) -> None:
+        if size != manifest.weights_bytes:
+            raise VerificationError(f"{manifest.line} v{manifest.version}: weights are {size} bytes, manifest says "
                                     f"{manifest.weights_bytes} (tampered or truncated)")
-        if sha256_hex(weights) != manifest.weights_sha256:
+
+    def _verify_weights(self, manifest: Manifest, size: int, digest: str) -> None:
+        """The checks of :meth:`verify`, given the weights' size and sha256 (hex)."""
+        what = f"{manifest.line} v{manifest.version}"
+        self._verify_size(manifest, size)
+        if digest != manifest.weights_sha256:
             raise VerificationError(f"{what}: weights sha256 does not match the manifest (tampered or corrupted)")
         if self.signing_key is not None:
             if manifest.signature is None:
@@ -157,12 +165,17 @@ class Follower:
 
     def load(self, version: int) -> tuple[Manifest, dict[str, torch.Tensor]]:
         """Fetch, verify and decode a version's weights (safetensors only; nothing is deserialised
-        into objects)."""
+        into objects). The weights are read in chunks into one buffer, hashed as they arrive, and the
+        tensors are views of that buffer (:func:`zoo_store.tensors.decode`): one fresh allocation of
+        the weights' size instead of three (the reply parser's buffer, the reply, each tensor's copy).
+        A stored size other than the manifest's is refused before anything is read."""
         manifest = self.manifest(version)
-        weights = self.store.weights(self.line, version)
-        self.verify(manifest, weights)
+        size = self.store.weights_size(self.line, version)
+        self._verify_size(manifest, size)
+        weights, digest = self.store.read_weights(self.line, version, size)
+        self._verify_weights(manifest, size, digest)
         try:
-            return manifest, st_load(weights)
+            return manifest, decode(weights)
         except SafetensorError as exc:
             raise VerificationError(f"{self.line} v{version}: weights are not a safetensors file ({exc})") from None
 

@@ -148,3 +148,89 @@ def test_watch_says_in_one_line_that_a_version_is_gone(redis_server, redis_clien
                  "--timeout", "10"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 and '"loaded": false' in lines[0] and "version 1 is gone" in lines[0]
+
+
+# --- a follower's read of the weights (VersionStore.read_weights): chunks, requests in flight, failures
+def _stored(client, prefix: str, weights: bytes) -> VersionStore:
+    store = VersionStore(client, Keys(prefix))
+    store.publish("main", weights, publish_id="r", reason="bootstrap", architecture=ARCH)
+    return store
+
+
+@pytest.mark.parametrize("size", [1, 6, 7, 8, 20, 21, 70])
+@pytest.mark.parametrize("single_connection", [False, True])
+def test_weights_read_in_chunks_are_the_weights_and_their_digest(redis_server, unique, monkeypatch, size,
+                                                                 single_connection):
+    import hashlib
+
+    import redis
+
+    import zoo_store.versions as versions
+
+    monkeypatch.setattr(versions, "WEIGHTS_CHUNK", 7)   # sizes below, at and across chunk boundaries
+    client = redis.Redis.from_url(redis_server.address, single_connection_client=single_connection)
+    weights = bytes(range(size))
+    store = _stored(client, unique, weights)
+    assert store.weights_size("main", 1) == size
+    buffer, digest = store.read_weights("main", 1, size)
+    assert not buffer.readonly and buffer.tobytes() == weights and digest == hashlib.sha256(weights).hexdigest()
+    assert client.get(Keys(unique).line("main").manifest(1)) is not None   # the connection is in step
+    client.close()
+
+
+def test_weights_gone_mid_read_say_so_and_leave_the_connection_usable(redis_client, unique, monkeypatch):
+    import zoo_store.versions as versions
+
+    monkeypatch.setattr(versions, "WEIGHTS_CHUNK", 4)
+    store = _stored(redis_client, unique, bytes(64))
+    absorb = VersionStore._absorb
+
+    def expire_after_first(*args):
+        absorb(*args)
+        redis_client.delete(Keys(unique).line("main").weights(1))   # retention, between two chunks
+
+    monkeypatch.setattr(VersionStore, "_absorb", staticmethod(expire_after_first))
+    with pytest.raises(VersionNotFound, match="went while being read"):
+        store.read_weights("main", 1, 64)
+    # the replies still in flight went with their connection: the next command gets its own reply
+    redis_client.set(f"{unique}:probe", b"mine")
+    assert redis_client.get(f"{unique}:probe") == b"mine" and redis_client.ping()
+    with pytest.raises(VersionNotFound, match="has no weights"):
+        store.weights_size("main", 1)
+
+
+def test_a_connection_lost_mid_read_is_retried(redis_server, redis_client, unique, monkeypatch):
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    import zoo_store.versions as versions
+
+    monkeypatch.setattr(versions, "WEIGHTS_CHUNK", 16)
+    name = f"reader-{unique}"
+    reader = redis.Redis.from_url(redis_server.address, client_name=name, retry=Retry(NoBackoff(), 2),
+                                  retry_on_error=[redis.ConnectionError])
+    weights = bytes(range(200))
+    store = _stored(reader, unique, weights)
+    absorb, killed = VersionStore._absorb, []
+
+    def kill_once(*args):
+        absorb(*args)
+        if not killed:   # the server drops the reader's connection with requests in flight
+            killed.extend(c["id"] for c in redis_client.client_list() if c.get("name") == name)
+            for client_id in killed:
+                redis_client.client_kill_filter(_id=client_id)
+
+    monkeypatch.setattr(VersionStore, "_absorb", staticmethod(kill_once))
+    buffer, _ = store.read_weights("main", 1, len(weights))
+    assert killed and buffer.tobytes() == weights
+    reader.close()
+
+
+def test_a_follower_refuses_a_wrong_size_before_reading_the_weights(redis_client, unique, monkeypatch):
+    store = _stored(redis_client, unique, _weights(0))
+    redis_client.append(Keys(unique).line("main").weights(1), b"extra")
+    monkeypatch.setattr(VersionStore, "read_weights", lambda *a: pytest.fail("the weights were read"))
+    with pytest.raises(VerificationError, match="bytes, manifest says"):
+        Follower(redis_client, prefix=unique).load(1)
+    assert store.weights_size("main", 1) == len(_weights(0)) + 5
