@@ -36,7 +36,7 @@ from daemon.engine.records import (BatchResult, ChildRelease, Contribution, Coun
 from daemon.engine.settings import LearnerSettings, MergeSettings, ModelSettings
 from daemon.engine.stages import StageClock
 from daemon.engine.state import EngineState, cpu_state, decode, encode
-from daemon.engine.tree import ModelTree
+from daemon.engine.tree import ROOT, ModelTree, Node
 from daemon.learn.continual import continual_metrics
 from daemon.learn.replay import SliceBuffers
 from daemon.learn.drift import calibrate_threshold
@@ -44,6 +44,7 @@ from daemon.learn.fingerprint import fit_slices
 from daemon.learn.models import Architecture
 from daemon.learn.policy import Thresholds
 from daemon.learn.training import embed, model_input
+from zoo_store.models import utc_now
 
 log = logging.getLogger("filial.engine")
 
@@ -253,6 +254,47 @@ class Engine:
             st.buffers.add(name, xr, yr, xh, yh, st.generator)
             return True
 
+    def take_over_child(self, *, origin: str, architecture: dict[str, Any], state: dict[str, torch.Tensor],
+                        slices: list[str], spawn_method: str, base_version: int | None) -> str | None:
+        """A child another learner kept for slices that moved here (its zoo member, ``origin``) joins
+        this tree as an active child: it is routed to, retrained and merged as this engine's own, so a
+        rebalance does not lose the slice's specialist. Its reference is the slices' replay rows (taken
+        over with them). Refused (None, logged) when it cannot serve here: not the served model's
+        architecture (at most another width: a compact child), a same-size copy on another base version than this engine's
+        (its task vector would be taken against the wrong weights), or ``max_children`` reached.
+        Returns its node id here."""
+        arch = Architecture.model_validate(architecture)
+        with self._lock:
+            st = self._state
+            root = st.root
+            if root is None or st.served_version is None:
+                return None
+            same_size = arch == root.architecture
+            why = None
+            if same_size and spawn_method == "copy" and base_version != st.base_version:
+                why = f"a copy of base v{base_version}, this learner's base is v{st.base_version}"
+            elif not same_size and _but_width(arch) != _but_width(root.architecture):
+                why = f"not the served model's architecture at another width ({arch.model_dump()})"
+            elif len(st.tree.active_children()) >= self.learner_settings.max_children:
+                why = f"max_children {self.learner_settings.max_children} active"
+            replay = st.buffers.replay_sets()
+            rows = [replay[s][0] for s in slices if s in replay]
+            if why is None and not rows:
+                why = "none of its slices' rows are held here"
+            if why is not None:
+                log.info("not taking over child %s: %s", origin, why)
+                return None
+            node_id = st.tree.new_child_id()
+            child = Node(node_id=node_id, parent=ROOT, slice=slices[0], data_type=root.data_type, architecture=arch,
+                         model=arch.build_with(state, self.device), created_at=utc_now(),
+                         reference_x=rows[0][:0], fingerprint=None, status="active", base_version=base_version,
+                         slices=list(slices), spawn_method=spawn_method)
+            self._learner.grow_reference(st, child, torch.cat(rows))
+            child.refresh_fingerprint()
+            st.tree.add(child)
+            log.info("took over child %s as %s (%s, slices %s)", origin, node_id, spawn_method, slices)
+            return node_id
+
     def contribution(self, learner: str) -> Contribution | None:
         """This learner's served model as it learned since the served version, with its slices' rows:
         what the merge leader merges from it (None before a first version, or when it does not learn)."""
@@ -431,3 +473,8 @@ def _carry_progress(published: dict[str, torch.Tensor], working_then: dict[str, 
     now = model.state_dict()
     return {k: (v + (now[k].detach().cpu() - working_then[k]) if v.is_floating_point() else v)
             for k, v in published.items()}
+
+
+def _but_width(arch: Architecture) -> tuple[str, dict[str, Any]]:
+    """An architecture up to its width (compact children differ from the served model only there)."""
+    return arch.family, {k: v for k, v in arch.params.items() if k != "width"}

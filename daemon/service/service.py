@@ -46,6 +46,7 @@ from daemon.service.merge_job import MergeJob
 from daemon.service.metrics import ServiceMetrics
 from daemon.service.publisher import PublishAbandoned, Publisher, release_job
 from daemon.service.recovery import adopt_unrecorded_versions, ledger_from, load_checkpoint
+from daemon.service.takeover import take_over_slice
 from daemon.service.settings import Settings
 from zoo_store.checkpoints import CheckpointStore, DeadLetterLog, InFlightMarker
 from zoo_store.connection import probe_client
@@ -53,7 +54,7 @@ from zoo_store.contributions import ContributionStore
 from zoo_store.keys import Keys
 from zoo_store.telemetry import Telemetry
 from zoo_store.versions import Published, VersionStore
-from zoo_store.zoo import ZooStore
+from zoo_store.zoo import ZooFollower, ZooStore
 
 log = logging.getLogger("filial.service")
 
@@ -277,22 +278,14 @@ class Service:
             pass
 
     def _before_batch(self, batch) -> None:
-        """Several learners: a slice new to this learner that another learner contributed rows of
-        (it owned the partition before a rebalance) starts from those rows."""
+        """Several learners: a slice new to this learner that another learner owned until a rebalance
+        starts from that learner's rows and children (:mod:`daemon.service.takeover`)."""
         store = self.merge_job.contributions
         if store is None or self.engine.knows_slice(batch.slice):
             return
-        try:
-            others = store.read_all(exclude=self.s.cluster.learner_id)
-        except redis.RedisError as exc:
-            log.warning("cannot read contributions for slice %s (%s): it starts afresh", batch.slice, exc)
-            return
-        for c in sorted(others, key=lambda c: -c.version):
-            if batch.slice in c.replay or batch.slice in c.heldout:
-                if self.engine.take_over_slice(batch.slice, c.heldout.get(batch.slice), c.replay.get(batch.slice)):
-                    log.info("slice %s taken over from learner %s: its rows seed the buffers", batch.slice,
-                             c.learner)
-                return
+        zoo = (ZooFollower(self.redis, self.s.redis.prefix, signing_key(self.s))
+               if self.s.publish.zoo else None)
+        take_over_slice(self.engine, store, zoo, self.s.publish.line, self.s.cluster.learner_id, batch.slice)
 
     def _owned_partitions(self) -> set[str]:
         """Partitions assigned to this learner now (the consume thread's view; checkpoints run there)."""
