@@ -67,6 +67,19 @@ class Leadership:
             self.metrics.lease_token.set(token)
         return Claim(token) if token is not None else None
 
+    def step_down(self, why: str) -> None:
+        """Give the lease back while leading (a learner that has nothing to merge from, so another can
+        lead); the renewals stop with it. Redis unreachable: it expires after its time to live."""
+        if not self._leading:
+            return
+        self._leading = False
+        self.metrics.leader.set(0)
+        try:
+            self.lease.release()
+        except redis.RedisError as exc:
+            log.warning("could not give the merge lease back (%s): it expires in %.1fs", exc, self.ttl)
+        log.info("not leading: gave the merge lease back (%s)", why)
+
     def _holder(self) -> str | None:
         try:
             current = self.lease.current()

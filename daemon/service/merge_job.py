@@ -111,6 +111,13 @@ class MergeJob:
     def _merge_now(self) -> MergeOutcome | None:
         with self._lock:
             self.adopt_served_line()
+            if self.engine.architecture is None:
+                # no model at all (no batch applied, no served version adopted): a learner that took the
+                # lease here would hold it while the one that learned could not publish (found by make
+                # scale: a restarted learner without partitions led for good). One that is bootstrapping
+                # keeps it: its first version is being published under it
+                self.leadership.step_down("no model to merge from yet")
+                return None
             claim = self.leadership.claim()
             if claim is None:  # another learner merges and publishes the served line: contribute to it
                 self._contribute()

@@ -158,3 +158,25 @@ def test_a_fresh_learner_that_takes_the_lease_learns_on_from_the_served_line(kaf
     finally:
         b.stop()
         thread.join(timeout=60)
+
+
+def test_a_learner_with_nothing_to_merge_gives_the_lease_back(kafka, redis_server, unique):
+    """Found by ``make scale``: the leader is killed; a restarted learner that owns no partition yet (no
+    batch, no served version) takes the lease at its merge tick and keeps renewing it, while the learner
+    that applied every batch can never lead: no version is published again. Expected: a learner with no
+    model to merge from does not hold the lease (one that is bootstrapping does: it publishes under it)."""
+    settings = service_settings(kafka.address, redis_server.address, unique, learner_id="idle", lease_ttl_seconds=2.0)
+    kafka.create_topics({settings.kafka.topic: 1, settings.kafka.dead_letter_topic: 1})
+    idle = Service(settings)
+    thread = run_in_thread(idle)
+    try:
+        lease = Lease(idle.redis, idle.versions.keys, "probe")
+        assert idle.leadership.claim() is not None   # it held the lease when its previous holder died
+        assert lease.current().holder == idle.leadership.holder
+        assert idle.merge_now() is None and idle.engine.architecture is None
+        assert lease.current() is None, "an idle learner kept the lease"
+        assert idle.metrics.leader._value.get() == 0
+        assert idle.merge_now() is None and lease.current() is None   # its ticks leave it to one that can merge
+    finally:
+        idle.stop()
+        thread.join(timeout=60)
