@@ -173,3 +173,18 @@ def test_run_and_watch_load_no_tools_and_no_benchmarks():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("operator_value, expected", [(None, "1"), ("0", "0")])
+def test_the_command_turns_on_huge_pages_for_torch_unless_the_operator_chose(operator_value, expected, monkeypatch):
+    from daemon.cli import HUGE_PAGES_VARIABLE
+
+    if operator_value is None:
+        monkeypatch.delenv(HUGE_PAGES_VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(HUGE_PAGES_VARIABLE, operator_value)
+    with pytest.raises(SystemExit):
+        main(["watch", "--help"])
+    import os
+
+    assert os.environ[HUGE_PAGES_VARIABLE] == expected
