@@ -15,6 +15,7 @@ publishes (with 30, p99 is the slowest). ``phases_p50_ms`` says where the time g
 
 from __future__ import annotations
 
+import gc
 import queue
 import threading
 import time
@@ -70,6 +71,8 @@ def follower_latency(redis_url: str, parameters: int, publishes: int, prefix: st
             loaded.put((event.version, marks, parameter_count(model)))
 
     thread = threading.Thread(target=follow, name="follower", daemon=True)
+    gc.collect()
+    gc.freeze()  # as `filial watch` and `filial serve` do once set up (why: cmd_run in daemon/cli/__init__.py)
     thread.start()
     total, phases = [], {k: [] for k in PHASES}
     try:

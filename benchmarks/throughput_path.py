@@ -22,6 +22,7 @@ merge takes its snapshot or adopts). Every training call of the learner is recor
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections import Counter
@@ -88,6 +89,8 @@ def run_path(kafka, redis_server, topic: str, batches: int, name: str, merges: s
 
     with recorder:
         service = Service(settings, on_result=on_result)
+        gc.collect()
+        gc.freeze()  # as `filial run` does once set up (why: cmd_run in daemon/cli/__init__.py)
         runner = threading.Thread(target=service.run, name=f"filial-{name}", daemon=True)
         launched = time.perf_counter()
         runner.start()

@@ -10,6 +10,7 @@ import them from there, never from this module.
 
 from __future__ import annotations
 
+import gc
 import uuid
 
 import pytest
@@ -17,6 +18,15 @@ import pytest
 from daemon.service.embedded import EmbeddedKafka, EmbeddedRedis
 from tests import helpers
 from zoo_store.connection import connect
+
+
+@pytest.fixture(autouse=True)
+def _unfrozen_garbage_collector():
+    """``filial run``/``watch``/``serve`` freeze their start-up objects (``gc.freeze``); tests call them in
+    this process, so what they froze is handed back to the collector after each test."""
+    yield
+    if gc.get_freeze_count():
+        gc.unfreeze()
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ from daemon.cli.errors import UserError
 
 # --- watch -----------------------------------------------------------------------------------------------
 def cmd_watch(args: argparse.Namespace) -> int:
+    import gc
     import threading
 
     from daemon.learn.models import Architecture, parameter_count
@@ -32,6 +33,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
     if args.timeout:
         timer.start()
     seen = 0
+    gc.collect()
+    gc.freeze()  # start-up objects out of every full collection's walk (why: cmd_run in daemon/cli/__init__.py)
     try:
         for event in follower.events(from_version=start, stop=stop):
             record = event.model_dump()

@@ -10,6 +10,7 @@ logging setup and its user-error type (this layer does not import the service or
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -85,6 +86,8 @@ def serve(args: argparse.Namespace, setup_logging: Callable[[str, str], None],
     except OSError as exc:
         raise user_error(f"cannot listen on {settings.host}:{settings.port} ({exc.strerror}); pick another "
                          "--port or --host") from None
+    gc.collect()
+    gc.freeze()  # start-up objects out of every full collection's walk (why: cmd_run in daemon/cli/__init__.py)
     loader.start()
     log.info("serving %s on %s (line %s, mode %s%s)", settings.redis_url, server.url, settings.line,
              settings.mode, f", pinned to v{settings.pin_version}" if settings.pin_version else "")

@@ -188,3 +188,11 @@ def test_the_command_turns_on_huge_pages_for_torch_unless_the_operator_chose(ope
     import os
 
     assert os.environ[HUGE_PAGES_VARIABLE] == expected
+
+
+def test_watch_takes_its_start_up_objects_out_of_the_collectors_walk(redis_server, unique):
+    import gc
+
+    assert gc.get_freeze_count() == 0
+    assert main(["watch", "--redis-url", redis_server.address, "--prefix", unique, "--timeout", "0.3"]) == 0
+    assert gc.get_freeze_count() > 1000  # torch, the client, the settings: everything held when it began to follow
