@@ -48,9 +48,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     with EmbeddedInfrastructure(settings) as live:
         service = Service(live, failpoints=Failpoints.from_env())  # make chaos's markers; inert otherwise
         # Python's full (generation-2) collection walks every object the process holds; after torch and the rest
-        # are imported that takes 140 ms, a pause that lands in whatever runs then (a follower's load: 10M p99
-        # 170-240 ms instead of about 110). Objects made during start-up live as long as the process, so they
-        # are moved out of the collector's sight (once what is already garbage is collected; README,
+        # are imported that takes 112-140 ms, a pause that lands in whatever runs then (a batch, a follower's
+        # load), 13-22 ms once they are frozen. Objects made during start-up live as long as the process, so
+        # they are moved out of the collector's sight (once what is already garbage is collected; README,
         # "Throughput").
         gc.collect()
         gc.freeze()
@@ -297,8 +297,8 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
 # torch's CPU allocator backs allocations of 2 MB and more with transparent huge pages when this is set;
 # read once, at torch's first large allocation, so it must be in the environment before torch works.
 # Loading a 10M-parameter version (building the model, copying the state in) takes 9-11 ms with it and
-# 22-26 ms without, which is most of the page faults on a follower's path (README, "Throughput");
-# training was no faster or slower with it. A value the operator set is kept.
+# 22-26 ms without, the difference page faults (README, "Throughput"); training was no faster or slower
+# with it. A value the operator set is kept.
 HUGE_PAGES_VARIABLE = "THP_MEM_ALLOC_ENABLE"
 
 
