@@ -63,6 +63,10 @@ class Engine:
                                   thresholds=Thresholds(kl=s.kl_threshold, accuracy=s.accuracy_threshold,
                                                         concept_alpha=s.concept_drift_alpha),
                                   generator=torch.Generator().manual_seed(s.seed))
+        # the states this learner offered the merge leader on the served version, by sample count (the
+        # leader's plan names the one it merged): in memory only; after a restart the fallback is the
+        # served version (see adopt_external)
+        self._contributed: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
 
     # --- queries (copies, taken under the lock) ------------------------------------------------------
     @property
@@ -303,8 +307,12 @@ class Engine:
             root = st.root
             if root is None or st.served_version is None or not self.learner_settings.train_served:
                 return None
+            state = cpu_state(root.model)
+            recent = [k for k in self._contributed if k[0] == st.served_version][-(_CONTRIBUTIONS_KEPT - 1):]
+            self._contributed = {k: self._contributed[k] for k in recent}
+            self._contributed[(st.served_version, root.samples)] = state
             return Contribution(learner, st.served_version, root.samples, root.architecture.model_dump(),
-                                cpu_state(root.model), st.buffers.heldout_sets(), st.buffers.replay_sets())
+                                state, st.buffers.heldout_sets(), st.buffers.replay_sets())
 
     def children_to_publish(self) -> list[ChildRelease]:
         """Children trained since they were last published as zoo members, each with its held-out
@@ -419,18 +427,25 @@ class Engine:
 
     def adopt_external(self, *, version: int, parent_version: int, architecture: dict[str, Any],
                        state: dict[str, torch.Tensor], base_version: int | None, metrics: dict[str, float],
-                       carry_progress: bool) -> bool:
+                       carry_progress: bool, merged_samples: int | None = None) -> bool:
         """Serve a version this engine did not derive: the merge leader's (another learner), or a
         rollback. Only the direct successor of the served version, in the served architecture. With
-        ``carry_progress`` the served model keeps what it learned since its last version (task
-        arithmetic: the new version plus this learner's progress); no child counts as merged."""
+        ``carry_progress`` the served model keeps what it learned and the new version does not hold
+        (task arithmetic: the new version plus this learner's progress): when the leader merged this
+        learner's contribution (``merged_samples``: its sample count, as the merge plan names it), the
+        progress since that contribution, as a single learner carries its progress since the merge's
+        snapshot; otherwise since the last version. Carrying from the last version what the leader
+        already merged counted it twice (make scale's small run: −1.5 points against one learner when
+        the learners split the stream). No child counts as merged."""
         with self._lock:
             st = self._state
             root = st.root
             if (root is None or st.served_version is None or parent_version != st.served_version
                     or architecture != root.architecture.model_dump()):
                 return False
-            since = st.published_state if carry_progress else None
+            merged = self._contributed.get((parent_version, merged_samples)) if merged_samples is not None else None
+            since = (merged if merged is not None else st.published_state) if carry_progress else None
+            self._contributed = {}
         self.adopt_merge(MergeOutcome(True, "adopted from the served line", state, [], base_version, parent_version,
                                       {}, dict(metrics), None, working_state=since), version)
         return True
@@ -462,6 +477,9 @@ class Engine:
         if st.thresholds.kl != saved:
             log.info("kl_threshold %.4f from the settings replaces the checkpoint's %.4f%s", st.thresholds.kl, saved,
                      f" (calibrated at {saved_rate})" if saved_rate is not None else "")
+
+
+_CONTRIBUTIONS_KEPT = 4   # contributions of one served version remembered (the leader reads the latest)
 
 
 def _carry_progress(published: dict[str, torch.Tensor], working_then: dict[str, torch.Tensor] | None,

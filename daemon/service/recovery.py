@@ -76,7 +76,8 @@ def adopt_unrecorded_versions(engine: Engine, versions: VersionStore, line: str,
             adopted_ok = engine.adopt_external(version=manifest.version, parent_version=served,
                                                architecture=manifest.architecture, state=st_load(weights),
                                                base_version=manifest.base_version, metrics=manifest.metrics,
-                                               carry_progress=manifest.reason != "rollback")
+                                               carry_progress=manifest.reason != "rollback",
+                                               merged_samples=_merged_contribution(manifest, me))
         else:
             adopted_ok = engine.adopt_recovered(version=manifest.version, parent_version=served,
                                                 architecture=manifest.architecture, state=st_load(weights),
@@ -95,6 +96,13 @@ def adopt_unrecorded_versions(engine: Engine, versions: VersionStore, line: str,
             log.warning("v%d (%s of v%s) was written before the last crash but not checkpointed: serving it "
                         "instead of re-deriving it", manifest.version, manifest.reason, served)
     return adopted
+
+
+def _merged_contribution(manifest, me: str | None) -> int | None:
+    """The sample count of this learner's contribution that the leader's merge took (its plan weighs
+    each member by its samples), or None when it took none of this learner's."""
+    weight = ((manifest.merge or {}).get("weights") or {}).get(f"learner:{me}") if me else None
+    return int(weight) if weight is not None else None
 
 
 def _verified(versions: VersionStore, line: str, version: int):

@@ -115,6 +115,37 @@ def test_served_model_learns_every_batch_and_publishes_through_the_gate(served, 
     assert engine.merge() is None   # nothing learned since
 
 
+def test_a_learner_adopting_a_merge_of_its_contribution_carries_only_what_came_after(served, phases):
+    """Several learners: the leader merges what a learner offered (its plan names the offer's sample
+    count); the learner then serves the new version plus what it learned since that offer, not the
+    offer again. Without the leader's naming it, everything since the last version is carried."""
+    _, (rot, xr, yr) = phases
+    batches = list(_batches(rot, xr, yr, offset=10))
+
+    def learner_after(offer_batches, later_batches, merged: bool):
+        engine = _copy(served)
+        for b in offer_batches:
+            engine.process(b)
+        offered = engine.contribution("l1")
+        for b in later_batches:
+            engine.process(b)
+        learned = engine.contribution("l1").state
+        leaders = {k: v + 0.01 if v.is_floating_point() else v for k, v in offered.state.items()}
+        assert engine.adopt_external(version=2, parent_version=1, architecture=offered.architecture, state=leaders,
+                                     base_version=1, metrics={}, carry_progress=True,
+                                     merged_samples=offered.samples if merged else None)
+        return engine.contribution("l1").state, leaders, offered.state, learned
+
+    now, leaders, _, _ = learner_after(batches[:3], [], merged=True)
+    assert all(torch.equal(now[k], leaders[k]) for k in now)   # nothing since the offer: the merge alone
+    now, leaders, offered, learned = learner_after(batches[:3], batches[3:4], merged=True)
+    assert all(torch.allclose(now[k], leaders[k] + learned[k] - offered[k], atol=1e-6) for k in now)
+    now, leaders, _, learned = learner_after(batches[:3], [], merged=False)
+    v1 = _copy(served).served_state()
+    assert all(torch.allclose(now[k], leaders[k] + learned[k] - v1[k], atol=1e-6) for k in now)
+    assert not all(torch.equal(now[k], leaders[k]) for k in now)
+
+
 def test_drift_is_measured_in_the_published_versions_features(served, phases):
     """The served reference's fingerprint is fit in the published version's features: the learning
     model's updates leave it alone (no refit per batch), and a new slice stays drift until a version
