@@ -39,10 +39,12 @@ def snapshot(state: EngineState) -> Snapshot:
 def rolled_back(snap: Snapshot, current: EngineState, device: torch.device) -> EngineState:
     """The state as it was at ``snap``, decoded into a fresh one so nothing the failed batch added (a
     child, a slice's buffers) survives; what the codec does not save (settings-derived thresholds,
-    the last merge signature, which a batch does not change) is carried over from ``current``."""
+    the last merge signature, other learners' rows, which a batch does not change) is carried over
+    from ``current``."""
     fresh = EngineState(tree=ModelTree(), buffers=SliceBuffers(current.buffers.replay_capacity,
                                                                current.buffers.heldout_capacity),
                         thresholds=current.thresholds, generator=torch.Generator())
     decode(snap.meta, snap.tensors, fresh, device)
     fresh.last_merge_signature = current.last_merge_signature
+    fresh.buffers.others = current.buffers.others
     return fresh

@@ -299,6 +299,16 @@ class Engine:
             log.info("took over child %s as %s (%s, slices %s)", origin, node_id, spawn_method, slices)
             return node_id
 
+    def rehearse_others(self, replay: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Other learners' replay rows by slice (from their contributions), rehearsed with this
+        learner's own, so its served model and children keep every slice of the group as a single
+        learner keeps every slice it saw; replaces the previous ones. Slices this engine holds are
+        its own to replay."""
+        with self._lock:
+            st = self._state
+            mine = st.known_slices()
+            st.buffers.others = {name: rows for name, rows in replay.items() if name not in mine}
+
     def contribution(self, learner: str) -> Contribution | None:
         """This learner's served model as it learned since the served version, with its slices' rows:
         what the merge leader merges from it (None before a first version, or when it does not learn)."""

@@ -50,6 +50,9 @@ class SliceBuffers:
     heldout_capacity: int
     replay: dict[str, Reservoir] = field(default_factory=dict)
     heldout: dict[str, Reservoir] = field(default_factory=dict)
+    # rows of slices other learners hold (their contributions' replay rows): rehearsed like this
+    # learner's own replay, never this learner's state (not in replay_sets, contributions or checkpoints)
+    others: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def add(self, slice_name: str, x_train: torch.Tensor, y_train: torch.Tensor, x_held: torch.Tensor,
             y_held: torch.Tensor, generator: torch.Generator) -> None:
@@ -58,7 +61,8 @@ class SliceBuffers:
 
     def sample_replay(self, n: int, generator: torch.Generator,
                       learning: str | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``n`` rows, an equal share from every slice's replay buffer except ``learning``'s.
+        """``n`` rows, an equal share from every slice's replay rows except ``learning``'s: this
+        learner's buffers and the other learners' slices (:attr:`others`).
 
         The slice being learned is already in the new rows; rehearsal is for the others. Equal
         shares rather than uniform over all rows: a slice that sent little (or whose buffer is
@@ -66,17 +70,19 @@ class SliceBuffers:
         forgotten when a child trains on a new slice. With no other slice yet, the learned
         slice's own buffer is replayed.
         """
-        parts = [r for name, r in sorted(self.replay.items()) if len(r) and name != learning]
-        if not parts and learning in self.replay and len(self.replay[learning]):
-            parts = [self.replay[learning]]
+        sets = {name: (r.x, r.y) for name, r in self.replay.items() if len(r)}
+        sets = {**{name: rows for name, rows in self.others.items() if len(rows[1])}, **sets}
+        parts = [rows for name, rows in sorted(sets.items()) if name != learning]
+        if not parts and learning in sets:
+            parts = [sets[learning]]
         if n <= 0 or not parts:
             return None
         shares = [n // len(parts) + (1 if i < n % len(parts) else 0) for i in range(len(parts))]
         xs, ys = [], []
-        for r, share in zip(parts, shares):
-            idx = torch.randint(len(r), (share,), generator=generator)
-            xs.append(r.x[idx])
-            ys.append(r.y[idx])
+        for (x, y), share in zip(parts, shares):
+            idx = torch.randint(len(y), (share,), generator=generator)
+            xs.append(x[idx])
+            ys.append(y[idx])
         return torch.cat(xs), torch.cat(ys)
 
     def replay_sets(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

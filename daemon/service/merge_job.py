@@ -119,12 +119,14 @@ class MergeJob:
                 self.leadership.step_down("no model to merge from yet")
                 return None
             claim = self.leadership.claim()
+            others = self._others()
+            self.engine.rehearse_others({name: rows for c in others for name, rows in c.replay.items()})
             if claim is None:  # another learner merges and publishes the served line: contribute to it
                 self._contribute()
                 self._publish_children()
                 return None
             with self.failpoints.phase("merge"):
-                outcome = self.engine.merge(self._others())
+                outcome = self.engine.merge(others)
                 if outcome is not None:
                     self.failpoints.pause("merge")
             if outcome is None:
@@ -169,7 +171,8 @@ class MergeJob:
             log.warning("contribution not written: %s", exc)
 
     def _others(self) -> list[Contribution]:
-        """The other learners' latest contributions (the engine takes those built on its served version)."""
+        """The other learners' latest contributions: the leader merges those built on its served
+        version; every learner rehearses their slices' replay rows (:meth:`Engine.rehearse_others`)."""
         if self.contributions is None:
             return []
         try:

@@ -11,7 +11,7 @@ from consumers.wire import Batch, BatchSource
 from daemon.engine.engine import Engine
 from daemon.engine.settings import LearnerSettings, MergeSettings, ModelSettings
 from daemon.engine.stages import ENGINE_STAGES
-from daemon.learn.training import embed, model_input
+from daemon.learn.training import accuracy, embed, model_input
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +144,27 @@ def test_a_learner_adopting_a_merge_of_its_contribution_carries_only_what_came_a
     v1 = _copy(served).served_state()
     assert all(torch.allclose(now[k], leaders[k] + learned[k] - v1[k], atol=1e-6) for k in now)
     assert not all(torch.equal(now[k], leaders[k]) for k in now)
+
+
+def test_a_learner_rehearses_the_slices_other_learners_hold(served, phases):
+    """Several learners: the replay rows other learners contribute are rehearsed with this learner's
+    own (a slice it holds stays its own to replay), so its served model keeps what the group learned."""
+    (up, xu, yu), (rot, xr, yr) = phases
+    rot_test = model_input(xr[800:], "image"), yr[800:]
+
+    def rot90_accuracy(rehearse: bool) -> float:
+        engine = _copy(served)
+        if rehearse:
+            engine.rehearse_others({"rot90": (xr[:800], yr[:800]), "upright": (xr[:50], yr[:50])})
+            assert set(engine._state.buffers.others) == {"rot90"}
+        for b in _batches(up, xu[:500], yu[:500], offset=20):
+            engine.process(b)
+        model = engine.architecture.build()
+        model.load_state_dict(engine.working_state())
+        return accuracy(model, *rot_test)
+
+    alone, rehearsing = rot90_accuracy(False), rot90_accuracy(True)
+    assert rehearsing > alone + 0.2, (alone, rehearsing)
 
 
 def test_drift_is_measured_in_the_published_versions_features(served, phases):

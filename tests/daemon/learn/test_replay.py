@@ -61,3 +61,18 @@ def test_balanced_rows_gives_every_slice_the_same_share():
     again = balanced_rows(sets, 100, torch.Generator().manual_seed(0))
     assert torch.equal(again[0], x)   # the generator decides
     assert balanced_rows({}, 10, torch.Generator()) is None
+
+
+def test_other_learners_slices_are_rehearsed_as_equal_shares_but_never_held_as_this_learners():
+    gen = torch.Generator().manual_seed(0)
+    b = SliceBuffers(replay_capacity=100, heldout_capacity=10)
+    b.add("a", torch.zeros(30, 2), torch.zeros(30, dtype=torch.long), torch.zeros(3, 2),
+          torch.zeros(3, dtype=torch.long), gen)
+    b.others = {"b": (torch.ones(500, 2), torch.ones(500, dtype=torch.long)),
+                "a": (torch.full((9, 2), 7.0), torch.full((9,), 7, dtype=torch.long))}   # "a" is held here
+    _, y = b.sample_replay(40, gen, learning="c")
+    assert (y == 0).sum() == 20 and (y == 1).sum() == 20 and not (y == 7).any()   # its own "a" wins
+    _, y = b.sample_replay(40, gen, learning="a")
+    assert (y == 1).all()                     # learning "a": rehearsal is the other slices, "b" here
+    tensors, meta = b.to_tensors()
+    assert set(b.replay_sets()) == {"a"} and not any(".b." in k for k in tensors)   # never checkpointed
