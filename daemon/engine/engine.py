@@ -444,9 +444,8 @@ class Engine:
         (task arithmetic: the new version plus this learner's progress): when the leader merged this
         learner's contribution (``merged_samples``: its sample count, as the merge plan names it), the
         progress since that contribution, as a single learner carries its progress since the merge's
-        snapshot; otherwise since the last version. Carrying from the last version what the leader
-        already merged counted it twice (make scale's small run: −1.5 points against one learner when
-        the learners split the stream). No child counts as merged."""
+        snapshot; otherwise since the last version (carrying from the last version what the leader had
+        merged added it a second time). No child counts as merged."""
         with self._lock:
             st = self._state
             root = st.root
