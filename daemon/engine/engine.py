@@ -488,7 +488,9 @@ class Engine:
                      f" (calibrated at {saved_rate})" if saved_rate is not None else "")
 
 
-_CONTRIBUTIONS_KEPT = 4   # contributions of one served version remembered (the leader reads the latest)
+# contributions of one served version remembered: the leader merges the latest it read, which is this
+# learner's last or, when it wrote again while the leader merged, the one before (each a copy of the weights)
+_CONTRIBUTIONS_KEPT = 2
 
 
 def _carry_progress(published: dict[str, torch.Tensor], working_then: dict[str, torch.Tensor] | None,
