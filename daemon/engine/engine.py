@@ -12,8 +12,8 @@ ledger (``consumers.ledger``), saved in the same checkpoint by the service.
 See docs/architecture.md for the threads and locks.
 
 Over 400 lines because it is the whole surface the service may use (one learner's batches, merges,
-releases and adoptions, and what several learners exchange: contributions, slices taken over, external
-versions), each method a few lines under the lock; splitting it would spread the lock's discipline
+releases and adoptions, and what several learners exchange: contributions, other learners' rows to
+rehearse, slices taken over, external versions), each method a few lines under the lock; splitting it would spread the lock's discipline
 over several modules.
 """
 
