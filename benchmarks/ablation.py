@@ -40,6 +40,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "average_merge": {"merge_method": "average", "merge_level": "model"},
     "child_tuning": {"child_tuning": "fisher"},
     "compact_hkt": {"child_size_ratio": 0.5},
+    "plain_cross_entropy": {"label_smoothing": 0.0},
 }
 STREAMS = ("split", "permuted", "rotated", "tabular")
 

@@ -108,6 +108,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "%(default)s: the best of 1e2, 1e3, 1e4, 1e5 on permuted, 600-row slices, 5 epochs)")
     parser.add_argument("--lwf-alpha", type=float, default=1.0, help="LwF distillation weight (default %(default)s)")
     parser.add_argument("--lwf-temperature", type=float, default=2.0, help="LwF temperature (default %(default)s)")
+    parser.add_argument("--baseline-label-smoothing", type=float, default=0.0,
+                        help="the baselines' cross-entropy label smoothing (default %(default)s: Avalanche's "
+                        "strategies as users train them; 0.1: the loss filial trains with by default, to see how "
+                        "much of a gap is the loss)")
     parser.add_argument("--device", default="cpu", help="device of filial and the baselines (default %(default)s)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: frugal on a shared machine; 0 leaves torch's)")
@@ -227,7 +231,7 @@ class _Bench:
             learner = self.settings(stream, 0).learner
             spec = Spec(name, "mnist5k" if name in IMAGE_STREAMS else None, self.rows_per_slice, stream.data_type,
                         learner.learning_rate, learner.train_batch_size, self.args.device, self.args.ewc_lambda,
-                        self.args.lwf_alpha, self.args.lwf_temperature)
+                        self.args.lwf_alpha, self.args.lwf_temperature, self.args.baseline_label_smoothing)
             task = Task(spec, "", 0, seeds[0], self.filial_rows(stream))
             plans[name] = {c: Plan(runner, replace(task, name=c), seeds, epochs, log=_log_run) for c in baselines}
         return plans
@@ -308,6 +312,9 @@ def main(args: argparse.Namespace) -> dict:
         args.stationary_batches = profile["stationary_batches"]
     streams = _names(args.streams, STREAM_NAMES, "stream")
     contenders = _names(args.contenders, ("filial", *BASELINES), "contender")
+    if not 0.0 <= args.baseline_label_smoothing < 1.0:
+        raise SystemExit(f"filial bench cl: --baseline-label-smoothing must be in [0, 1), got "
+                         f"{args.baseline_label_smoothing}")
     if any(c != "filial" for c in contenders) and (problem := avalanche_problem()):
         raise SystemExit(f"filial bench cl: {problem}")
     if args.threads > 0:

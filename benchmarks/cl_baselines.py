@@ -124,6 +124,7 @@ class Spec:
     ewc_lambda: float
     lwf_alpha: float
     lwf_temperature: float
+    label_smoothing: float = 0.0  # the strategies' cross-entropy (0: as Avalanche users train them)
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,8 @@ class Baselines:
         from avalanche.training.supervised import EWC, GDumb, JointTraining, LwF, Naive, Replay
 
         common = dict(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=self.spec.lr),
-                      criterion=torch.nn.CrossEntropyLoss(), train_mb_size=self.spec.batch_size, train_epochs=epochs,
+                      criterion=torch.nn.CrossEntropyLoss(label_smoothing=self.spec.label_smoothing),
+                      train_mb_size=self.spec.batch_size, train_epochs=epochs,
                       eval_mb_size=1024, device=self.device, evaluator=EvaluationPlugin(loggers=[]))
         if name == "naive":
             return Naive(**common), 0

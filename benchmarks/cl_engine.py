@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("stream", choices=STREAMS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--dataset", default="mnist5k",
+                        help="the image streams' dataset (tools.datasets: mnist5k, digits, ...): a check that a "
+                             "change is not tuned to the bench's data")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a flat setting, e.g. merge_recency_half_life=0 (repeatable)")
     args = parser.parse_args(argv)
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
                  for k, v in (item.split("=", 1) for item in args.set)}
     from tools.datasets import load_dataset
 
-    stream = build_stream(args.stream, None if args.stream == "tabular" else load_dataset("mnist5k"), None, args.seed)
+    stream = build_stream(args.stream, None if args.stream == "tabular" else load_dataset(args.dataset), None, args.seed)
     s = load_settings(num_classes=stream.num_classes, merge_after_child_updates=4, merge_trigger="count",
                       seed=args.seed, **overrides)
     engine = Engine(s.model, s.learner, s.merge, torch.device("cpu"))

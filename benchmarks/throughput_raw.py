@@ -43,6 +43,7 @@ class TrainCall:
     model: str        # key of the architecture (TrainingRecorder.templates)
     loss: str         # the Loss class, "CrossEntropy" by default
     path: str         # "learner" (served model, retrained child) | "spawn" (a new child)
+    label_smoothing: float = 0.0  # the cross-entropy's, as the daemon trained
 
     @property
     def steps(self) -> int:
@@ -80,7 +81,7 @@ class TrainingRecorder:
             loss = kwargs.get("loss")
             self.calls.append(TrainCall(self.batch, len(x), kwargs["epochs"], kwargs.get("batch_size", 64),
                                         kwargs["lr"], key, type(loss).__name__ if loss is not None else "CrossEntropy",
-                                        path))
+                                        path, getattr(loss, "label_smoothing", 0.0)))
             self._local.batch = self.batch
             try:
                 return original(model, x, y, **kwargs)
@@ -163,7 +164,7 @@ def run_once(calls: list[TrainCall], templates: dict[str, nn.Module], x: torch.T
                 for start in range(0, call.rows, call.batch_size):
                     idx = order[start:start + call.batch_size]
                     optimizer.zero_grad(set_to_none=True)
-                    F.cross_entropy(model(xs[idx]), ys[idx]).backward()
+                    F.cross_entropy(model(xs[idx]), ys[idx], label_smoothing=call.label_smoothing).backward()
                     optimizer.step()
             model.eval()
         seconds = time.perf_counter() - started

@@ -31,7 +31,7 @@ from daemon.learn.merging.gate import correctness, gate, paired_gate, recency_we
 from daemon.learn.merging.controller import choose_plan
 from daemon.learn.merging.plans import apply_plan
 from daemon.learn.replay import balanced_rows
-from daemon.learn.training import EarlyStopping, Hook, accuracy, fit, model_input
+from daemon.learn.training import CrossEntropy, EarlyStopping, Hook, accuracy, fit, model_input
 
 log = logging.getLogger("filial.engine")
 
@@ -243,7 +243,8 @@ def _consolidate(snap: MergeSnapshot, state: StateDict, select: Sets, recency: d
                                 settings.consolidate_patience).start(model)
         hooks = (stopper,)
     history = fit(model, model_input(x, snap.data_type), y, epochs=settings.consolidate_epochs,
-                  lr=learner.learning_rate, batch_size=learner.train_batch_size, hooks=hooks, generator=generator)
+                  lr=learner.learning_rate, batch_size=learner.train_batch_size,
+                  loss=CrossEntropy(learner.label_smoothing), hooks=hooks, generator=generator)
     report: dict[str, Any] = {"epochs": len(history), "rows_per_slice": per_slice, "slices": len(snap.replay),
                               "loss": round(history[-1]["total"], 4) if history else None}
     if stopper is not None:

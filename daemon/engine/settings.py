@@ -52,6 +52,10 @@ class LearnerSettings(BaseModel):
                                       "must reach (bootstrap stops trying after 2x bootstrap_batches)")
     child_epochs: int = Field(2, ge=1, description="epochs per child update (seed: 2)")
     learning_rate: float = Field(1e-3, gt=0, le=1, description="Adam learning rate (seed: 1e-3)")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="cross-entropy targets smoothed by this share "
+                                   "(Szegedy et al. 2016) in every cross-entropy fit: the served model, children, "
+                                   "bootstrap and merge consolidation (measured in the README's 'Learning quality'); "
+                                   "0: plain cross-entropy")
     train_batch_size: int = Field(64, ge=1, description="rows per optimizer step")
     heldout_fraction: float = Field(0.2, ge=0.05, lt=1, description="share of each batch kept for evaluation")
     replay_per_slice: int = Field(1000, ge=0, description="replay buffer size per slice (reservoir)")

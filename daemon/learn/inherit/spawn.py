@@ -30,7 +30,7 @@ from daemon.learn.inherit.child_tuning import Mode, child_tuning_hook
 from daemon.learn.inherit.hkt import HKTLoss
 from daemon.learn.models import FAMILIES, Architecture
 from daemon.learn.policy import SpawnMethod
-from daemon.learn.training import Hook, fit, frozen, predict_logits
+from daemon.learn.training import CrossEntropy, Hook, fit, frozen, predict_logits
 
 SPAWN_METHODS: tuple[str, ...] = get_args(SpawnMethod)
 # the head is inherited when the parent recognises at least this share of the slice's classes
@@ -172,7 +172,7 @@ def _copy_of(parent: nn.Module, child_arch: Architecture | None) -> nn.Module:
 
 def spawn_child(parent: nn.Module, child_arch: Architecture | None, x: torch.Tensor, y: torch.Tensor, *,
                 epochs: int, lr: float, batch_size: int = 64, method: SpawnMethod = "hkt",
-                child_tuning: Mode | None = None, child_tuning_p: float = 0.3,
+                label_smoothing: float = 0.0, child_tuning: Mode | None = None, child_tuning_p: float = 0.3,
                 generator: torch.Generator | None = None, hooks: Sequence[Hook] = ()) -> nn.Module:
     """Build and train a child on ``(x, y)``; returns the child alone (no parent, no projections).
 
@@ -181,6 +181,8 @@ def spawn_child(parent: nn.Module, child_arch: Architecture | None, x: torch.Ten
     - ``"copy"``: a copy of the parent fine-tuned with cross-entropy (``child_arch`` must be the
       parent's architecture or None);
     - ``"scratch"``: a fresh child of ``child_arch`` (or the parent's shape) trained alone.
+
+    Cross-entropy targets ("copy", "scratch") are smoothed by ``label_smoothing``; HKT's loss has terms of its own.
 
     ``child_tuning="fisher"`` (task-driven, mask from this data) or ``"bernoulli"`` (task-free)
     masks the gradients, keeping fraction ``child_tuning_p`` (any method; the mask is drawn after
@@ -203,6 +205,6 @@ def spawn_child(parent: nn.Module, child_arch: Architecture | None, x: torch.Ten
         # after the inheritance: the Fisher mask must rank the weights the child starts from
         steps.insert(0, child_tuning_hook(child, x.to(device), y.to(device), mode=child_tuning,
                                           p=child_tuning_p, batch_size=batch_size, generator=generator))
-    fit(child, x, y, loss=HKTLoss(parent) if method == "hkt" else None, hooks=steps, epochs=epochs, lr=lr,
-        batch_size=batch_size, generator=generator)
+    fit(child, x, y, loss=HKTLoss(parent) if method == "hkt" else CrossEntropy(label_smoothing), hooks=steps,
+        epochs=epochs, lr=lr, batch_size=batch_size, generator=generator)
     return child

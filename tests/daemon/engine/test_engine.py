@@ -359,3 +359,33 @@ def test_releases_carry_continual_metrics_and_the_learned_record_survives_a_chec
     restored.restore(*engine.checkpoint())
     again = restored.release_merge(restored.merge())
     assert again.continual.learned == ["b"] and set(again.continual.forgetting) == {"a"}
+
+
+def test_label_smoothing_reaches_every_cross_entropy_fit_of_the_learner():
+    """The served model, a spawned child and the merge's consolidation all train towards the smoothed
+    targets: with label_smoothing 0.6 over 10 classes no model can be trained past 0.46 confidence."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x, y = torch.from_numpy(digits.data).float() / 16.0, torch.from_numpy(digits.target).long()
+    permuted = x[:, torch.randperm(64, generator=torch.Generator().manual_seed(3))]
+
+    def confidence(state):
+        model = engine.architecture.build()
+        model.load_state_dict(state)
+        return model(x).softmax(1).max(1).values.mean().item()
+
+    seen = {}
+    for smoothing in (0.0, 0.6):
+        engine = _engine(model={"family": "tabular_mlp"}, bootstrap_batches=4, bootstrap_accuracy=0.5,
+                         label_smoothing=smoothing, accuracy_threshold=0.99)
+        _bootstrap(engine, _tabular_batches("plain", x[:900], y[:900]))
+        results = [engine.process(b) for b in _tabular_batches("perm", permuted[900:1500], y[900:1500], offset=100)]
+        spawned = [r.child for r in results if r.action == "spawn"]
+        assert spawned, [r.action for r in results]
+        outcome = engine.merge()
+        seen[smoothing] = {"served": confidence(engine.working_state()),
+                           "child": confidence(engine._state.tree.nodes[spawned[0]].model.state_dict()),
+                           "consolidated": confidence(outcome.state)}
+    assert all(c < 0.46 for c in seen[0.6].values()), seen
+    assert all(seen[0.0][k] > seen[0.6][k] + 0.15 for k in seen[0.0]), seen  # plain CE is not bounded so

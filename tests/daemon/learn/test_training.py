@@ -116,6 +116,25 @@ def test_cross_entropy_is_the_default_and_frozen_restores():
     assert teacher.training and all(p.requires_grad for p in teacher.parameters())
 
 
+def test_label_smoothing_spreads_the_target_and_bounds_the_confidence_it_trains_towards():
+    x, y = data()
+    model = net()
+    logits = model(x)
+    eps, classes = 0.2, 2
+    target = torch.full_like(logits, eps / classes).scatter_(1, y[:, None], 1 - eps + eps / classes)
+    expected = -(target * logits.log_softmax(1)).sum(1).mean()
+    assert torch.allclose(CrossEntropy(eps)(model, x, y)["total"], expected)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        CrossEntropy(1.0)
+    # trained to convergence on separable rows: plain CE drives the confidence to 1, smoothing to 1 - eps/2
+    plain, smooth = net(), net()
+    for model, loss in ((plain, CrossEntropy()), (smooth, CrossEntropy(0.5))):
+        fit(model, x, y, loss=loss, epochs=300, lr=1e-2, batch_size=40, generator=torch.Generator().manual_seed(0))
+    confidence = {name: m(x).softmax(1).max(1).values.mean().item() for name, m in (("plain", plain), ("smooth", smooth))}
+    assert confidence["plain"] > 0.95
+    assert 0.65 < confidence["smooth"] < 0.85  # 0.75 at the optimum
+
+
 def test_early_stopping_ends_fit_after_patience_and_keeps_the_best_weights():
     from daemon.learn.training import EarlyStopping
 
