@@ -25,9 +25,10 @@ import torch
 from tools.datasets import load_dataset
 from tools.scenarios import parse_phase
 from benchmarks import progress
+from daemon.engine.settings import LearnerSettings
 from daemon.learn.drift import FeatureKL, calibrate_threshold
 from daemon.learn.models import infer_architecture
-from daemon.learn.training import embed, fit, model_input
+from daemon.learn.training import CrossEntropy, embed, fit, model_input
 
 SHIFTS = ("same=identity", "rot30=rotate:30", "rot90=rotate:90", "noise100=noise:100", "permuted=permute:7")
 
@@ -39,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reference sample sizes to compare (default: %(default)s)")
     parser.add_argument("--trials", type=int, default=20, help="batches scored per shift (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=5, help="training epochs of the served model")
+    parser.add_argument("--label-smoothing", type=float, default=LearnerSettings().label_smoothing,
+                        help="the served model's cross-entropy label smoothing (default: the learner's, "
+                        "%(default)s, so the features are the daemon's; 0: plain cross-entropy)")
     parser.add_argument("--threshold", type=float, default=0.5, help="kl_threshold for the detection rates")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -73,7 +77,7 @@ def main(args: argparse.Namespace) -> dict:
     model = arch.build()
     _log(f"training the served model on {half} upright rows for {args.epochs} epochs")
     fit(model, model_input(ds.x[train_idx], ds.data_type), ds.y[train_idx], epochs=args.epochs, lr=1e-3,
-        batch_size=64, generator=gen)
+        batch_size=64, loss=CrossEntropy(args.label_smoothing), generator=gen)
     model.eval()
 
     results: dict[str, dict] = {}
