@@ -211,6 +211,25 @@ class Engine:
                     root.model.load_state_dict(_carry_progress(outcome.state, outcome.working_state, root.model))
         return outcome
 
+    def consolidate_working(self, contributions: Sequence[Contribution] = ()) -> bool:
+        """A learner that does not lead (another merges the group's contributions): its served model as
+        trained is consolidated on every slice's replay rows, its own and ``contributions``', and kept when
+        it scores at least as well on the selection rows, as one learner's is at each merge (accepted or
+        not). Without it, a learner whose contributions the leader's merges do not publish would never
+        rehearse in full and would drift towards its own slices. Returns whether it took the result."""
+        if not self.merge_settings.consolidate_epochs or not self.learner_settings.train_served:
+            return False
+        snapshot = self.merge_snapshot(contributions)
+        if snapshot is None or snapshot.working is None or not snapshot.replay:
+            return False
+        state, takes, _ = merger.consolidate_working(snapshot, self.merge_settings, self.learner_settings,
+                                                     self.device)
+        if takes:
+            with self._lock:
+                root = self._state.root
+                root.model.load_state_dict(_carry_progress(state, snapshot.working, root.model))
+        return takes
+
     # --- releases (what to publish) and adoption ----------------------------------------------------
     def _release(self, reason: str, state: dict[str, torch.Tensor], base_version: int | None,
                  merge: dict[str, Any] | None, foreign: merger.Sets | None = None) -> Release:

@@ -163,6 +163,20 @@ def merge(snap: MergeSnapshot, settings: MergeSettings, learner: LearnerSettings
                         time.perf_counter() - started, distilled, snap.working, takes)
 
 
+def consolidate_working(snap: MergeSnapshot, settings: MergeSettings, learner: LearnerSettings,
+                        device: torch.device) -> tuple[StateDict, bool, dict[str, Any]]:
+    """What a learner that does not lead does at its merge tick: its served model as trained,
+    consolidated on every slice's replay rows as a merge candidate is, and whether it scores at least
+    as well on the selection rows (then the learner builds on it, as one learner's served model takes
+    a rejected merge's candidate). Nothing is gated: nothing is published from here."""
+    select, _ = split_heldout(snap.heldout)
+    evaluate = Evaluator(snap.architecture, snap.data_type, device)
+    recency = slice_weights(snap, settings)
+    before = mean_accuracy(evaluate(snap.working, select), recency)
+    state, report = _consolidate(snap, snap.working, select, recency, settings, learner, device)
+    return state, mean_accuracy(evaluate(state, select), recency) >= before, report
+
+
 def _weight_merge(snap: MergeSnapshot, members: list[StateDict], weights: list[float], settings: MergeSettings,
                   evaluate: Evaluator, select: Sets) -> tuple[StateDict, dict]:
     """Same-size members: the controller's plan, or the best one that passes the gate."""

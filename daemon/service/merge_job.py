@@ -122,6 +122,7 @@ class MergeJob:
             others = self._others()
             self.engine.rehearse_others({name: rows for c in others for name, rows in c.replay.items()})
             if claim is None:  # another learner merges and publishes the served line: contribute to it
+                self.engine.consolidate_working(others)
                 self._contribute()
                 self._publish_children()
                 return None

@@ -389,3 +389,21 @@ def test_label_smoothing_reaches_every_cross_entropy_fit_of_the_learner():
                            "consolidated": confidence(outcome.state)}
     assert all(c < 0.46 for c in seen[0.6].values()), seen
     assert all(seen[0.0][k] > seen[0.6][k] + 0.15 for k in seen[0.0]), seen  # plain CE is not bounded so
+
+
+def test_a_learner_that_does_not_lead_consolidates_its_served_model_and_publishes_nothing(served, phases):
+    """At its merge tick a learner whose merges another learner leads rehearses every slice as a merge
+    would (consolidation on slice-balanced replay) and builds on the result; no version, no merge counted."""
+    engine = _copy(served, merge={"consolidate_patience": 0, "consolidate_epochs": 3})
+    up_rows = engine._state.buffers.heldout_sets()["upright"]
+    _, (rot, xr, yr) = phases
+    for b in _batches(rot, xr[:600], yr[:600], offset=10):
+        engine.process(b)
+    before = engine.metrics(engine.working_state())
+    counters = (engine.counters.merges_accepted, engine.counters.merges_rejected, engine.served_version)
+    assert engine.consolidate_working()
+    after = engine.metrics(engine.working_state())
+    assert (engine.counters.merges_accepted, engine.counters.merges_rejected, engine.served_version) == counters
+    assert sum(after.values()) > sum(before.values()) + 0.02, (before, after)   # every slice rehearsed
+    assert len(up_rows[1]) and after["upright"] >= before["upright"] - 0.02, (before, after)
+    assert not engine.consolidate_working()   # nothing learned since: nothing to consolidate
