@@ -13,8 +13,8 @@ See docs/architecture.md for the threads and locks.
 
 Over 400 lines because it is the whole surface the service may use (one learner's batches, merges,
 releases and adoptions, and what several learners exchange: contributions, other learners' rows to
-rehearse, slices taken over, external versions), each method a few lines under the lock; splitting it would spread the lock's discipline
-over several modules.
+rehearse, a learner's consolidation when another leads, slices taken over, external versions), each
+method a few lines under the lock; splitting it would spread the lock's discipline over several modules.
 """
 
 from __future__ import annotations

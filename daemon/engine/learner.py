@@ -44,7 +44,8 @@ from daemon.learn.inherit.hkt import HKTLoss
 from daemon.learn.inherit.spawn import compact_architecture, spawn_child
 from daemon.learn.models import infer_architecture, parameter_count
 from daemon.learn.policy import Observation, Verdict, decide, spawn_method
-from daemon.learn.training import CrossEntropy, Hook, accuracy, embed, features_and_logits, fit, model_input, predict_logits
+from daemon.learn.training import (CrossEntropy, Hook, accuracy, embed, features_and_logits, fit, model_input,
+                                   predict_logits)
 from zoo_store.models import utc_now
 
 log = logging.getLogger("filial.engine")
@@ -133,8 +134,9 @@ class Learner:
 
     def _train(self, state: EngineState, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
                epochs: int, hooks: tuple[Hook, ...] = (), loss=None) -> None:
+        loss = loss if loss is not None else CrossEntropy(self.s.label_smoothing)
         fit(model, x, y, epochs=epochs, lr=self.s.learning_rate, batch_size=self.s.train_batch_size,
-            loss=loss if loss is not None else CrossEntropy(self.s.label_smoothing), hooks=hooks, generator=state.generator)
+            loss=loss, hooks=hooks, generator=state.generator)
 
     def grow_reference(self, state: EngineState, node: Node, x_wire: torch.Tensor) -> None:
         ref = torch.cat([node.reference_x, x_wire]) if len(node.reference_x) else x_wire.clone()
