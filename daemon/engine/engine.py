@@ -222,8 +222,11 @@ class Engine:
         snapshot = self.merge_snapshot(contributions)
         if snapshot is None or snapshot.working is None or not snapshot.replay:
             return False
-        state, takes, _ = merger.consolidate_working(snapshot, self.merge_settings, self.learner_settings,
-                                                     self.device)
+        state, takes, report = merger.consolidate_working(snapshot, self.merge_settings, self.learner_settings,
+                                                          self.device)
+        log.info("consolidated this learner's served model (another learner leads the merges): %s epochs on %s "
+                 "slices, %s", report["epochs"], report["slices"],
+                 "kept" if takes else "not kept (no better on the selection rows)")
         if takes:
             with self._lock:
                 root = self._state.root
