@@ -66,7 +66,7 @@ def follower_latency(redis_url: str, parameters: int, publishes: int, prefix: st
             marks = [time.perf_counter()]                    # the event read
             manifest, state = follower.load(event.version)
             marks.append(time.perf_counter())                # fetched, sha256 checked, decoded
-            model = Architecture.model_validate(manifest.architecture).build_with(state)
+            model = Architecture.model_validate(manifest.architecture).build_with(state, adopt=True)
             marks.append(time.perf_counter())                # built (without initial weights) and loaded
             loaded.put((event.version, marks, parameter_count(model)))
 

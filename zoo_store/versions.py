@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +27,7 @@ from zoo_store.models import Manifest, VersionEvent, sha256_hex, utc_now
 log = logging.getLogger("filial.zoo_store")
 WEIGHTS_CHUNK = 1 << 20   # bytes per GETRANGE when a follower reads weights (VersionStore.read_weights)
 WEIGHTS_AHEAD = 2         # GETRANGEs sent before the reply to the current one is read
+READ_BUFFERS = 2          # the last read buffers a follower keeps to read the next version into (VersionStore._buffer)
 
 
 class VersionNotFound(LookupError):
@@ -44,6 +47,8 @@ class VersionStore:
         self.keys = keys
         self.signing_key = signing_key
         self.keep_versions = keep_versions
+        self._buffers: list[numpy.ndarray] = []   # newest first
+        self._buffers_lock = threading.Lock()
 
     def latest(self, line: str) -> int | None:
         raw = self.client.get(self.keys.line(line).latest)
@@ -82,7 +87,8 @@ class VersionStore:
         chunks while this one is hashed (40 MB on the 2 shared cores: 85 -> 70 ms, median); a client on
         a single connection, or one that is not a plain ``redis.Redis``, asks for one chunk at a time.
         The buffer is a numpy array's, left uninitialised (a ``bytearray`` zero-fills its 40 MB first)
-        and, numpy's default on Linux, backed by huge pages (81 -> 67 ms for the whole read).
+        and, numpy's default on Linux, backed by huge pages (81 -> 67 ms for the whole read); one of the
+        last :data:`READ_BUFFERS` of the same size is reused once nothing holds it (:meth:`_buffer`).
 
         A version is written once, in one transaction; should it be deleted while being read (retention),
         a chunk comes back short and this raises :class:`VersionNotFound`; anything else that changed it
@@ -106,16 +112,33 @@ class VersionStore:
         digest.update(chunk)
         view[start:end] = chunk
 
+    def _buffer(self, size: int) -> memoryview:
+        """A writable buffer of ``size`` bytes for a version's weights: one of the last read ones when
+        nothing holds it any more (the tensors decoded from it, or the model that adopted them, gone),
+        else a new one. Memory the process has already touched: a fresh 40 MB is ~10,000 page faults,
+        and on a virtual machine the kernel's share of them alone took 40-250 ms (README "Throughput").
+        Once the caller drops what it read, at most :data:`READ_BUFFERS` buffers stay allocated."""
+        with self._buffers_lock:   # the check and the view that marks it taken, as one step
+            for i in range(len(self._buffers)):
+                # held only by this list and getrefcount's argument: no view, no tensor (no loop name or
+                # enumerate tuple either, which would hold it too)
+                if self._buffers[i].size == size and sys.getrefcount(self._buffers[i]) == 2:
+                    self._buffers.insert(0, self._buffers.pop(i))
+                    return memoryview(self._buffers[0])
+            array = numpy.empty(size, dtype=numpy.uint8)
+            self._buffers = [array, *self._buffers][:READ_BUFFERS]
+            return memoryview(array)
+
     def _read_in_turn(self, line: str, version: int, key: str, size: int,
                       spans: list[tuple[int, int]]) -> tuple[memoryview, str]:
-        view, digest = memoryview(numpy.empty(size, dtype=numpy.uint8)), hashlib.sha256()
+        view, digest = self._buffer(size), hashlib.sha256()
         for start, end in spans:
             self._absorb(line, version, self.client.getrange(key, start, end - 1), start, end, view, digest)
         return view, digest.hexdigest()
 
     def _read_ahead(self, line: str, version: int, key: str, size: int, spans: list[tuple[int, int]],
                     pool: redis.ConnectionPool) -> tuple[memoryview, str]:
-        view, digest = memoryview(numpy.empty(size, dtype=numpy.uint8)), hashlib.sha256()
+        view, digest = self._buffer(size), hashlib.sha256()
         try:
             conn = pool.get_connection()
         except TypeError:   # redis-py before 5.3 wants the command's name

@@ -45,7 +45,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
                     record.update(loaded=False, refused=str(exc) if isinstance(exc, VerificationError) else
                                   f"version {event.version} is gone (retention keeps the newest publish_keep_versions)")
                 else:
-                    model = Architecture.model_validate(manifest.architecture).build_with(state)
+                    model = Architecture.model_validate(manifest.architecture).build_with(state, adopt=True)
                     record.update(loaded=True, parameters=parameter_count(model))
             print(json.dumps(record), flush=True)
             seen += 1

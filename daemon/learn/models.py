@@ -38,17 +38,28 @@ class Architecture(BaseModel):
     def build(self) -> nn.Module:
         return build_model(self)
 
-    def build_with(self, state: Mapping[str, torch.Tensor], device: str | torch.device = "cpu") -> nn.Module:
+    def build_with(self, state: Mapping[str, torch.Tensor], device: str | torch.device = "cpu", *,
+                   adopt: bool = False) -> nn.Module:
         """The model with ``state`` loaded (strictly), without drawing initial weights it would overwrite:
         built on the meta device, allocated on ``device``, then loaded. A 10M-parameter CNN is ready in
         7 ms instead of 45, and the global RNG is untouched. A model whose buffers the state does not
-        all hold (non-persistent ones, from a user factory) is built the ordinary way instead."""
+        all hold (non-persistent ones, from a user factory) is built the ordinary way instead.
+
+        ``adopt``: the model takes the state's tensors as its own where their device, dtype and layout
+        are already the model's (no allocation, no copy: a follower's freshly decoded version becomes
+        the model in place of 40 MB of new pages for a 10M-parameter one); the others are copied. Only
+        for a state nothing else uses: the model's training or loading writes through to it."""
         try:
             with torch.device("meta"):
                 model = build_model(self)
         except Exception:  # a user factory that cannot run on the meta device
             model = None
         if model is not None and set(dict(model.named_buffers())) <= set(state):
+            if adopt:
+                # the tensors as they are laid out, not as state_dict() hands them out (ImageCNN's hook)
+                layout = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+                model.load_state_dict(_as_laid_out(layout, state, torch.device(device)), strict=True, assign=True)
+                return model
             model = model.to_empty(device=device)
         else:
             with torch.random.fork_rng(devices=[]):
@@ -58,6 +69,23 @@ class Architecture(BaseModel):
 
     def with_params(self, **changes: Any) -> "Architecture":
         return Architecture(family=self.family, params={**self.params, **changes})
+
+
+def _as_laid_out(layout: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+                 device: torch.device) -> dict[str, torch.Tensor]:
+    """``state`` with each tensor on ``device`` in the dtype, shape and strides ``layout`` (a meta-device
+    model's parameters and buffers) gives it: the tensor itself where it already is (e.g. a linear
+    weight), a copy where not (e.g. a convolution kept channels-last). Names and shapes
+    ``load_state_dict`` checks itself."""
+    out = dict(state)
+    for name, want in layout.items():
+        have = state.get(name)
+        if have is None or have.shape != want.shape:
+            continue
+        if have.dtype == want.dtype and have.device == device and have.stride() == want.stride():
+            continue
+        out[name] = torch.empty_strided(want.shape, want.stride(), dtype=want.dtype, device=device).copy_(have)
+    return out
 
 
 class StagedModel(nn.Module):

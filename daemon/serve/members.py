@@ -72,13 +72,15 @@ class Member:
     def build(cls, *, line: str, version: int, kind: Kind, architecture: Architecture | Mapping,
               state: Mapping[str, torch.Tensor], fingerprints: Mapping[str, Fingerprint] | None = None,
               metrics: Mapping[str, float | None] | None = None, slices=(), published_at: float | None = None,
-              merge_plan: Mapping | None = None, device: str | torch.device = "cpu") -> "Member":
+              merge_plan: Mapping | None = None, device: str | torch.device = "cpu",
+              adopt: bool = False) -> "Member":
         """A member from in-memory parts (an engine's model's state dict, a benchmark's model). The
-        tensors are copied into a freshly built model, so the caller may go on training its own.
-        Raises ValueError when the state does not fit the architecture."""
+        tensors are copied into a freshly built model, so the caller may go on training its own;
+        ``adopt``: the model takes them instead (a version just loaded, which nothing else holds;
+        :meth:`Architecture.build_with`). Raises ValueError when the state does not fit the architecture."""
         arch = architecture if isinstance(architecture, Architecture) else Architecture.model_validate(architecture)
         try:
-            model = arch.build_with(state)
+            model = arch.build_with(state, adopt=adopt)
         except RuntimeError as exc:
             raise ValueError(f"{line} v{version}: weights do not fit {arch.family} {arch.params}: {exc}") from None
         model.to(device).eval().requires_grad_(False)
@@ -105,7 +107,7 @@ class Member:
         return cls.build(line=m.line, version=m.version, kind=m.kind, architecture=m.architecture,
                          state=loaded.state, fingerprints=fingerprints, metrics=m.metrics, slices=m.slices,
                          published_at=epoch_seconds(m.created_at),
-                         merge_plan=(m.merge or {}).get("plan"), device=device)
+                         merge_plan=(m.merge or {}).get("plan"), device=device, adopt=True)
 
 
 def epoch_seconds(iso: str) -> float | None:

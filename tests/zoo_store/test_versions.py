@@ -234,3 +234,26 @@ def test_a_follower_refuses_a_wrong_size_before_reading_the_weights(redis_client
     with pytest.raises(VerificationError, match="bytes, manifest says"):
         Follower(redis_client, prefix=unique).load(1)
     assert store.weights_size("main", 1) == len(_weights(0)) + 5
+
+
+def _address(buffer: memoryview) -> int:
+    return torch.frombuffer(buffer, dtype=torch.uint8).data_ptr()
+
+
+def test_a_read_buffer_is_reused_only_once_nothing_holds_it(redis_client, unique):
+    from zoo_store.tensors import decode
+
+    weights = _weights(0)
+    store = _stored(redis_client, unique, weights)
+    first, _ = store.read_weights("main", 1, len(weights))
+    address = _address(first)
+    state = decode(first)                    # tensors viewing the buffer, as a follower's model holds them
+    expected = {k: v.clone() for k, v in state.items()}
+    del first
+    second, _ = store.read_weights("main", 1, len(weights))
+    assert _address(second) != address       # still held through the tensors: a new buffer
+    intact = all(torch.equal(state[k], v) for k, v in expected.items())   # not in an assert: pytest's
+    del state                                                            # rewriting would keep the tensors
+    assert intact
+    third, _ = store.read_weights("main", 1, len(weights))
+    assert _address(third) == address and third.tobytes() == weights   # nothing held it: read into again

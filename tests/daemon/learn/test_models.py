@@ -60,3 +60,29 @@ def test_build_with_builds_normally_when_the_state_lacks_a_buffer():
     assert torch.equal(model.scale, torch.full((4,), 2.0))   # initialised, not left empty
     with pytest.raises(RuntimeError):
         arch.build_with({k: v for k, v in state.items() if k != "head.bias"})   # strict, as load_state_dict
+
+
+def test_build_with_adopt_takes_the_state_tensors_where_their_layout_is_the_models():
+    arch = infer_architecture("image", torch.zeros(1, 28, 28, dtype=torch.uint8), 10, None)
+    state = {k: v.contiguous() for k, v in _trained_state(arch).items()}   # as decoded from safetensors
+    linear = next(k for k, v in state.items() if v.dim() == 2)
+    state[linear] = state[linear].t().contiguous().t()    # same values, column-major: not the model's layout
+    copy = {k: v.clone() for k, v in state.items()}
+    model = arch.build_with(state, adopt=True)
+    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    convs = [k for k, v in params.items() if v.dim() == 4 and v.shape[1] > 1]
+    assert convs and all(params[k].is_contiguous(memory_format=torch.channels_last) for k in convs)  # copied
+    assert all(params[k].data_ptr() == v.data_ptr() for k, v in state.items() if k not in (linear, *convs))
+    assert params[linear].data_ptr() != state[linear].data_ptr() and params[linear].is_contiguous()  # copied
+    assert all(p.requires_grad for p in model.parameters())                 # still trainable parameters
+    x = torch.rand(5, 1, 28, 28)
+    reference = arch.build_with(copy).eval()
+    assert torch.equal(model.eval()(x), reference(x))
+
+
+def test_build_with_adopt_casts_a_state_of_another_dtype():
+    arch = infer_architecture("tabular", torch.randn(4, 12), 10, None)
+    state = {k: v.double() for k, v in _trained_state(arch).items()}
+    model = arch.build_with(state, adopt=True)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(torch.equal(model.state_dict()[k], v.float()) for k, v in state.items())
