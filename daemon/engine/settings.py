@@ -109,12 +109,13 @@ class MergeSettings(BaseModel):
     guard_alpha: float = Field(0.10, gt=0, lt=1, description="confidence of the per-slice guard's drop bound")
     recency_half_life: float = Field(48, ge=0, description="the gate's overall gain weighs each slice by "
                                      "2^-(batches since it was last seen / this); 0: every slice the same")
-    consolidate_epochs: int = Field(8, ge=0, description="most epochs the merge candidate trains on slice-balanced "
+    consolidate_epochs: int = Field(16, ge=0, description="most epochs the merge candidate trains on slice-balanced "
                                     "replay before the gate (rehearsal consolidation: every slice seen weighs the "
                                     "same, as in GDumb); 0: off")
-    consolidate_patience: int = Field(2, ge=0, description="stop consolidating once the selection rows' mean "
+    consolidate_patience: int = Field(4, ge=0, description="stop consolidating once the selection rows' mean "
                                       "accuracy has not improved for this many epochs, keeping the best (0: always "
-                                      "run every epoch)")
+                                      "run every epoch). The selection rows are few (half of each slice's held-out "
+                                      "rows), so their mean is noisy: 2 stopped too early (README 'Learning quality')")
     consolidate_rows_per_slice: int = Field(500, ge=1, description="rows of each slice's replay buffer per "
                                             "consolidation epoch (fewer are repeated, more are subsampled)")
     consolidate_max_rows: int = Field(10_000, ge=1, description="cap on the rows of one consolidation epoch: "
