@@ -45,7 +45,7 @@ def test_two_learners_survive_sigkills_and_apply_every_batch_once(tmp_path):
     parser = argparse.ArgumentParser()
     scale.add_arguments(parser)
     args = parser.parse_args(["--learners", "2", "--partitions", "4", "--slices", "4", "--batches", "80",
-                              "--rate", "10", "--settle", "10", "--baseline-runs", "1",
+                              "--rate", "10", "--settle", "30", "--baseline-runs", "1",
                               "--out-dir", str(tmp_path)])
     result = scale.main(args)
     assert result["batches_lost"] == 0, result
