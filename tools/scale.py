@@ -65,8 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True, help="one learner too")
     parser.add_argument("--baseline-runs", type=int, default=3,
                         help="runs of one learner; the learners are compared with the median one (default 3)")
-    parser.add_argument("--settle", type=float, default=30.0, help="seconds without a new version to stop (the "
-                        "merge job rests about 9x each merge's CPU time: merge_cpu_share 0.10)")
+    parser.add_argument("--settle", type=float, default=30.0, help="seconds without a new version to stop (a "
+                        "merge and the merge job's rest after it, as long again at the harness's merge_cpu_share "
+                        "0.5, must fit in it)")
     parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
                         help=f"significance of 'one learner is better overall' (default {DEFAULT_ALPHA})")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
