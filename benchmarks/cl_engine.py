@@ -2,8 +2,9 @@
 Redis, no follower), for developing it. Every merge is printed with its verdict, plan, per-slice
 held-out figures and the candidate's test accuracy per slice; after each experience the served and
 working models' test accuracy per slice; last line ``FINAL`` with the average, the per-slice accuracies,
-*time to serve* as the bench counts it, and the working model's average (the served model as it has
-learned, published or not).
+*time to serve* as the bench counts it, the same count had every merge candidate been published
+(``time_to_serve_candidates``: what the learner allows, whatever the gate says), and the working
+model's average (the served model as it has learned, published or not).
 
     python -m benchmarks.cl_engine permuted --seed 1 --set merge_recency_half_life=0
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     s = load_settings(num_classes=stream.num_classes, merge_after_child_updates=4, merge_trigger="count",
                       seed=args.seed, **overrides)
     engine = Engine(s.model, s.learner, s.merge, torch.device("cpu"))
-    served, first = [], {}
+    served, candidates, first = [], [], {}
 
     def test_row(state) -> list[float]:
         model = engine.architecture.build()
@@ -126,17 +127,24 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{cons.get('best_epoch')}); {out.reason}")
             print(f"    held-out served {out.served_metrics}\n    candidate      {out.candidate_metrics}")
             if out.state is not None:  # the same candidate on the test rows: a good one the gate could not confirm
-                print(f"    test rows: candidate {test_row(out.state)}")
+                candidates.append((step.batches, test_row(out.state)))
+                print(f"    test rows: candidate {candidates[-1][1]}")
         elif step.kind == "end":
             print(f"experience {step.experience} ({step.slice}): served {test_row(engine.served_state())}, working "
                   f"{test_row(engine.working_state())}, {time.perf_counter() - started:.0f} s", flush=True)
     final = test_row(engine.served_state())
     working = test_row(engine.working_state())
-    tts = {s.name: next((b - first[s.name] for b, row in served if b > first[s.name] and row[j] >= 0.9 * final[j]), None)
-           for j, s in enumerate(stream.slices)}
+    def time_to_serve(versions) -> dict:
+        return {s.name: next((b - first[s.name] for b, row in versions if b > first[s.name] and row[j] >= 0.9 * final[j]),
+                             None) for j, s in enumerate(stream.slices)}
+
+    tts = time_to_serve(served)
+    # the same count had every merge candidate been published: what the learner allows, whatever the gate says
+    tts_candidates = time_to_serve(sorted(served + candidates, key=lambda v: v[0]))
     # what the learner holds at the end beside what it serves: the difference is what the gate has not yet
     # found significant on the held-out rows (short streams end with a few such merges pending)
-    summary = {"avg_acc": round(sum(final) / len(final), 4), "final": final, "time_to_serve": tts, "versions": version,
+    summary = {"avg_acc": round(sum(final) / len(final), 4), "final": final, "time_to_serve": tts,
+               "time_to_serve_candidates": tts_candidates, "versions": version,
                "working_avg_acc": round(sum(working) / len(working), 4)}
     print("FINAL", json.dumps(summary))
     return summary

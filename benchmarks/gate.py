@@ -55,7 +55,7 @@ from tools.scenarios import continual_stream
 log = progress("gate")
 TOLERANCES = (0.0, 0.02, 0.03, 0.05, 0.08)
 GUARD_ALPHAS = (0.05, 0.1, 0.2)
-ALPHAS = (0.05, 0.2, 0.5)
+ALPHAS = (0.05, 0.1, 0.2, 0.5)
 GRID = [(t, ga) for ga in GUARD_ALPHAS for t in TOLERANCES]
 
 
