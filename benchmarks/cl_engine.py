@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{test_row(engine.working_state())}, {time.perf_counter() - started:.0f} s", flush=True)
     final = test_row(engine.served_state())
     working = test_row(engine.working_state())
+
     def time_to_serve(versions) -> dict:
         return {s.name: next((b - first[s.name] for b, row in versions if b > first[s.name] and row[j] >= 0.9 * final[j]),
                              None) for j, s in enumerate(stream.slices)}

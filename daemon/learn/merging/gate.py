@@ -95,8 +95,8 @@ Overall test, stream-level calls (5 slices of n rows, guard off): at ``alpha`` 0
 estimate alone (``alpha`` 0.5), 6.3-11.1 %. Measured again on newly trained models (2026-12-06,
 per pair kind and chunk size): 0 at 0.05, up to 2.1 % at 0.1, up to 5.2 % at 0.2, up to 13.9 % at
 0.5; the mid-p value in place of the exact one published a worse candidate in 2 of the 420 calls at
-0.05 (README, "Learning quality", has what it would have bought). The new slice (0.2 -> 0.9 at -0.01 on two other
-slices, 150 rows each) was published in 99.8 % of draws (median z 8.9).
+0.05 (README, "Learning quality", has what it would have bought). The new slice (0.2 -> 0.9 at
+-0.01 on two other slices, 150 rows each) was published in 99.8 % of draws (median z 8.9).
 
 References: Q. McNemar, "Note on the sampling error of the difference between correlated
 proportions or percentages", Psychometrika 12 (1947); A. L. Edwards, "Note on the 'correction
