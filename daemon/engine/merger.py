@@ -25,13 +25,13 @@ from daemon.engine.records import MergeOutcome
 from daemon.engine.seeding import seeded
 from daemon.engine.settings import LearnerSettings, MergeSettings
 from daemon.engine.state import cpu_state
-from daemon.learn.merging.distill import distill_into
+from daemon.learn.merging.distill import CongruentDistillation, distill_into
 from daemon.learn.models import Architecture
 from daemon.learn.merging.gate import correctness, gate, paired_gate, recency_weights
 from daemon.learn.merging.controller import choose_plan
 from daemon.learn.merging.plans import apply_plan
 from daemon.learn.replay import balanced_rows
-from daemon.learn.training import CrossEntropy, EarlyStopping, Hook, accuracy, fit, model_input
+from daemon.learn.training import CrossEntropy, EarlyStopping, Hook, Loss, accuracy, fit, model_input
 
 log = logging.getLogger("filial.engine")
 
@@ -256,11 +256,19 @@ def _consolidate(snap: MergeSnapshot, state: StateDict, select: Sets, recency: d
         stopper = EarlyStopping(lambda m: mean_accuracy(heldout_accuracy(m, snap.data_type, select), recency),
                                 settings.consolidate_patience).start(model)
         hooks = (stopper,)
+    loss: Loss = CrossEntropy(learner.label_smoothing)
+    if settings.consolidate_congruence:
+        with seeded(0):
+            published = snap.architecture.build().to(device)
+        published.load_state_dict(snap.served)
+        loss = CongruentDistillation(published, settings.consolidate_congruence,
+                                     label_smoothing=learner.label_smoothing)
     history = fit(model, model_input(x, snap.data_type), y, epochs=settings.consolidate_epochs,
                   lr=learner.learning_rate, batch_size=learner.train_batch_size,
-                  loss=CrossEntropy(learner.label_smoothing), hooks=hooks, generator=generator)
+                  loss=loss, hooks=hooks, generator=generator)
     report: dict[str, Any] = {"epochs": len(history), "rows_per_slice": per_slice, "slices": len(snap.replay),
-                              "loss": round(history[-1]["total"], 4) if history else None}
+                              "loss": round(history[-1]["total"], 4) if history else None,
+                              "congruence": settings.consolidate_congruence}
     if stopper is not None:
         stopper.restore_best(model)
         report.update(best_epoch=stopper.best_epoch, selection=[round(v, 4) for v in stopper.scores])

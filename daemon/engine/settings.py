@@ -116,6 +116,11 @@ class MergeSettings(BaseModel):
                                       "accuracy has not improved for this many epochs, keeping the best (0: always "
                                       "run every epoch). The selection rows are few (half of each slice's held-out "
                                       "rows), so their mean is noisy: 2 stopped too early (README 'Learning quality')")
+    consolidate_congruence: float = Field(0.0, ge=0, description="weight of positive-congruent consolidation: the "
+                                          "candidate also learns the published version's predictions on the rows "
+                                          "that version gets right (focal distillation, Yan et al. 2021), so fewer "
+                                          "rows followers got right are lost; better final accuracy, slower "
+                                          "serving of new slices (README 'Learning quality'); 0: off")
     consolidate_rows_per_slice: int = Field(500, ge=1, description="rows of each slice's replay buffer per "
                                             "consolidation epoch (fewer are repeated, more are subsampled)")
     consolidate_max_rows: int = Field(10_000, ge=1, description="cap on the rows of one consolidation epoch: "

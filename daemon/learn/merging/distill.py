@@ -78,6 +78,36 @@ class KnowledgeDistillation(Loss):
         return {"total": hinton_loss(model(x), y, teacher, self.temperature, self.alpha, self.beta)}
 
 
+class CongruentDistillation(Loss):
+    """Positive-congruent training (Yan et al. 2021, "Positive-Congruent Training: Towards
+    Regression-Free Model Updates", focal distillation): ``CE(z, y) + weight * T^2 * mean_i
+    [old right on i] * KL(softmax(z_old,i / T) || softmax(z_i / T))``. The model keeps the old one's
+    predictions where the old one is right and is free where it is wrong, so an update loses fewer of
+    the rows its predecessor got right ("negative flips"). ``old`` is frozen for the fit."""
+
+    def __init__(self, old: nn.Module, weight: float, temperature: float = 2.0, label_smoothing: float = 0.0) -> None:
+        if weight < 0 or temperature <= 0:
+            raise ValueError(f"weight must be >= 0 and temperature > 0, got {weight}, {temperature}")
+        self.old, self.weight, self.temperature, self.label_smoothing = old, weight, temperature, label_smoothing
+
+    @contextmanager
+    def bind(self, model: nn.Module, x: torch.Tensor) -> Iterator[list]:
+        with frozen(self.old):
+            yield []
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Terms:
+        logits = model(x).float()
+        with torch.no_grad():
+            old = self.old(x).float()
+            right = (old.argmax(1) == y).float()
+            target = tempered_softmax(old, self.temperature)
+        ce = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        log_new = F.log_softmax(logits / self.temperature, dim=-1)
+        kl = (target * (target.clamp_min(1e-12).log() - log_new)).sum(1)
+        congruence = (right * kl).mean() * self.temperature ** 2
+        return {"total": ce + self.weight * congruence, "cross_entropy": ce, "congruence": congruence}
+
+
 @torch.no_grad()
 def ensemble_probs(models: Sequence[nn.Module], x: torch.Tensor, temperature: float) -> torch.Tensor:
     """Mean of the models' tempered softmaxes on ``x`` (CPU, float32)."""

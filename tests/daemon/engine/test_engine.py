@@ -391,6 +391,33 @@ def test_label_smoothing_reaches_every_cross_entropy_fit_of_the_learner():
     assert all(seen[0.0][k] > seen[0.6][k] + 0.15 for k in seen[0.0]), seen  # plain CE is not bounded so
 
 
+def test_congruence_reaches_the_merges_consolidation_and_keeps_more_of_the_published_answers():
+    """merge_consolidate_congruence trains the consolidation with the published version as a teacher on
+    the rows it gets right: the merge records the weight, and the candidate loses fewer of the rows the
+    published version classified right than the same merge without it (seeded: the same candidate else)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x, y = torch.from_numpy(digits.data).float() / 16.0, torch.from_numpy(digits.target).long()
+    permuted = x[:, torch.randperm(64, generator=torch.Generator().manual_seed(3))]
+    lost, plans = {}, {}
+    for weight in (0.0, 1.0):
+        engine = _engine(model={"family": "tabular_mlp"}, bootstrap_batches=4, bootstrap_accuracy=0.5,
+                         accuracy_threshold=0.99, merge={"consolidate_congruence": weight})
+        _bootstrap(engine, _tabular_batches("plain", x[:900], y[:900]))
+        for b in _tabular_batches("perm", permuted[900:1500], y[900:1500], offset=100):
+            engine.process(b)
+        outcome = engine.merge()
+        plans[weight] = outcome.plan["consolidate"]["congruence"]
+        published, candidate = engine.architecture.build(), engine.architecture.build()
+        published.load_state_dict(engine.served_state())
+        candidate.load_state_dict(outcome.state)
+        old_right = published(x[:900]).argmax(1) == y[:900]
+        lost[weight] = int((old_right & (candidate(x[:900]).argmax(1) != y[:900])).sum())
+    assert plans == {0.0: 0.0, 1.0: 1.0}
+    assert lost[1.0] < lost[0.0], lost
+
+
 def test_a_learner_that_does_not_lead_consolidates_its_served_model_and_publishes_nothing(served, phases):
     """At its merge tick a learner whose merges another learner leads rehearses every slice as a merge
     would (consolidation on slice-balanced replay) and builds on the result; no version, no merge counted."""

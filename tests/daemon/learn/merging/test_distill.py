@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from daemon.learn.merging.distill import KnowledgeDistillation, distill_into, ensemble_probs, hinton_loss, kd_kl
+from daemon.learn.merging.distill import (CongruentDistillation, KnowledgeDistillation, distill_into, ensemble_probs,
+                                          hinton_loss, kd_kl)
 from daemon.learn.training import fit
 
 
@@ -117,3 +118,50 @@ def test_served_model_learns_a_slice_only_a_child_of_another_architecture_knows(
     assert before_new < 0.1
     assert accuracy(served, x[new], y[new]) > 0.6
     assert accuracy(served, x[old], y[old]) > 0.8
+
+
+# --- positive-congruent consolidation ----------------------------------------------------------------------
+def test_congruent_distillation_is_the_formula_and_only_counts_rows_the_old_model_gets_right():
+    x, y = data(12)
+    old, new = mlp(8, 1), mlp(8, 2)
+    T, w = 2.0, 0.7
+    terms = CongruentDistillation(old, w, temperature=T, label_smoothing=0.1)(new, x, y)
+    z_old, z_new = old(x).detach(), new(x)
+    right = (z_old.argmax(1) == y).float()
+    assert 0 < right.sum() < len(y)                               # both kinds of row in the batch
+    p_old = F.softmax(z_old / T, -1)
+    kl = (p_old * (p_old.log() - F.log_softmax(z_new / T, -1))).sum(1)
+    ce = F.cross_entropy(z_new, y, label_smoothing=0.1)
+    assert terms["congruence"].item() == pytest.approx(((right * kl).mean() * T * T).item(), rel=1e-5)
+    assert terms["total"].item() == pytest.approx((ce + w * (right * kl).mean() * T * T).item(), rel=1e-5)
+    # an old model wrong on every row constrains nothing: plain (smoothed) cross-entropy
+    wrong = (z_old.argmax(1) + 1) % 4
+    terms = CongruentDistillation(old, w, temperature=T, label_smoothing=0.1)(new, x, wrong)
+    assert terms["congruence"].item() == 0
+    assert terms["total"].item() == pytest.approx(F.cross_entropy(z_new, wrong, label_smoothing=0.1).item(), rel=1e-6)
+
+
+def test_congruent_consolidation_loses_fewer_of_the_rows_the_old_model_got_right():
+    # the old model learned the task; the new one is trained on a relabelled half of it (rows whose
+    # label moved), as an update that must change some predictions: with congruence it keeps more of
+    # the old model's right answers on the rows whose label did not move
+    x, y = data(384, seed=3)
+    old = mlp(32, 0)
+    fit(old, x, y, epochs=30, lr=1e-2, generator=torch.Generator().manual_seed(0))
+    moved = x[:, 2] > 0.8
+    y_new = torch.where(moved, (y + 1) % 4, y)
+    old_right = (old(x).argmax(1) == y) & ~moved
+    before = {k: v.clone() for k, v in old.state_dict().items()}
+
+    def lost(weight: float) -> int:
+        new = mlp(32, 0)
+        new.load_state_dict(old.state_dict())
+        loss = CongruentDistillation(old, weight) if weight else None
+        fit(new, x, y_new, epochs=10, lr=1e-2, loss=loss, generator=torch.Generator().manual_seed(1))
+        return int((old_right & (new(x).argmax(1) != y)).sum())
+
+    with_congruence, without = lost(1.0), lost(0.0)
+    assert with_congruence < without, (with_congruence, without)
+    assert all(torch.equal(v, old.state_dict()[k]) for k, v in before.items())   # the teacher is not trained
+    with pytest.raises(ValueError):
+        CongruentDistillation(old, -1.0)
