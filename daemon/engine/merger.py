@@ -258,11 +258,8 @@ def _consolidate(snap: MergeSnapshot, state: StateDict, select: Sets, recency: d
         hooks = (stopper,)
     loss: Loss = CrossEntropy(learner.label_smoothing)
     if settings.consolidate_congruence:
-        with seeded(0):
-            published = snap.architecture.build().to(device)
-        published.load_state_dict(snap.served)
-        loss = CongruentDistillation(published, settings.consolidate_congruence,
-                                     label_smoothing=learner.label_smoothing)
+        loss = CongruentDistillation(snap.architecture.build_with(snap.served, device),
+                                     settings.consolidate_congruence, label_smoothing=learner.label_smoothing)
     history = fit(model, model_input(x, snap.data_type), y, epochs=settings.consolidate_epochs,
                   lr=learner.learning_rate, batch_size=learner.train_batch_size,
                   loss=loss, hooks=hooks, generator=generator)

@@ -42,6 +42,12 @@ def kd_kl(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature
     return F.kl_div(log_student, teacher_probs, reduction="batchmean")
 
 
+def kd_kl_rows(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``KL(teacher || softmax(student / T))`` of each row (what :func:`kd_kl` averages)."""
+    log_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    return F.kl_div(log_student, teacher_probs, reduction="none").sum(-1)
+
+
 def hinton_loss(student_logits: torch.Tensor, y: torch.Tensor, teacher_probs: torch.Tensor,
                 temperature: float, alpha: float, beta: float) -> torch.Tensor:
     """``alpha * CE + beta * T^2 * KL(teacher || student_T)``."""
@@ -102,9 +108,7 @@ class CongruentDistillation(Loss):
             right = (old.argmax(1) == y).float()
             target = tempered_softmax(old, self.temperature)
         ce = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        log_new = F.log_softmax(logits / self.temperature, dim=-1)
-        kl = (target * (target.clamp_min(1e-12).log() - log_new)).sum(1)
-        congruence = (right * kl).mean() * self.temperature ** 2
+        congruence = (right * kd_kl_rows(logits, target, self.temperature)).mean() * self.temperature ** 2
         return {"total": ce + self.weight * congruence, "cross_entropy": ce, "congruence": congruence}
 
 
