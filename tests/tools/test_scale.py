@@ -57,6 +57,8 @@ def test_two_learners_survive_sigkills_and_apply_every_batch_once(tmp_path):
     assert len(result["lease_tokens"]) >= 2, result   # the leader's kill handed the lease on, with a larger token
     assert result["batches_applied_twice"] == 0, result   # found by this test; fixed with test_learners' tests
     # no collapse: a learner that forked the served line (a second bootstrap, found by this test) left it at
-    # 0.50-0.68 against 0.92-0.95. Whether the learners are below one learner is make scale's check, against
-    # the median of three runs of it: one run of one learner on this short stream spreads 0.907-0.937
-    assert result["against_one_learner"]["difference"] > -0.06, result["against_one_learner"]
+    # 0.50-0.68 against 0.92-0.95, a difference of -0.24 or worse. Whether the learners are below one learner
+    # is make scale's check, against the median of three runs of it: here one run of each, and one run of one
+    # learner on this short stream spreads 0.907-0.937, so the group measured -0.076 once (CI, 2026-12-06)
+    # with nothing wrong. -0.12 sits between that noise and the collapse.
+    assert result["against_one_learner"]["difference"] > -0.12, result["against_one_learner"]
