@@ -192,6 +192,9 @@ class Engine:
     def merge(self, contributions: Sequence[Contribution] = ()) -> MergeOutcome | None:
         """Merge the active children (and other learners' contributions) into a candidate and gate it;
         None when there is nothing new. Only the snapshot holds the lock."""
+        confirmed = self._take_confirmed()
+        if confirmed is not None:
+            return confirmed
         snapshot = self.merge_snapshot(contributions)
         if snapshot is None:
             return None
@@ -201,7 +204,9 @@ class Engine:
         foreign = {name: rows for name, rows in snapshot.heldout.items() if name not in local}
         if foreign:
             outcome = replace(outcome, foreign_heldout=foreign)
+        pending = merger.hold_for_confirmation(snapshot, outcome, self.merge_settings, self.device)
         with self._lock:
+            self._state.pending = pending
             if outcome.accepted:
                 self._state.counters.merges_accepted += 1
             else:
@@ -210,6 +215,26 @@ class Engine:
                     root = self._state.root
                     root.model.load_state_dict(_carry_progress(outcome.state, outcome.working_state, root.model))
         return outcome
+
+    def candidate_confirmed(self) -> bool:
+        """A held candidate was confirmed on fresh rows: the next merge publishes it without computing
+        anything (the merge job does not rest for it)."""
+        with self._lock:
+            pending = self._state.pending
+            return pending is not None and pending.confirmation.confirmed is not None
+
+    def _take_confirmed(self) -> MergeOutcome | None:
+        """The held candidate once fresh rows confirmed it, as an accepted merge (then no longer held)."""
+        with self._lock:
+            st = self._state
+            pending = st.pending
+            if pending is None or pending.confirmation.confirmed is None:
+                return None
+            st.pending = None
+            if pending.served_version != st.served_version:  # another version was adopted meanwhile
+                return None
+            st.counters.merges_accepted += 1
+        return merger.confirmed_outcome(pending)
 
     def consolidate_working(self, contributions: Sequence[Contribution] = ()) -> bool:
         """A learner that does not lead (another merges the group's contributions): its served model as

@@ -37,11 +37,12 @@ from daemon.engine.seeding import node_seed, seeded
 from daemon.engine.settings import LearnerSettings, MergeSettings, ModelSettings
 from daemon.engine import stages
 from daemon.engine.stages import StageClock
-from daemon.engine.state import EngineState
+from daemon.engine.state import EngineState, PendingCandidate
 from daemon.engine.tree import ROOT, Node
 from daemon.learn.inherit.child_tuning import child_tuning_hook
 from daemon.learn.inherit.hkt import HKTLoss
 from daemon.learn.inherit.spawn import compact_architecture, spawn_child
+from daemon.learn.merging.confirm import fresh_correctness
 from daemon.learn.models import infer_architecture, parameter_count
 from daemon.learn.policy import Observation, Verdict, decide, spawn_method
 from daemon.learn.training import (CrossEntropy, Hook, accuracy, embed, features_and_logits, fit, model_input,
@@ -209,14 +210,43 @@ class Learner:
         to the served reference in the published version's features (where the fingerprint was fit)."""
         root = state.root
         published = state.published_model()
+        pending = self._pending(state)
         if published is root.model:  # before a first version: one pass gives both
             features, logits = features_and_logits(root.model, rows.x)
+        elif pending is not None:  # the published version's logits too, from the same pass
+            logits = predict_logits(root.model, rows.x)
+            features, published_logits = features_and_logits(published, rows.x)
+            self._confirm(state, pending, rows, published_logits)
         else:
             logits, features = predict_logits(root.model, rows.x), embed(published, rows.x)
         correct = float((logits.argmax(1) == rows.y).float().mean())
         c, n = state.prequential.setdefault(rows.slice, [0.0, 0])
         state.prequential[rows.slice] = [c + correct * rows.size, n + rows.size]
         return correct, root.fingerprint.score(features)
+
+    @staticmethod
+    def _pending(state: EngineState) -> PendingCandidate | None:
+        """The candidate held for confirmation, while it still waits and was judged against the version
+        served now (another version adopted since makes its evidence moot: dropped)."""
+        pending = state.pending
+        if pending is not None and pending.served_version != state.served_version:
+            state.pending = pending = None
+        return pending if pending is not None and pending.confirmation.confirmed is None else None
+
+    def _confirm(self, state: EngineState, pending: PendingCandidate, rows: Rows,
+                 published_logits: torch.Tensor) -> None:
+        """Judge the held candidate again with this batch's rows, which neither model has trained on
+        (:mod:`daemon.learn.merging.confirm`); once confirmed, a merge is due and publishes it."""
+        if pending.model is None:
+            device = next(state.root.model.parameters()).device
+            pending.model = state.root.architecture.build_with(pending.outcome.state, device)
+        candidate_logits = predict_logits(pending.model, rows.x)
+        verdict = pending.confirmation.update(rows.slice, fresh_correctness(published_logits, rows.y),
+                                              fresh_correctness(candidate_logits, rows.y))
+        if verdict.accepted:
+            pending.model = None
+            log.info("merge candidate confirmed on %d fresh rows (look %d): %s", pending.confirmation.fresh_rows,
+                     pending.confirmation.looks, verdict.reason)
 
     @staticmethod
     def _expected_accuracy(state: EngineState, slice_name: str, min_rows: int = 100) -> float | None:
@@ -266,6 +296,8 @@ class Learner:
         if trained:
             state.counters.child_updates_since_merge += 1
             merge_due = state.counters.child_updates_since_merge >= self.merge_after
+        if state.pending is not None and state.pending.confirmation.confirmed is not None:
+            merge_due = True  # the held candidate is confirmed: the merge publishes it
         return BatchResult(rows.slice, rows.size, verdict.action, verdict.reason, kl, acc, verdict.drift,
                            child=child_id, nearest_kl=nearest_kl, merge_due=merge_due)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -24,7 +24,8 @@ import torch
 from daemon.engine.records import MergeOutcome
 from daemon.engine.seeding import seeded
 from daemon.engine.settings import LearnerSettings, MergeSettings
-from daemon.engine.state import cpu_state
+from daemon.engine.state import PendingCandidate, cpu_state
+from daemon.learn.merging.confirm import Confirmation, worth_confirming
 from daemon.learn.merging.distill import CongruentDistillation, distill_into
 from daemon.learn.models import Architecture
 from daemon.learn.merging.gate import correctness, gate, paired_gate, recency_weights
@@ -161,6 +162,36 @@ def merge(snap: MergeSnapshot, settings: MergeSettings, learner: LearnerSettings
     return MergeOutcome(verdict.accepted, verdict.reason, state, snap.ids + list(distilled), snap.base_version,
                         snap.served_version, served_metrics, cand_metrics, plan, verdict,
                         time.perf_counter() - started, distilled, snap.working, takes)
+
+
+def hold_for_confirmation(snap: MergeSnapshot, outcome: MergeOutcome, settings: MergeSettings,
+                          device: torch.device) -> PendingCandidate | None:
+    """The candidate to confirm on fresh rows (``merge.confirm_alpha``, :mod:`daemon.learn.merging.confirm`)
+    when the gate rejected it only for a gain not yet significant; None otherwise (and for a merge of
+    several learners' contributions, whose slices this learner's batches do not all come from)."""
+    if (not settings.confirm_alpha or outcome.state is None or outcome.verdict is None
+            or outcome.foreign_heldout or not worth_confirming(outcome.verdict)):
+        return None
+    _, judge = split_heldout(snap.heldout)
+    evaluate = Evaluator(snap.architecture, snap.data_type, device)
+    confirmation = Confirmation(evaluate.correct(snap.served, judge), evaluate.correct(outcome.state, judge),
+                                slice_weights(snap, settings), settings.confirm_alpha, settings.tolerance,
+                                settings.guard_alpha)
+    return PendingCandidate(outcome, snap.served_version, confirmation)
+
+
+def confirmed_outcome(pending: PendingCandidate) -> MergeOutcome:
+    """A confirmed candidate as an accepted merge, its record saying how it was confirmed. Its adoption
+    keeps what the served model learned meanwhile: when the served model took the candidate at the
+    rejection it has built on it since, so the candidate's own weights are the point it learned from."""
+    c, o, verdict = pending.confirmation, pending.outcome, pending.confirmation.confirmed
+    plan = {**(o.plan or {}), "confirmation": {"looks": c.looks, "fresh_rows": c.fresh_rows,
+                                               "alpha": c.look_alpha(c.looks), "rejected_as": o.reason}}
+    return replace(o, accepted=True, reason=f"confirmed on {c.fresh_rows} fresh rows at look {c.looks}: {verdict.reason}",
+                   plan=plan, verdict=verdict, served_metrics={s.slice: round(s.served, 4) for s in verdict.slices},
+                   candidate_metrics={s.slice: round(s.candidate, 4) for s in verdict.slices}, seconds=0.0,
+                   distilled_children={}, working_state=o.state if o.working_takes_candidate else o.working_state,
+                   working_takes_candidate=False)
 
 
 def consolidate_working(snap: MergeSnapshot, settings: MergeSettings, learner: LearnerSettings,

@@ -106,6 +106,10 @@ class MergeSettings(BaseModel):
                              "one-sided (1 - guard_alpha) bound of its drop (daemon/learn/merging/gate.py)")
     alpha: float = Field(0.05, gt=0, lt=1, description="a merge publishes only when its overall gain on the held-out "
                          "rows is significant at this level (paired test on per-row correctness; 0.5: any gain)")
+    confirm_alpha: float = Field(0.05, ge=0, lt=1, description="a candidate rejected only because its gain is not yet "
+                                 "significant is held and judged again on each later batch's rows before they train, "
+                                 "at confirm_alpha/2, /4, ... (at most confirm_alpha in all; "
+                                 "daemon/learn/merging/confirm.py); 0: off")
     guard_alpha: float = Field(0.10, gt=0, lt=1, description="confidence of the per-slice guard's drop bound")
     recency_half_life: float = Field(48, ge=0, description="the gate's overall gain weighs each slice by "
                                      "2^-(batches since it was last seen / this); 0: every slice the same")

@@ -12,10 +12,22 @@ from typing import Any
 
 import torch
 
-from daemon.engine.records import Counters
+from daemon.engine.records import Counters, MergeOutcome
 from daemon.engine.tree import ModelTree, Node
+from daemon.learn.merging.confirm import Confirmation
 from daemon.learn.replay import SliceBuffers
 from daemon.learn.policy import Thresholds
+
+
+@dataclass
+class PendingCandidate:
+    """A rejected merge's candidate that was better but not yet significantly (:mod:`daemon.learn.merging.confirm`):
+    the outcome to publish once confirmed, the version it was judged against, its evidence, and the
+    candidate in a model (built on its first look)."""
+    outcome: MergeOutcome
+    served_version: int
+    confirmation: Confirmation
+    model: torch.nn.Module | None = None
 
 
 @dataclass
@@ -41,6 +53,9 @@ class EngineState:
     learned: dict[str, list[float]] = field(default_factory=dict)
     # the false-alarm rate ``thresholds.kl`` was calibrated at; None: it is the kl_threshold setting
     kl_calibrated_rate: float | None = None
+    # a merge candidate held for confirmation on fresh rows (merge.confirm_alpha); never checkpointed:
+    # after a restart the next merge builds a new candidate
+    pending: PendingCandidate | None = field(default=None, repr=False)
     # ``published_state`` in a model, and the dict it was loaded from (derived, never checkpointed)
     _published_model: torch.nn.Module | None = field(default=None, repr=False)
     _published_model_of: dict[str, torch.Tensor] | None = field(default=None, repr=False)

@@ -80,7 +80,7 @@ class MergeJob:
     def nudge(self) -> None:
         """Run now (enough child updates); while a merge runs, or the job rests (``cpu_share``), it is
         not nudged: a later nudge or tick takes these updates."""
-        if self._scheduler is not None and not self._lock.locked() and not self.resting():
+        if self._scheduler is not None and not self._lock.locked() and not self._must_rest():
             self._scheduler.modify_job("merge", next_run_time=datetime.now(timezone.utc))
 
     def resting(self) -> bool:
@@ -90,8 +90,12 @@ class MergeJob:
         """Seconds before a scheduled run or a nudge may merge again (``merge.cpu_share``)."""
         return max(self._rest_until - time.monotonic(), 0.0)
 
+    def _must_rest(self) -> bool:
+        """Resting, unless a candidate confirmed on fresh rows waits: publishing it computes no merge."""
+        return self.resting() and not self.engine.candidate_confirmed()
+
     def _scheduled(self) -> None:
-        if self.resting():
+        if self._must_rest():
             log.debug("merge tick skipped: resting %.1fs more (merge.cpu_share %.2f)", self.rest_seconds(),
                       self.s.cpu_share)
             return

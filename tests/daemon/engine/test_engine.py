@@ -434,3 +434,42 @@ def test_a_learner_that_does_not_lead_consolidates_its_served_model_and_publishe
     assert sum(after.values()) > sum(before.values()) + 0.02, (before, after)   # every slice rehearsed
     assert len(up_rows[1]) and after["upright"] >= before["upright"] - 0.02, (before, after)
     assert not engine.consolidate_working()   # nothing learned since: nothing to consolidate
+
+
+def test_a_candidate_short_of_significance_is_confirmed_on_the_next_batch_and_published(served, phases):
+    """merge.confirm_alpha: a merge rejected only because its gain is not yet significant (here: at an alpha of
+    1e-12) is held; the next batch's rows, before they train, confirm it; the merge then publishes it as it
+    was, and what the served model learned meanwhile stays."""
+    engine = _copy(served, merge={"alpha": 1e-12, "confirm_alpha": 0.05})
+    _, (rot, xr, yr) = phases
+    batches = list(_batches(rot, xr, yr, offset=10))
+    for b in batches[:3]:
+        engine.process(b)
+    rejected = engine.merge()
+    assert not rejected.accepted and rejected.reason.startswith("gain not significant"), rejected.reason
+    assert not engine.candidate_confirmed()
+    result = engine.process(batches[3])
+    assert result.merge_due and engine.candidate_confirmed()
+    working = engine.working_state()
+    outcome = engine.merge()
+    assert outcome.accepted and outcome.reason.startswith("confirmed on 100 fresh rows at look 1"), outcome.reason
+    assert outcome.plan["confirmation"]["rejected_as"] == rejected.reason
+    assert outcome.verdict.p_value <= 0.025 and outcome.verdict.rows == rejected.verdict.rows + 100
+    assert all(torch.equal(outcome.state[k], v) for k, v in rejected.state.items())   # the held candidate itself
+    engine.adopt_merge(outcome, 2)
+    assert engine.served_version == 2 and engine.metrics()["rot90"] > 0.5
+    now = engine.working_state()  # the candidate plus what was learned since it: float rounding apart, unchanged
+    assert all(torch.allclose(now[k], v, atol=1e-6) for k, v in working.items() if v.is_floating_point())
+    assert not engine.candidate_confirmed()
+
+
+def test_a_held_candidate_is_dropped_once_another_version_is_served(served, phases):
+    engine = _copy(served, merge={"alpha": 1e-12, "confirm_alpha": 0.05})
+    _, (rot, xr, yr) = phases
+    batches = list(_batches(rot, xr, yr, offset=10))
+    for b in batches[:3]:
+        engine.process(b)
+    assert not engine.merge().accepted
+    assert engine.adopt_external(version=2, parent_version=1, architecture=engine.architecture.model_dump(),
+                                 state=engine.served_state(), base_version=None, metrics={}, carry_progress=True)
+    assert not engine.process(batches[3]).merge_due and not engine.candidate_confirmed()
