@@ -107,6 +107,9 @@ McNemar's test for two classifiers compared once on the same test rows; A. Agres
 "Simple improved confidence intervals for comparing matched proportions", Statistics in
 Medicine 24 (2005).
 
+A candidate rejected only because its gain is not yet significant can be confirmed later on fresh
+rows, this same test on more rows at a stricter level: :mod:`daemon.learn.merging.confirm`.
+
 :func:`gate` is the older point check on per-slice accuracies (no statistics), kept for callers
 that only have accuracies (the merger's selection-half pre-filter); publishing goes through
 :func:`paired_gate`. Every verdict serialises with ``dataclasses.asdict`` to plain JSON values.
