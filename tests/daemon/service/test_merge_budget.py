@@ -39,3 +39,32 @@ def test_the_merge_job_rests_in_proportion_to_what_a_merge_cost(kafka, redis_ser
     finally:
         service.stop()
         thread.join(timeout=30)
+
+
+def test_a_candidate_confirmed_on_fresh_rows_is_published_though_the_job_rests(kafka, redis_server, unique,
+                                                                                produce_tabular):
+    # merge_alpha 1e-15: a merge of a handful of held-out rows cannot be significant, so it is held for
+    # confirmation (merge_confirm_alpha, default 0.05); no nudge or tick but the confirmation's
+    settings = service_settings(kafka.address, redis_server.address, unique, merge_cpu_share=0.001,
+                                merge_alpha=1e-15, merge_after_child_updates=1000, merge_interval_seconds=3600)
+    service = Service(settings)
+    thread = run_in_thread(service)
+    try:
+        produce_tabular(kafka.address, settings.kafka.topic, "a", 3, "a")
+        assert wait_until(lambda: service.engine.served_version == 1)
+        produce_tabular(kafka.address, settings.kafka.topic, "b", 4, "b", permute_seed=1)
+        assert wait_until(lambda: service.engine.counters.batches == 7)
+        held = service.merge_now()
+        assert held is not None and held.reason.startswith("gain not significant"), held and held.reason
+        assert service.merge_job.resting() and service.engine.served_version == 1
+        # the next batches of b are fresh rows for the held candidate: confirmed, and published at once
+        produce_tabular(kafka.address, settings.kafka.topic, "b", 3, "b2", permute_seed=1)
+        assert wait_until(lambda: service.engine.served_version == 2)
+        assert service.merge_job.resting()   # it still rests: the publish computed no merge
+        merges = service.telemetry.recent_merges(5)
+        confirmed = [m for m in merges if m["reason"].startswith("confirmed on")]
+        assert confirmed and confirmed[0]["accepted"], [m["reason"] for m in merges]
+        assert confirmed[0]["plan"]["confirmation"]["rejected_as"] == held.reason
+    finally:
+        service.stop()
+        thread.join(timeout=30)
