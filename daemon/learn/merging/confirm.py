@@ -25,16 +25,16 @@ slice seen last. The weights are the merge's (recency at its snapshot), fixed fo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import torch
 
 from daemon.learn.merging.gate import GateVerdict, paired_gate
 
 
 def worth_confirming(verdict: GateVerdict) -> bool:
-    """Rejected only because its gain is not yet significant: better on the held-out rows (``gain`` > 0),
-    not worse by the paired test, no slice regressed."""
-    return (not verdict.accepted and not verdict.regressions and verdict.gain is not None
-            and verdict.gain > 0 and verdict.reason.startswith("gain not significant"))
+    """Rejected only because its gain is not yet significant: no slice regressed and the candidate is
+    better on the held-out rows (``gain`` > 0, so neither worse by the paired test nor equal on every row)."""
+    return not verdict.accepted and not verdict.regressions and verdict.gain is not None and verdict.gain > 0
 
 
 @dataclass
