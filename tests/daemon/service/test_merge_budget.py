@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from daemon.service.service import Service
 from tests.helpers import run_in_thread, service_settings, wait_until
 
 
-def test_the_merge_job_rests_in_proportion_to_what_a_merge_cost(kafka, redis_server, unique, produce_tabular):
-    share = 0.001   # a merge of c CPU-seconds rests 999 c: nothing else merges during this test
-    settings = service_settings(kafka.address, redis_server.address, unique, merge_cpu_share=share)
+@contextmanager
+def _serving_a_then_learning_b(kafka, redis_server, unique, produce_tabular, **settings):
+    """A service that published v1 on slice a, then applied 4 batches of a new slice b (so it has
+    something to merge); stopped on exit."""
+    settings = service_settings(kafka.address, redis_server.address, unique, **settings)
     service = Service(settings)
     thread = run_in_thread(service)
     try:
@@ -16,6 +20,16 @@ def test_the_merge_job_rests_in_proportion_to_what_a_merge_cost(kafka, redis_ser
         assert wait_until(lambda: service.engine.served_version == 1)
         produce_tabular(kafka.address, settings.kafka.topic, "b", 4, "b", permute_seed=1)
         assert wait_until(lambda: service.engine.counters.batches == 7)
+        yield service, settings
+    finally:
+        service.stop()
+        thread.join(timeout=30)
+
+
+def test_the_merge_job_rests_in_proportion_to_what_a_merge_cost(kafka, redis_server, unique, produce_tabular):
+    share = 0.001   # a merge of c CPU-seconds rests 999 c: nothing else merges during this test
+    with _serving_a_then_learning_b(kafka, redis_server, unique, produce_tabular,
+                                    merge_cpu_share=share) as (service, settings):
         # a merge the children nudged may still run: its CPU would count in the window below, its rest not
         # (each merge's rest replaces the last); once it ends, its rest holds further nudges back
         assert wait_until(lambda: not service.merge_job._lock.locked())
@@ -36,24 +50,15 @@ def test_the_merge_job_rests_in_proportion_to_what_a_merge_cost(kafka, redis_ser
         counters = service.engine.counters
         assert counters.merges_accepted + counters.merges_rejected == merges
         assert service.merge_job.resting()
-    finally:
-        service.stop()
-        thread.join(timeout=30)
 
 
 def test_a_candidate_confirmed_on_fresh_rows_is_published_though_the_job_rests(kafka, redis_server, unique,
                                                                                 produce_tabular):
     # merge_alpha 1e-15: a merge of a handful of held-out rows cannot be significant, so it is held for
     # confirmation (merge_confirm_alpha, default 0.05); no nudge or tick but the confirmation's
-    settings = service_settings(kafka.address, redis_server.address, unique, merge_cpu_share=0.001,
-                                merge_alpha=1e-15, merge_after_child_updates=1000, merge_interval_seconds=3600)
-    service = Service(settings)
-    thread = run_in_thread(service)
-    try:
-        produce_tabular(kafka.address, settings.kafka.topic, "a", 3, "a")
-        assert wait_until(lambda: service.engine.served_version == 1)
-        produce_tabular(kafka.address, settings.kafka.topic, "b", 4, "b", permute_seed=1)
-        assert wait_until(lambda: service.engine.counters.batches == 7)
+    with _serving_a_then_learning_b(kafka, redis_server, unique, produce_tabular, merge_cpu_share=0.001,
+                                    merge_alpha=1e-15, merge_after_child_updates=1000,
+                                    merge_interval_seconds=3600) as (service, settings):
         held = service.merge_now()
         assert held is not None and held.reason.startswith("gain not significant"), held and held.reason
         assert service.merge_job.resting() and service.engine.served_version == 1
@@ -65,6 +70,3 @@ def test_a_candidate_confirmed_on_fresh_rows_is_published_though_the_job_rests(k
         confirmed = [m for m in merges if m["reason"].startswith("confirmed on")]
         assert confirmed and confirmed[0]["accepted"], [m["reason"] for m in merges]
         assert confirmed[0]["plan"]["confirmation"]["rejected_as"] == held.reason
-    finally:
-        service.stop()
-        thread.join(timeout=30)
