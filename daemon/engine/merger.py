@@ -191,7 +191,7 @@ def confirmed_outcome(pending: PendingCandidate) -> MergeOutcome:
                    plan=plan, verdict=verdict, served_metrics={s.slice: round(s.served, 4) for s in verdict.slices},
                    candidate_metrics={s.slice: round(s.candidate, 4) for s in verdict.slices}, seconds=0.0,
                    distilled_children={}, working_state=o.state if o.working_takes_candidate else o.working_state,
-                   working_takes_candidate=False)
+                   working_takes_candidate=False, confirmed=True)
 
 
 def consolidate_working(snap: MergeSnapshot, settings: MergeSettings, learner: LearnerSettings,

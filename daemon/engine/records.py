@@ -81,12 +81,15 @@ class MergeOutcome:
     # held-out rows of slices other learners contributed (not in this engine's buffers): the release's
     # metrics cover them too
     foreign_heldout: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # a candidate rejected earlier for a gain not yet significant, confirmed since on fresh rows
+    # (daemon.learn.merging.confirm): accepted without a merge computed now
+    confirmed: bool = False
 
     def record(self) -> dict[str, Any]:
         return {"accepted": self.accepted, "reason": self.reason, "children": self.children,
                 "base_version": self.base_version, "served_version": self.served_version,
                 "served_metrics": self.served_metrics, "candidate_metrics": self.candidate_metrics,
-                "plan": self.plan, "seconds": round(self.seconds, 3),
+                "plan": self.plan, "seconds": round(self.seconds, 3), "confirmed": self.confirmed,
                 "regressions": [asdict(r) for r in self.verdict.regressions] if self.verdict else [],
                 "gate": asdict(self.verdict) if self.verdict else None}
 

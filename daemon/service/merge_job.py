@@ -136,7 +136,8 @@ class MergeJob:
                     self.failpoints.pause("merge")
             if outcome is None:
                 return None
-            self.metrics.merges.labels("accepted" if outcome.accepted else "rejected").inc()
+            self.metrics.merges.labels("confirmed" if outcome.confirmed else
+                                       "accepted" if outcome.accepted else "rejected").inc()
             record = outcome.record()
             if outcome.accepted:
                 release = self.engine.release_merge(outcome)
@@ -150,9 +151,10 @@ class MergeJob:
                 published = self._await(self.publisher.submit(job))
                 record["version"] = published.manifest.version if published else None
                 if published:
-                    log.info("merge accepted: children %s -> v%d; held-out %s (served was %s) in %.2fs",
-                             outcome.children, published.manifest.version, outcome.candidate_metrics,
-                             outcome.served_metrics, outcome.seconds)
+                    log.info("merge %s: children %s -> v%d; held-out %s (served was %s) in %.2fs",
+                             "confirmed on fresh rows" if outcome.confirmed else "accepted", outcome.children,
+                             published.manifest.version, outcome.candidate_metrics, outcome.served_metrics,
+                             outcome.seconds)
                 else:
                     log.warning("merge accepted but not published before stopping; it is redone after restart")
             else:

@@ -453,6 +453,7 @@ def test_a_candidate_short_of_significance_is_confirmed_on_the_next_batch_and_pu
     working = engine.working_state()
     outcome = engine.merge()
     assert outcome.accepted and outcome.reason.startswith("confirmed on 100 fresh rows at look 1"), outcome.reason
+    assert outcome.confirmed and not rejected.confirmed
     assert outcome.plan["confirmation"]["rejected_as"] == rejected.reason
     assert outcome.verdict.p_value <= 0.025 and outcome.verdict.rows == rejected.verdict.rows + 100
     assert all(torch.equal(outcome.state[k], v) for k, v in rejected.state.items())   # the held candidate itself

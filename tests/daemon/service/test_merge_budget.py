@@ -70,3 +70,4 @@ def test_a_candidate_confirmed_on_fresh_rows_is_published_though_the_job_rests(k
         confirmed = [m for m in merges if m["reason"].startswith("confirmed on")]
         assert confirmed and confirmed[0]["accepted"], [m["reason"] for m in merges]
         assert confirmed[0]["plan"]["confirmation"]["rejected_as"] == held.reason
+        assert service.metrics.registry.get_sample_value("filial_merges_total", {"result": "confirmed"}) == 1
