@@ -167,10 +167,13 @@ def merge(snap: MergeSnapshot, settings: MergeSettings, learner: LearnerSettings
 def hold_for_confirmation(snap: MergeSnapshot, outcome: MergeOutcome, settings: MergeSettings,
                           device: torch.device) -> PendingCandidate | None:
     """The candidate to confirm on fresh rows (``merge.confirm_alpha``, :mod:`daemon.learn.merging.confirm`)
-    when the gate rejected it only for a gain not yet significant; None otherwise (and for a merge of
-    several learners' contributions, whose slices this learner's batches do not all come from)."""
+    when the gate rejected it only for a gain not yet significant; None otherwise, and for a merge that
+    took other learners' contributions: each of them carries its progress from the contribution the
+    leader's published merge names, and keeps only its last few, so a candidate published batches later
+    would name one it may no longer hold (it would then carry its progress twice; found by ``make scale``)."""
     if (not settings.confirm_alpha or outcome.state is None or outcome.verdict is None
-            or outcome.foreign_heldout or not worth_confirming(outcome.verdict)):
+            or any(i.startswith("learner:") for i in snap.ids) or outcome.foreign_heldout
+            or not worth_confirming(outcome.verdict)):
         return None
     _, judge = split_heldout(snap.heldout)
     evaluate = Evaluator(snap.architecture, snap.data_type, device)

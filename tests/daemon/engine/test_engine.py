@@ -474,3 +474,20 @@ def test_a_held_candidate_is_dropped_once_another_version_is_served(served, phas
     assert engine.adopt_external(version=2, parent_version=1, architecture=engine.architecture.model_dump(),
                                  state=engine.served_state(), base_version=None, metrics={}, carry_progress=True)
     assert not engine.process(batches[3]).merge_due and not engine.candidate_confirmed()
+
+
+def test_a_merge_of_other_learners_contributions_is_not_held_for_confirmation(served, phases):
+    """They carry their progress from the contribution the published merge names and keep only their last
+    few: a candidate published batches later could name one they no longer hold."""
+    _, (rot, xr, yr) = phases
+    batches = list(_batches(rot, xr, yr, offset=10))
+    other = _copy(served)
+    for b in batches[3:5]:
+        other.process(b)
+    leader = _copy(served, merge={"alpha": 1e-12, "confirm_alpha": 0.05})
+    for b in batches[:3]:
+        leader.process(b)
+    rejected = leader.merge([other.contribution("l1")])
+    assert not rejected.accepted and rejected.reason.startswith("gain not significant"), rejected.reason
+    assert "learner:l1" in rejected.children
+    assert not leader.process(batches[5]).merge_due and not leader.candidate_confirmed()
