@@ -204,7 +204,7 @@ class Engine:
         foreign = {name: rows for name, rows in snapshot.heldout.items() if name not in local}
         if foreign:
             outcome = replace(outcome, foreign_heldout=foreign)
-        pending = merger.hold_for_confirmation(snapshot, outcome, self.merge_settings, self.device)
+        pending = merger.hold_for_confirmation(snapshot, outcome, self.merge_settings)
         with self._lock:
             self._state.pending = pending
             if outcome.accepted:

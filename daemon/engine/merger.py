@@ -161,25 +161,24 @@ def merge(snap: MergeSnapshot, settings: MergeSettings, learner: LearnerSettings
     served_metrics, cand_metrics = _accuracies(served_rows), _accuracies(cand_rows)
     return MergeOutcome(verdict.accepted, verdict.reason, state, snap.ids + list(distilled), snap.base_version,
                         snap.served_version, served_metrics, cand_metrics, plan, verdict,
-                        time.perf_counter() - started, distilled, snap.working, takes)
+                        time.perf_counter() - started, distilled, snap.working, takes,
+                        judged=(served_rows, cand_rows))
 
 
-def hold_for_confirmation(snap: MergeSnapshot, outcome: MergeOutcome, settings: MergeSettings,
-                          device: torch.device) -> PendingCandidate | None:
+def hold_for_confirmation(snap: MergeSnapshot, outcome: MergeOutcome,
+                          settings: MergeSettings) -> PendingCandidate | None:
     """The candidate to confirm on fresh rows (``merge.confirm_alpha``, :mod:`daemon.learn.merging.confirm`)
     when the gate rejected it only for a gain not yet significant; None otherwise, and for a merge that
     took other learners' contributions: each of them carries its progress from the contribution the
     leader's published merge names, and keeps only its last few, so a candidate published batches later
     would name one it may no longer hold (it would then carry its progress twice; found by ``make scale``)."""
-    if (not settings.confirm_alpha or outcome.state is None or outcome.verdict is None
+    if (not settings.confirm_alpha or outcome.state is None or outcome.verdict is None or outcome.judged is None
             or any(i.startswith("learner:") for i in snap.ids) or outcome.foreign_heldout
             or not worth_confirming(outcome.verdict)):
         return None
-    _, judge = split_heldout(snap.heldout)
-    evaluate = Evaluator(snap.architecture, snap.data_type, device)
-    confirmation = Confirmation(evaluate.correct(snap.served, judge), evaluate.correct(outcome.state, judge),
-                                slice_weights(snap, settings), settings.confirm_alpha, settings.tolerance,
-                                settings.guard_alpha)
+    served_rows, candidate_rows = outcome.judged
+    confirmation = Confirmation(served_rows, candidate_rows, slice_weights(snap, settings), settings.confirm_alpha,
+                                settings.tolerance, settings.guard_alpha)
     return PendingCandidate(outcome, snap.served_version, confirmation)
 
 
@@ -194,7 +193,7 @@ def confirmed_outcome(pending: PendingCandidate) -> MergeOutcome:
                    plan=plan, verdict=verdict, served_metrics={s.slice: round(s.served, 4) for s in verdict.slices},
                    candidate_metrics={s.slice: round(s.candidate, 4) for s in verdict.slices}, seconds=0.0,
                    distilled_children={}, working_state=o.state if o.working_takes_candidate else o.working_state,
-                   working_takes_candidate=False, confirmed=True)
+                   working_takes_candidate=False, confirmed=True, judged=None)
 
 
 def consolidate_working(snap: MergeSnapshot, settings: MergeSettings, learner: LearnerSettings,

@@ -84,6 +84,9 @@ class MergeOutcome:
     # a candidate rejected earlier for a gain not yet significant, confirmed since on fresh rows
     # (daemon.learn.merging.confirm): accepted without a merge computed now
     confirmed: bool = False
+    # per-row correctness of the published version and of the candidate on the judge rows, by slice: the
+    # gate's inputs, kept so a held candidate's confirmation starts from them (not in the record)
+    judged: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = field(default=None, repr=False)
 
     def record(self) -> dict[str, Any]:
         return {"accepted": self.accepted, "reason": self.reason, "children": self.children,
