@@ -22,6 +22,7 @@ from typing import Iterator
 
 import torch
 
+from benchmarks import cl_metrics
 from benchmarks.cl_streams import STREAMS, batches, build_stream
 from consumers.wire import Batch, BatchSource
 from daemon.engine.engine import Engine
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
             cons = out.plan.get("consolidate", {})
             print(f"  merge at {step.tag}: {'v%d' % version if out.accepted else 'rejected'}; "
                   f"{out.plan.get('chosen', '-')}; consolidation {cons.get('epochs')} epochs (best "
-                  f"{cons.get('best_epoch')}); {out.reason}")
+                  f"{cons.get('best_epoch')}); {out.reason}{'; held for confirmation' if out.held else ''}")
             print(f"    held-out served {out.served_metrics}\n    candidate      {out.candidate_metrics}")
             if out.state is not None:  # the same candidate on the test rows: a good one the gate could not confirm
                 candidates.append((step.batches, test_row(out.state)))
@@ -135,9 +136,10 @@ def main(argv: list[str] | None = None) -> dict:
     final = test_row(engine.served_state())
     working = test_row(engine.working_state())
 
-    def time_to_serve(versions) -> dict:
-        return {s.name: next((b - first[s.name] for b, row in versions if b > first[s.name] and row[j] >= 0.9 * final[j]),
-                             None) for j, s in enumerate(stream.slices)}
+    def time_to_serve(versions) -> dict:  # as the bench counts it: 1 when the slice was served before it began
+        return cl_metrics.time_to_serve({s.name: first[s.name] + 1 for s in stream.slices},
+                                        [(b, {s.name: row[j] for j, s in enumerate(stream.slices)}) for b, row in versions],
+                                        {s.name: final[j] for j, s in enumerate(stream.slices)})
 
     tts = time_to_serve(served)
     # the same count had every merge candidate been published: what the learner allows, whatever the gate says

@@ -205,6 +205,8 @@ class Engine:
         if foreign:
             outcome = replace(outcome, foreign_heldout=foreign)
         pending = merger.hold_for_confirmation(snapshot, outcome, self.merge_settings)
+        if pending is not None:
+            outcome = pending.outcome  # the same, marked held
         with self._lock:
             self._state.pending = pending
             if outcome.accepted:

@@ -179,7 +179,7 @@ def hold_for_confirmation(snap: MergeSnapshot, outcome: MergeOutcome,
     served_rows, candidate_rows = outcome.judged
     confirmation = Confirmation(served_rows, candidate_rows, slice_weights(snap, settings), settings.confirm_alpha,
                                 settings.tolerance, settings.guard_alpha)
-    return PendingCandidate(outcome, snap.served_version, confirmation)
+    return PendingCandidate(replace(outcome, held=True), snap.served_version, confirmation)
 
 
 def confirmed_outcome(pending: PendingCandidate) -> MergeOutcome:
@@ -193,7 +193,7 @@ def confirmed_outcome(pending: PendingCandidate) -> MergeOutcome:
                    plan=plan, verdict=verdict, served_metrics={s.slice: round(s.served, 4) for s in verdict.slices},
                    candidate_metrics={s.slice: round(s.candidate, 4) for s in verdict.slices}, seconds=0.0,
                    distilled_children={}, working_state=o.state if o.working_takes_candidate else o.working_state,
-                   working_takes_candidate=False, confirmed=True, judged=None)
+                   working_takes_candidate=False, confirmed=True, held=False, judged=None)
 
 
 def consolidate_working(snap: MergeSnapshot, settings: MergeSettings, learner: LearnerSettings,

@@ -84,6 +84,8 @@ class MergeOutcome:
     # a candidate rejected earlier for a gain not yet significant, confirmed since on fresh rows
     # (daemon.learn.merging.confirm): accepted without a merge computed now
     confirmed: bool = False
+    # rejected, and held for confirmation on the next batches' fresh rows (daemon.learn.merging.confirm)
+    held: bool = False
     # per-row correctness of the published version and of the candidate on the judge rows, by slice: the
     # gate's inputs, kept so a held candidate's confirmation starts from them (not in the record)
     judged: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = field(default=None, repr=False)
@@ -93,6 +95,7 @@ class MergeOutcome:
                 "base_version": self.base_version, "served_version": self.served_version,
                 "served_metrics": self.served_metrics, "candidate_metrics": self.candidate_metrics,
                 "plan": self.plan, "seconds": round(self.seconds, 3), "confirmed": self.confirmed,
+                "held": self.held,
                 "regressions": [asdict(r) for r in self.verdict.regressions] if self.verdict else [],
                 "gate": asdict(self.verdict) if self.verdict else None}
 

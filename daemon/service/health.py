@@ -38,6 +38,7 @@ class HealthState:
         # the message the loop holds: (topic:partition:offset, taken at, what it is doing with it)
         self._in_hand: tuple[str, float, str] | None = None
         self._pending_since: float | None = None  # when the oldest fetched, unfinished message was fetched
+        self._last_busy = time.monotonic()  # when the loop last held a message (start-up counts as busy)
 
     def dependency(self, name: str, problem: str | None) -> None:
         """Record a probe: ``problem`` None when ``name`` answered."""
@@ -85,6 +86,13 @@ class HealthState:
         """The message in hand was applied, skipped or dead-lettered."""
         with self._lock:
             self._in_hand = None
+            self._last_busy = time.monotonic()
+
+    def idle_seconds(self) -> float:
+        """Seconds since the loop last held a message (0 while it holds one): how long ingest has had
+        nothing to do."""
+        with self._lock:
+            return 0.0 if self._in_hand is not None else time.monotonic() - self._last_busy
 
     def pending_age(self) -> float:
         """Seconds the oldest message fetched but not yet applied or dead-lettered has waited (0: none)."""

@@ -4,8 +4,11 @@
 A CPU budget (``merge.cpu_share``) keeps merging from crowding out learning: after a merge that
 used ``c`` CPU-seconds on its thread, scheduled runs and nudges rest ``c * (1/cpu_share - 1)``
 seconds, so the merge job's share of a busy daemon's CPU stays at most ``cpu_share`` whatever a
-merge costs (a larger zoo merges less often, not slower ingest). Explicit ``merge_now()`` calls
-(operators, benchmarks, the count trigger) are not held back; their cost still sets the rest.
+merge costs (a larger zoo merges less often, not slower ingest). The budget protects learning, so it
+holds only while there is some: once ingest has had nothing to do for ``IDLE_SECONDS`` (the end of a
+stream, a pause of the producers) a tick merges at once, and followers get what was learned without
+waiting out a rest. Explicit ``merge_now()`` calls (operators, benchmarks, the count trigger) are not
+held back; their cost still sets the rest.
 
 A merge is planned and gated by the engine (on a snapshot, outside the engine's lock); an
 accepted candidate is published by the publisher thread and adopted once written. Compact
@@ -40,13 +43,18 @@ from zoo_store.versions import Published
 
 log = logging.getLogger("filial.service")
 
+# ingest with nothing to do for this long is idle: the merge job then does not rest (merge.cpu_share).
+# Four times the consume loop's poll timeout, so a stream with short gaps between batches still counts as busy
+IDLE_SECONDS = 2.0
+
 
 class MergeJob:
     def __init__(self, engine: Engine, publisher: Publisher, settings: MergeJobSettings, line: str, *,
                  leadership: Leadership, metrics: ServiceMetrics, failpoints: Failpoints,
                  stop_event: threading.Event, on_published: Callable[[Published], None],
                  record: Callable[[dict[str, Any]], None], on_adopted: Callable[[], None] = lambda: None,
-                 contributions: ContributionStore | None = None) -> None:
+                 contributions: ContributionStore | None = None,
+                 ingest_idle_seconds: Callable[[], float] = lambda: 0.0) -> None:
         self.engine = engine
         self.leadership = leadership
         self.publisher = publisher
@@ -59,6 +67,7 @@ class MergeJob:
         self.on_adopted = on_adopted      # versions adopted from the served line: checkpoint them
         self.contributions = contributions  # several learners: what each contributes to the leader's merge
         self.record = record              # telemetry of the merge
+        self.ingest_idle_seconds = ingest_idle_seconds  # how long the consume loop has had nothing to do
         self._lock = threading.Lock()
         self._scheduler: BackgroundScheduler | None = None
         self._rest_until = 0.0   # time.monotonic() before which scheduled runs and nudges wait (cpu_share)
@@ -91,14 +100,20 @@ class MergeJob:
         return max(self._rest_until - time.monotonic(), 0.0)
 
     def _must_rest(self) -> bool:
-        """Resting, unless a candidate confirmed on fresh rows waits: publishing it computes no merge."""
-        return self.resting() and not self.engine.candidate_confirmed()
+        """Resting, unless nothing would be crowded out: a candidate confirmed on fresh rows waits
+        (publishing it computes no merge), or ingest is idle (the budget protects learning)."""
+        return (self.resting() and not self.engine.candidate_confirmed()
+                and self.ingest_idle_seconds() < IDLE_SECONDS)
 
     def _scheduled(self) -> None:
         if self._must_rest():
             log.debug("merge tick skipped: resting %.1fs more (merge.cpu_share %.2f)", self.rest_seconds(),
                       self.s.cpu_share)
             return
+        if self.resting():
+            log.info("merge tick runs though the job rests %.1fs more (merge.cpu_share): %s", self.rest_seconds(),
+                     "a candidate confirmed on fresh rows waits" if self.engine.candidate_confirmed()
+                     else f"ingest idle for {self.ingest_idle_seconds():.0f}s")
         self.merge_now()
 
     def merge_now(self) -> MergeOutcome | None:
@@ -158,7 +173,9 @@ class MergeJob:
                 else:
                     log.warning("merge accepted but not published before stopping; it is redone after restart")
             else:
-                log.warning("merge rejected: %s (children %s)", outcome.reason, outcome.children)
+                log.warning("merge rejected: %s (children %s)%s", outcome.reason, outcome.children,
+                            "; held: judged again on the rows of each next batch before it trains"
+                            if outcome.held else "")
             self.record(record)
             self._contribute()   # the leader's rows too: a later leader, or a learner taking a slice over, needs them
             self._publish_children()

@@ -99,7 +99,8 @@ class Service:
                                                  else None),
                                   failpoints=self.failpoints, stop_event=self.stop_event,
                                   on_published=self._published,
-                                  record=lambda record: self._best_effort(self.telemetry.merge, record))
+                                  record=lambda record: self._best_effort(self.telemetry.merge, record),
+                                  ingest_idle_seconds=self.health.idle_seconds)
         self.loop = ConsumeLoop(self.engine, self.ledger, self.checkpointer, settings.limits, metrics=self.metrics,
                                 health=self.health, failpoints=self.failpoints,
                                 backoff_cap=settings.ops.backoff_max_seconds, stop_event=self.stop_event,

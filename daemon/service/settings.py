@@ -106,7 +106,8 @@ class MergeJobSettings(MergeSettings):
     cron: str | None = Field(None, description="crontab trigger, e.g. '*/10 * * * *'")
     cpu_share: float = Field(0.10, gt=0, le=1, description="clock trigger: the merge job's most share of the "
                              "daemon's CPU. After a merge that used c CPU-seconds it rests c*(1/cpu_share - 1) "
-                             "seconds (nudges and ticks meanwhile wait for the next one after); 1: never rests. "
+                             "seconds (nudges and ticks meanwhile wait for the next one after), unless ingest has "
+                             "been idle for 2 s (nothing to protect: a tick then merges); 1: never rests. "
                              "merge_now() and the count trigger are not limited")
 
     @field_validator("cron")

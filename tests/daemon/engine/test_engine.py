@@ -447,13 +447,14 @@ def test_a_candidate_short_of_significance_is_confirmed_on_the_next_batch_and_pu
         engine.process(b)
     rejected = engine.merge()
     assert not rejected.accepted and rejected.reason.startswith("gain not significant"), rejected.reason
+    assert rejected.held and rejected.record()["held"]   # the record says it waits for fresh rows
     assert not engine.candidate_confirmed()
     result = engine.process(batches[3])
     assert result.merge_due and engine.candidate_confirmed()
     working = engine.working_state()
     outcome = engine.merge()
     assert outcome.accepted and outcome.reason.startswith("confirmed on 100 fresh rows at look 1"), outcome.reason
-    assert outcome.confirmed and not rejected.confirmed
+    assert outcome.confirmed and not rejected.confirmed and not outcome.held
     assert outcome.plan["confirmation"]["rejected_as"] == rejected.reason
     assert outcome.verdict.p_value <= 0.025 and outcome.verdict.rows == rejected.verdict.rows + 100
     assert all(torch.equal(outcome.state[k], v) for k, v in rejected.state.items())   # the held candidate itself
@@ -489,5 +490,5 @@ def test_a_merge_of_other_learners_contributions_is_not_held_for_confirmation(se
         leader.process(b)
     rejected = leader.merge([other.contribution("l1")])
     assert not rejected.accepted and rejected.reason.startswith("gain not significant"), rejected.reason
-    assert "learner:l1" in rejected.children
+    assert "learner:l1" in rejected.children and not rejected.held
     assert not leader.process(batches[5]).merge_due and not leader.candidate_confirmed()

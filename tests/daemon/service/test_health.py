@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import urllib.error
 import urllib.request
 
+from daemon.service.health import HealthState
 from daemon.service.logs import JsonFormatter
 from daemon.service.service import Service
 from tests.helpers import service_settings, wait_until
@@ -86,3 +88,15 @@ def test_json_logs_are_one_object_per_line():
     payload = json.loads(line)
     assert payload["level"] == "WARNING" and payload["logger"] == "filial.service"
     assert payload["message"] == "redis unavailable (refused)"
+
+
+def test_ingest_is_idle_only_while_no_message_is_in_hand():
+    health = HealthState()
+    health.holding("t:0:1", "decoding")
+    time.sleep(0.05)
+    assert health.idle_seconds() == 0.0           # a message in hand, however long: busy
+    health.released()
+    time.sleep(0.05)
+    assert 0.04 <= health.idle_seconds() < 5
+    health.holding("t:0:2", "applying")
+    assert health.idle_seconds() == 0.0

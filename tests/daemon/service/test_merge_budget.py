@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+from daemon.service.merge_job import IDLE_SECONDS
 from daemon.service.service import Service
 from tests.helpers import run_in_thread, service_settings, wait_until
 
@@ -50,6 +51,14 @@ def test_the_merge_job_rests_in_proportion_to_what_a_merge_cost(kafka, redis_ser
         counters = service.engine.counters
         assert counters.merges_accepted + counters.merges_rejected == merges
         assert service.merge_job.resting()
+
+        # the stream pauses: with ingest idle there is no learning to protect, and the tick merges though
+        # the job still rests (followers get what was learned without waiting out the rest)
+        assert wait_until(lambda: service.health.idle_seconds() >= IDLE_SECONDS, timeout=30)
+        assert service.merge_job.resting()
+        service.merge_job._scheduled()
+        counters = service.engine.counters
+        assert counters.merges_accepted + counters.merges_rejected == merges + 1
 
 
 def test_a_candidate_confirmed_on_fresh_rows_is_published_though_the_job_rests(kafka, redis_server, unique,
