@@ -92,8 +92,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  {d['at']} {d['slice']:<10} {d['action']:<8} kl={d['kl']} acc={d['accuracy']} {d['reason']}")
     print("recent merges:")
     for m in status["recent_merges"]:
-        print(f"  {m['at']} {'accepted' if m['accepted'] else 'rejected'} children={m['children']} {m['reason']}")
+        print(f"  {m['at']} {merge_verdict(m)} children={m['children']} {m['reason']}")
     return 0
+
+
+def merge_verdict(merge: dict[str, Any]) -> str:
+    """One merge record (``MergeOutcome.record``) in a word or three: accepted or confirmed on fresh rows
+    (with the version it became), rejected, or rejected and held for confirmation."""
+    if merge.get("accepted"):
+        verdict = "confirmed" if merge.get("confirmed") else "accepted"
+        return f"{verdict} -> v{merge['version']}" if merge.get("version") else verdict
+    return "rejected, held for confirmation" if merge.get("held") else "rejected"
 
 
 # --- rollback -------------------------------------------------------------------------------------------

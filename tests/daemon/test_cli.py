@@ -196,3 +196,13 @@ def test_watch_takes_its_start_up_objects_out_of_the_collectors_walk(redis_serve
     assert gc.get_freeze_count() == 0
     assert main(["watch", "--redis-url", redis_server.address, "--prefix", unique, "--timeout", "0.3"]) == 0
     assert gc.get_freeze_count() > 1000  # torch, the client, the settings: everything held when it began to follow
+
+
+def test_status_names_each_merge_verdict_in_words():
+    from daemon.cli.follow import merge_verdict
+
+    assert merge_verdict({"accepted": True, "confirmed": False, "held": False, "version": 3}) == "accepted -> v3"
+    assert merge_verdict({"accepted": True, "confirmed": True, "held": False, "version": 4}) == "confirmed -> v4"
+    assert merge_verdict({"accepted": True, "version": None}) == "accepted"   # not published before a stop
+    assert merge_verdict({"accepted": False, "held": True}) == "rejected, held for confirmation"
+    assert merge_verdict({"accepted": False}) == "rejected"   # a record written before `held` existed
