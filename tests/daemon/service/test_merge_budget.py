@@ -28,9 +28,11 @@ def _serving_a_then_learning_b(kafka, redis_server, unique, produce_tabular, **s
 
 
 def test_the_merge_job_rests_in_proportion_to_what_a_merge_cost(kafka, redis_server, unique, produce_tabular):
-    share = 0.001   # a merge of c CPU-seconds rests 999 c: nothing else merges during this test
-    with _serving_a_then_learning_b(kafka, redis_server, unique, produce_tabular,
-                                    merge_cpu_share=share) as (service, settings):
+    # a merge of c CPU-seconds rests c (1/share - 1): a million times c, so no rest ends during this test
+    # however little a merge cost, and no scheduled tick but this test's own
+    share = 1e-6
+    with _serving_a_then_learning_b(kafka, redis_server, unique, produce_tabular, merge_cpu_share=share,
+                                    merge_interval_seconds=3600) as (service, settings):
         # a merge the children nudged may still run: its CPU would count in the window below, its rest not
         # (each merge's rest replaces the last); once it ends, its rest holds further nudges back
         assert wait_until(lambda: not service.merge_job._lock.locked())
@@ -65,7 +67,7 @@ def test_a_candidate_confirmed_on_fresh_rows_is_published_though_the_job_rests(k
                                                                                 produce_tabular):
     # merge_alpha 1e-15: a merge of a handful of held-out rows cannot be significant, so it is held for
     # confirmation (merge_confirm_alpha, default 0.05); no nudge or tick but the confirmation's
-    with _serving_a_then_learning_b(kafka, redis_server, unique, produce_tabular, merge_cpu_share=0.001,
+    with _serving_a_then_learning_b(kafka, redis_server, unique, produce_tabular, merge_cpu_share=1e-6,
                                     merge_alpha=1e-15, merge_after_child_updates=1000,
                                     merge_interval_seconds=3600) as (service, settings):
         held = service.merge_now()
