@@ -1,4 +1,5 @@
-"""The Redis key layout: the contract with followers in any language (README, "Redis keys").
+"""The Redis key layout: the contract with followers in any language (README, "Redis: versions,
+events and the key layout").
 
 ``{p}`` is the configured prefix (default ``filial``); ``{line}`` a model line (``main`` for the
 served model, ``{line}.{child_id}`` such as ``main.c1`` for each compact child).

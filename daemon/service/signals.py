@@ -9,7 +9,7 @@ a watcher thread reads it and calls ``on_signal`` with how many stop signals cam
 watcher also acts while the main thread is blocked in C code, where a Python handler would wait.
 
 The first signal asks for a stop; a second asks for a faster one (Service.stop(hurry=True):
-README, "Stopping"); further ones only log.
+README, "What happens when something fails"); further ones only log.
 """
 
 from __future__ import annotations

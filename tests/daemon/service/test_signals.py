@@ -1,5 +1,6 @@
 """Stop signals cannot deadlock: the handler does nothing, a watcher thread stops the service; a
-second signal stops faster and still loses nothing (daemon/service/signals.py; README, "Stopping").
+second signal stops faster and still loses nothing (daemon/service/signals.py; README, "What happens
+when something fails").
 
 The randomized test runs the real handler and the real Service stop path ``RUNS`` times in this
 process (one set of embedded servers, a service with a cheap startup), so it costs under a minute, not
