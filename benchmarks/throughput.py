@@ -14,6 +14,9 @@ in that run (same architectures, optimizer steps, mini-batch size, learning rate
 included) in plain torch on in-memory tensors, best of ``--repeats``; ``ratio_to_raw`` = the full path's
 samples/s over the raw loop's on the same rows (batches 2..N: the clock starts at the first batch
 applied). The raw loop is training only: the ratio is the share of the daemon's time that is training.
+It computes in the daemon's precision (``precision``: bf16 autocast on a CPU with bf16 instructions),
+so the ratio compares the same work; where that is bf16, the same calls in float32 give
+``ratio_to_raw_float32``, the daemon against the plain float32 loop a user would otherwise write.
 
 Also: ``keep_cost_ratio_16_children`` (:mod:`benchmarks.keep_cost`, the engine with 16 active children),
 ingest MB/s by client on one topic (:mod:`benchmarks.ingest`: kafka-python, as the daemon configures
@@ -37,6 +40,7 @@ from benchmarks import ingest, keep_cost, progress
 from benchmarks.throughput_follow import follower_latency
 from benchmarks.throughput_path import fill_topic, run_path
 from benchmarks.throughput_raw import replay
+from daemon.learn.training import compute_dtype
 
 _log = progress("throughput")
 # profile defaults: (default, --quick)
@@ -128,6 +132,11 @@ def _full_paths(args: argparse.Namespace, p: dict[str, int], dataset) -> tuple[d
                 run["optimizer_steps"] = {"daemon": recorder.steps_from(1), "raw": raw["optimizer_steps"],
                                           "daemon_all_batches": recorder.steps_from(0)}
                 run["raw"] = raw
+                if raw["precision"] != "float32":
+                    plain = replay(timed_calls, recorder.templates, pool_x, pool_y, p["repeats"], precision="float32")
+                    run["raw_float32_samples_per_s"] = round(run["timed_rows"] / plain["seconds"], 1)
+                    run["ratio_to_raw_float32"] = round(run["samples_per_s"] / run["raw_float32_samples_per_s"], 4)
+                    run["raw_float32"] = plain
                 runs[f"{stream}/{merges}"] = run
                 _log(f"{stream}, merges {merges}: {run['samples_per_s']} samples/s vs raw {run['raw_samples_per_s']}"
                      f" (ratio {run['ratio_to_raw']}); decisions {run['decisions']}; merge CPU share "
@@ -163,6 +172,9 @@ def main(args: argparse.Namespace) -> dict:
     result = {
         "bench": "throughput",
         "ratio_to_raw_no_merge": never.get("ratio_to_raw"), "ratio_to_raw": default.get("ratio_to_raw"),
+        "ratio_to_raw_float32_no_merge": never.get("ratio_to_raw_float32"),
+        "ratio_to_raw_float32": default.get("ratio_to_raw_float32"),
+        "samples_per_s_no_merge": never.get("samples_per_s"), "samples_per_s": default.get("samples_per_s"),
         "keep_cost_ratio_16_children": children["keep_cost_ratio_16_children"],
         "merge_cpu_share": default.get("merge_cpu_share"),
         "ingest_mb_per_s": consumed["ingest_mb_per_s"],
@@ -173,7 +185,8 @@ def main(args: argparse.Namespace) -> dict:
         "consume_mb_per_s": consumed["by_client"], "confluent_kafka": consumed["confluent_kafka"],
         "runs": runs, "children_16": children, "ingest": consumed, "follower": follow,
         "profile": {**p, "quick": args.quick, "streams": args.streams},
-        "machine": {"cpu_cores": os.cpu_count(), "torch_threads": 1, "torch": torch.__version__},
+        "machine": {"cpu_cores": os.cpu_count(), "torch_threads": 1, "torch": torch.__version__,
+                    "precision": str(compute_dtype(torch.device("cpu"))).split(".")[-1]},
         "seconds": round(time.monotonic() - started, 1),
     }
     result["targets"] = {k: {"target": f"{op} {bound}", "met": _met(result, k)} for k, (op, bound) in TARGETS.items()}

@@ -12,7 +12,8 @@ distillation, which train in their own thread through other imports of ``fit``, 
 learning rate, the same mini-batch size, a fresh optimizer per call (as ``fit`` makes), one
 permutation per epoch, ``epochs x ceil(rows / batch)`` steps of cross-entropy on in-memory tensors of
 the same row counts (real rows of the stream, already in model form), in the calling thread with its
-torch threads. What it leaves out is everything that is not a training step: Kafka, decoding, the
+torch threads, in the precision the daemon computed in (bf16 autocast where ``precision`` made it so:
+the same work), or float32 when asked (the plain loop a user would write). What it leaves out is everything that is not a training step: Kafka, decoding, the
 split, the served model's forward pass and drift score, routing, fingerprints, buffers, replay
 sampling, the state snapshot, checkpoints, publishes and merges. With the default settings every
 call is cross-entropy (full-size children are copies); a call with another loss (HKT, compact
@@ -22,6 +23,7 @@ children) is replayed as cross-entropy too and counted in ``other_losses``.
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 import threading
 import time
 from collections import Counter
@@ -31,6 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from daemon.learn.training import compute_dtype
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class TrainCall:
     loss: str         # the Loss class, "CrossEntropy" by default
     path: str         # "learner" (served model, retrained child) | "spawn" (a new child)
     label_smoothing: float = 0.0  # the cross-entropy's, as the daemon trained
+    precision: str = "float32"    # what the daemon computed in: "float32" or "bfloat16" (autocast)
 
     @property
     def steps(self) -> int:
@@ -79,9 +84,10 @@ class TrainingRecorder:
             if key not in self.templates:
                 self.templates[key] = copy.deepcopy(model).cpu()
             loss = kwargs.get("loss")
+            dtype = compute_dtype(next(model.parameters()).device)
             self.calls.append(TrainCall(self.batch, len(x), kwargs["epochs"], kwargs.get("batch_size", 64),
                                         kwargs["lr"], key, type(loss).__name__ if loss is not None else "CrossEntropy",
-                                        path, getattr(loss, "label_smoothing", 0.0)))
+                                        path, getattr(loss, "label_smoothing", 0.0), str(dtype).split(".")[-1]))
             self._local.batch = self.batch
             try:
                 return original(model, x, y, **kwargs)
@@ -147,8 +153,9 @@ def _pool(x: torch.Tensor, y: torch.Tensor, rows: int) -> tuple[torch.Tensor, to
 
 
 def run_once(calls: list[TrainCall], templates: dict[str, nn.Module], x: torch.Tensor,
-             y: torch.Tensor, seed: int = 0) -> tuple[float, int]:
-    """One pass over ``calls``: (seconds, optimizer steps). Models are built before the clock starts."""
+             y: torch.Tensor, seed: int = 0, precision: str | None = None) -> tuple[float, int]:
+    """One pass over ``calls``: (seconds, optimizer steps). Models are built before the clock starts.
+    Each call computes in its recorded precision, or in ``precision`` when given."""
     models = {key: _fresh(t) for key, t in templates.items()}
     x, y = _pool(x, y, max((c.rows for c in calls), default=0))
     gen = torch.Generator().manual_seed(seed)
@@ -164,20 +171,28 @@ def run_once(calls: list[TrainCall], templates: dict[str, nn.Module], x: torch.T
                 for start in range(0, call.rows, call.batch_size):
                     idx = order[start:start + call.batch_size]
                     optimizer.zero_grad(set_to_none=True)
-                    F.cross_entropy(model(xs[idx]), ys[idx], label_smoothing=call.label_smoothing).backward()
+                    with _autocast(precision or call.precision):
+                        loss = F.cross_entropy(model(xs[idx]), ys[idx], label_smoothing=call.label_smoothing)
+                    loss.backward()
                     optimizer.step()
             model.eval()
         seconds = time.perf_counter() - started
     return seconds, steps.count
 
 
+def _autocast(precision: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bfloat16" else nullcontext()
+
+
 def replay(calls: list[TrainCall], templates: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
-           repeats: int = 3) -> dict[str, Any]:
-    """The raw loop, best of ``repeats``: seconds of each pass and the steps of one."""
-    runs = [run_once(calls, templates, x, y, seed=i) for i in range(repeats)]
+           repeats: int = 3, precision: str | None = None) -> dict[str, Any]:
+    """The raw loop, best of ``repeats``: seconds of each pass and the steps of one; every call in
+    ``precision`` when given, else in the daemon's."""
+    runs = [run_once(calls, templates, x, y, seed=i, precision=precision) for i in range(repeats)]
     seconds = [s for s, _ in runs]
     return {"seconds": min(seconds), "repeats": [round(s, 3) for s in seconds], "optimizer_steps": runs[0][1],
             "steps_from_calls": sum(c.steps for c in calls), "calls": len(calls),
             "rows_x_epochs": sum(c.rows * c.epochs for c in calls),
             "other_losses": sum(c.loss != "CrossEntropy" for c in calls),
+            "precision": precision or ",".join(sorted({c.precision for c in calls})),
             "by_path": dict(Counter(c.path for c in calls))}

@@ -43,7 +43,7 @@ from daemon.learn.drift import calibrate_threshold
 from daemon.learn.fingerprint import fit_slices
 from daemon.learn.models import Architecture
 from daemon.learn.policy import Thresholds
-from daemon.learn.training import embed, model_input
+from daemon.learn.training import embed, model_input, set_precision
 from zoo_store.models import utc_now
 
 log = logging.getLogger("filial.engine")
@@ -56,6 +56,7 @@ class Engine:
         self.learner_settings = learner or LearnerSettings()
         self.merge_settings = merge or MergeSettings()
         self.device = device or torch.device("cpu")
+        set_precision(self.model_settings.precision)
         self._learner = Learner(self.model_settings, self.learner_settings, self.merge_settings, self.device)
         self._lock = threading.RLock()
         s = self.learner_settings

@@ -22,6 +22,10 @@ class ModelSettings(BaseModel):
     factory: str | None = Field(None, description="user model 'package.module:factory' (see README)")
     width: int | None = Field(None, ge=1, description="width of the served model (family default if unset)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="compute precision of training and evaluation: auto is bf16 autocast on CUDA, float32 "
+        "on the CPU; bfloat16 autocasts on the CPU too (faster where the CPU has AVX512-BF16 or AMX, measured in "
+        "the README's 'Throughput'); weights, checkpoints and versions stay float32")
 
     @field_validator("device")
     @classmethod

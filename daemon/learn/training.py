@@ -4,7 +4,8 @@ Every optimiser step filial takes goes through :func:`fit`: the served model's b
 (cross-entropy, hereditary knowledge transfer), distillation and the benchmarks differ only in the
 :class:`Loss` they pass and the :class:`Hook` objects that watch the loop. So device, precision,
 batching and the optimiser are decided here, once: the model's own device; on CUDA pinned host
-memory, non-blocking copies and bf16 autocast; Adam; one ``torch.randperm`` per epoch drawn from
+memory and non-blocking copies; the precision (:func:`set_precision`: bf16 autocast on CUDA, float32 on
+the CPU unless asked for bf16); Adam; one ``torch.randperm`` per epoch drawn from
 the caller's generator (the only randomness the loop consumes, so a run is reproducible from it).
 
 Inputs arrive as they travel on the wire (uint8 pixels, float features, integer tokens);
@@ -13,7 +14,9 @@ Inputs arrive as they travel on the wire (uint8 pixels, float features, integer 
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager, nullcontext
+from functools import cache
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -39,11 +42,48 @@ def model_input(x: torch.Tensor, data_type: str) -> torch.Tensor:
     return x.float()
 
 
+PRECISIONS = ("auto", "float32", "bfloat16")
+_precision = "auto"
+log = logging.getLogger("filial.training")
+
+
+@cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (x86 AVX512-BF16 or AMX; torch's own probes). Elsewhere
+    a bf16 autocast is emulated, slower than float32."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def set_precision(name: str) -> None:
+    """The process's compute precision for training and evaluation (``ModelSettings.precision``):
+    ``auto``: bf16 autocast on CUDA, float32 on the CPU; ``float32``; ``bfloat16``: bf16 autocast on
+    any device, worth it on a CPU with bf16 instructions (:func:`cpu_has_bf16`; README "Throughput" has
+    what it buys). Process-wide, as torch's own thread count is: the engine and ``filial serve`` set it
+    from their settings. Weights, optimizer state, checkpoints and published versions stay float32
+    whatever it is, and a seeded run is as reproducible in bf16 as in float32."""
+    global _precision
+    if name not in PRECISIONS:
+        raise ValueError(f"precision {name!r}: use one of {', '.join(PRECISIONS)}")
+    if name == "bfloat16" and not cpu_has_bf16():
+        log.warning("precision bfloat16 on a CPU without bf16 instructions: CPU work is emulated, slower than "
+                    "float32")
+    _precision = name
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """What :func:`autocast` computes in on ``device`` under the process's precision."""
+    if _precision == "bfloat16" or (_precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
 def autocast(device: torch.device):
-    """bf16 autocast on CUDA, nothing elsewhere (CPU runs stay float32, bit for bit)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+    """The forward passes' precision (:func:`compute_dtype`): bf16 autocast, or nothing (float32)."""
+    dtype = compute_dtype(device)
+    if dtype == torch.float32 or device.type not in ("cuda", "cpu"):
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

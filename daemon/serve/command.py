@@ -61,6 +61,7 @@ def serve(args: argparse.Namespace, setup_logging: Callable[[str, str], None],
     for warning in unknown_variables(os.environ):
         log.warning("%s", warning)
 
+    from daemon.learn.training import set_precision
     from daemon.serve.http import HttpServer, ServeApp
     from daemon.serve.loader import ZooLoader
     from daemon.serve.metrics import ServeMetrics
@@ -71,6 +72,7 @@ def serve(args: argparse.Namespace, setup_logging: Callable[[str, str], None],
                      ssl_ca_file=_path(settings.redis_ssl_cafile), ssl_cert_file=_path(settings.redis_ssl_certfile),
                      ssl_key_file=_path(settings.redis_ssl_keyfile))
     key = settings.secret("signing_key")
+    set_precision(settings.precision)
     loader = ZooLoader(client, line=settings.line, prefix=settings.prefix, signing_key=key.encode() if key else None,
                        pin_version=settings.pin_version, device=settings.device)
     metrics = ServeMetrics(loader)

@@ -70,6 +70,9 @@ class ServeSettings(BaseSettings):
                                "(lower: sharper)")
     pin_version: int | None = Field(None, ge=1, description="serve this served version only, ignoring newer ones")
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="where the models run: cpu, cuda, cuda:N")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="compute precision of the model calls, as the daemon's: auto is bf16 autocast on CUDA, "
+        "float32 on the CPU; bfloat16 autocasts on the CPU too")
     host: str = Field("0.0.0.0", description="address the HTTP server listens on")
     port: int = Field(8080, ge=0, le=65535, description="port of /predict /healthz /readyz /metrics (0: any free)")
     max_batch_rows: int = Field(256, ge=1, description="micro-batching: rows of concurrent requests run "

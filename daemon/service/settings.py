@@ -187,7 +187,7 @@ GROUPS: dict[str, type[BaseModel]] = {
 _FLAT_EXCEPTIONS = {
     ("kafka", "topic"): "topic", ("kafka", "dead_letter_topic"): "dead_letter_topic",
     ("kafka", "group_id"): "group_id", ("redis", "ssl_cafile"): "redis_ssl_ca_file",
-    ("model", "num_classes"): "num_classes", ("model", "device"): "device",
+    ("model", "num_classes"): "num_classes", ("model", "device"): "device", ("model", "precision"): "precision",
     ("publish", "line"): "line", ("publish", "keep_versions"): "keep_versions",
     ("publish", "signing_key"): "signing_key", ("publish", "signing_key_file"): "signing_key_file",
 }

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from daemon.learn.training import CrossEntropy, EpochCallback, Hook, Loss, fit, frozen
+from daemon.learn.training import (CrossEntropy, EpochCallback, Hook, Loss, autocast, compute_dtype, fit,
+                                   frozen, predict_logits, set_precision)
 
 
 def data(n=40, seed=0):
@@ -60,7 +61,8 @@ def test_history_hooks_and_modes():
 def test_the_mean_loss_is_per_sample():
     x, y = data(10)
     model = net()
-    before = F.cross_entropy(model(x), y).item()
+    with autocast(torch.device("cpu")):   # in the precision fit computes in
+        before = F.cross_entropy(model(x), y).item()
     history = fit(model, x, y, epochs=1, lr=0.0, batch_size=10)   # lr 0: the loss seen is the loss before
     assert history[0]["total"] == pytest.approx(before)
 
@@ -152,3 +154,37 @@ def test_early_stopping_ends_fit_after_patience_and_keeps_the_best_weights():
     assert len(history) == 4 and stopper.best_epoch == 2 and stopper.scores == [0.5, 0.7, 0.9, 0.8, 0.85]
     stopper.restore_best(model)
     assert all(torch.equal(model.state_dict()[k], seen[2][k]) for k in seen[2])
+
+
+@pytest.fixture
+def precision():
+    """Set the process's precision for one test; ``auto`` again after it (what every engine sets)."""
+    yield set_precision
+    set_precision("auto")
+
+
+def test_precision_decides_what_autocast_computes_in(precision):
+    layer, x, cpu = nn.Linear(5, 2), torch.randn(3, 5), torch.device("cpu")
+    precision("float32")
+    with autocast(cpu):
+        assert layer(x).dtype == torch.float32
+    precision("bfloat16")
+    assert compute_dtype(cpu) == torch.bfloat16
+    with autocast(cpu):
+        assert layer(x).dtype == torch.bfloat16
+    precision("auto")   # bf16 on CUDA; the CPU stays float32 unless asked
+    assert compute_dtype(cpu) == torch.float32 and compute_dtype(torch.device("cuda")) == torch.bfloat16
+    with pytest.raises(ValueError, match="use one of auto, float32, bfloat16"):
+        precision("fp16")
+
+
+@pytest.mark.parametrize("name", ["float32", "bfloat16"])
+def test_weights_stay_float32_and_a_run_is_reproducible_in_either_precision(precision, name):
+    precision(name)
+    x, y = data()
+    a, b = net(), net()
+    for model in (a, b):
+        fit(model, x, y, epochs=2, lr=1e-2, batch_size=16, generator=torch.Generator().manual_seed(1))
+    assert all(p.dtype == torch.float32 for p in a.parameters())
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert predict_logits(a, x).dtype == torch.float32
