@@ -11,7 +11,7 @@ from consumers.wire import Batch, BatchSource
 from daemon.engine.engine import Engine
 from daemon.engine.settings import LearnerSettings, MergeSettings, ModelSettings
 from daemon.engine.stages import ENGINE_STAGES
-from daemon.learn.training import accuracy, embed, model_input
+from daemon.learn.training import accuracy, compute_dtype, embed, model_input
 
 
 @pytest.fixture(scope="module")
@@ -492,3 +492,19 @@ def test_a_merge_of_other_learners_contributions_is_not_held_for_confirmation(se
     assert not rejected.accepted and rejected.reason.startswith("gain not significant"), rejected.reason
     assert "learner:l1" in rejected.children and not rejected.held
     assert not leader.process(batches[5]).merge_due and not leader.candidate_confirmed()
+
+
+def test_precision_bfloat16_trains_in_bf16_reproducibly_and_keeps_float32_weights(phases):
+    (up, xu, yu), _ = phases
+    states = []
+    try:
+        for _ in range(2):
+            engine = _engine(model={"precision": "bfloat16"})
+            assert compute_dtype(torch.device("cpu")) == torch.bfloat16   # the engine set the process's precision
+            _bootstrap(engine, _batches(up, xu[:600], yu[:600]))
+            states.append(engine.served_state())
+        assert all(t.dtype == torch.float32 for t in states[0].values() if t.is_floating_point())
+        assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])   # same seed, same stream: same bits
+    finally:
+        _engine()   # default settings: the process back to "auto"
+    assert compute_dtype(torch.device("cpu")) == torch.float32
