@@ -25,6 +25,7 @@ from torch.nn import functional as F
 
 Terms = dict[str, torch.Tensor]
 History = list[dict[str, float]]
+log = logging.getLogger("filial.training")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -44,7 +45,6 @@ def model_input(x: torch.Tensor, data_type: str) -> torch.Tensor:
 
 PRECISIONS = ("auto", "float32", "bfloat16")
 _precision = "auto"
-log = logging.getLogger("filial.training")
 
 
 @cache

@@ -33,7 +33,7 @@ from consumers.dead_letter import DeadLetterProducer
 from consumers.ledger import AppliedLedger
 from daemon.engine.engine import Engine
 from daemon.engine.records import BatchResult, MergeOutcome
-from daemon.learn.training import resolve_device
+from daemon.learn.training import compute_dtype, cpu_has_bf16, resolve_device
 from daemon.service.checkpointer import Checkpointer
 from daemon.service.connections import (broker_reachable, kafka_client, kafka_connection, redis_client,
                                         signing_key)
@@ -130,6 +130,14 @@ class Service:
     def merge_now(self) -> MergeOutcome | None:
         return self.merge_job.merge_now()
 
+    def _log_precision(self) -> None:
+        device = self.engine.device
+        log.info("computing in %s on %s (precision %s)", str(compute_dtype(device)).split(".")[-1], device,
+                 self.s.model.precision)
+        if device.type == "cpu" and self.s.model.precision == "auto" and cpu_has_bf16():
+            log.info("this CPU has bf16 instructions: FILIAL_PRECISION=bfloat16 trains and evaluates 1.3-1.4x "
+                     "as fast at the same learning quality (README, \"Throughput\")")
+
     def stop(self, hurry: bool = False) -> None:
         """Stop :meth:`run` (from any thread; never from a signal handler: daemon/service/signals.py).
         ``hurry``: a faster stop that loses nothing: queued publishes are abandoned instead of being
@@ -186,6 +194,7 @@ class Service:
             self.health.started()
             log.info("consuming %s as group %s; publishing to %s (line %s)", self.s.kafka.topic,
                      self.s.kafka.group_id, self.s.redis.url.split("@")[-1], self.s.publish.line)
+            self._log_precision()
             self.loop.run(consumer, dead_letters)
         finally:
             self.stop_event.set()
