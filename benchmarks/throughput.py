@@ -14,8 +14,8 @@ in that run (same architectures, optimizer steps, mini-batch size, learning rate
 included) in plain torch on in-memory tensors, best of ``--repeats``; ``ratio_to_raw`` = the full path's
 samples/s over the raw loop's on the same rows (batches 2..N: the clock starts at the first batch
 applied). The raw loop is training only: the ratio is the share of the daemon's time that is training.
-It computes in the daemon's precision (``precision``: bf16 autocast on a CPU with bf16 instructions),
-so the ratio compares the same work; where that is bf16, the same calls in float32 give
+It computes in the daemon's precision (bf16 autocast where ``precision`` asked for it), so the ratio
+compares the same work; where that is bf16, the same calls in float32 give
 ``ratio_to_raw_float32``, the daemon against the plain float32 loop a user would otherwise write.
 
 Also: ``keep_cost_ratio_16_children`` (:mod:`benchmarks.keep_cost`, the engine with 16 active children),
@@ -40,7 +40,7 @@ from benchmarks import ingest, keep_cost, progress
 from benchmarks.throughput_follow import follower_latency
 from benchmarks.throughput_path import fill_topic, run_path
 from benchmarks.throughput_raw import replay
-from daemon.learn.training import compute_dtype
+from daemon.learn.training import precision_name
 
 _log = progress("throughput")
 # profile defaults: (default, --quick)
@@ -186,7 +186,7 @@ def main(args: argparse.Namespace) -> dict:
         "runs": runs, "children_16": children, "ingest": consumed, "follower": follow,
         "profile": {**p, "quick": args.quick, "streams": args.streams},
         "machine": {"cpu_cores": os.cpu_count(), "torch_threads": 1, "torch": torch.__version__,
-                    "precision": str(compute_dtype(torch.device("cpu"))).split(".")[-1]},
+                    "precision": precision_name(torch.device("cpu"))},
         "seconds": round(time.monotonic() - started, 1),
     }
     result["targets"] = {k: {"target": f"{op} {bound}", "met": _met(result, k)} for k, (op, bound) in TARGETS.items()}

@@ -13,9 +13,10 @@ learning rate, the same mini-batch size, a fresh optimizer per call (as ``fit`` 
 permutation per epoch, ``epochs x ceil(rows / batch)`` steps of cross-entropy on in-memory tensors of
 the same row counts (real rows of the stream, already in model form), in the calling thread with its
 torch threads, in the precision the daemon computed in (bf16 autocast where ``precision`` made it so:
-the same work), or float32 when asked (the plain loop a user would write). What it leaves out is everything that is not a training step: Kafka, decoding, the
-split, the served model's forward pass and drift score, routing, fingerprints, buffers, replay
-sampling, the state snapshot, checkpoints, publishes and merges. With the default settings every
+the same work), or float32 when asked (the plain loop a user would write). What it leaves out is
+everything that is not a training step: Kafka, decoding, the split, the served model's forward pass
+and drift score, routing, fingerprints, buffers, replay sampling, the state snapshot, checkpoints,
+publishes and merges. With the default settings every
 call is cross-entropy (full-size children are copies); a call with another loss (HKT, compact
 children) is replayed as cross-entropy too and counted in ``other_losses``.
 """
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from daemon.learn.training import compute_dtype
+from daemon.learn.training import precision_name
 
 
 @dataclass(frozen=True)
@@ -84,10 +85,10 @@ class TrainingRecorder:
             if key not in self.templates:
                 self.templates[key] = copy.deepcopy(model).cpu()
             loss = kwargs.get("loss")
-            dtype = compute_dtype(next(model.parameters()).device)
             self.calls.append(TrainCall(self.batch, len(x), kwargs["epochs"], kwargs.get("batch_size", 64),
                                         kwargs["lr"], key, type(loss).__name__ if loss is not None else "CrossEntropy",
-                                        path, getattr(loss, "label_smoothing", 0.0), str(dtype).split(".")[-1]))
+                                        path, getattr(loss, "label_smoothing", 0.0),
+                                        precision_name(next(model.parameters()).device)))
             self._local.batch = self.batch
             try:
                 return original(model, x, y, **kwargs)

@@ -78,6 +78,11 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def precision_name(device: torch.device) -> str:
+    """``"bfloat16"`` or ``"float32"``: :func:`compute_dtype` by name, for logs and records."""
+    return str(compute_dtype(device)).removeprefix("torch.")
+
+
 def autocast(device: torch.device):
     """The forward passes' precision (:func:`compute_dtype`): bf16 autocast, or nothing (float32)."""
     dtype = compute_dtype(device)

@@ -33,7 +33,7 @@ from consumers.dead_letter import DeadLetterProducer
 from consumers.ledger import AppliedLedger
 from daemon.engine.engine import Engine
 from daemon.engine.records import BatchResult, MergeOutcome
-from daemon.learn.training import compute_dtype, cpu_has_bf16, resolve_device
+from daemon.learn.training import cpu_has_bf16, precision_name, resolve_device
 from daemon.service.checkpointer import Checkpointer
 from daemon.service.connections import (broker_reachable, kafka_client, kafka_connection, redis_client,
                                         signing_key)
@@ -132,7 +132,7 @@ class Service:
 
     def _log_precision(self) -> None:
         device = self.engine.device
-        log.info("computing in %s on %s (precision %s)", str(compute_dtype(device)).split(".")[-1], device,
+        log.info("computing in %s on %s (precision %s)", precision_name(device), device,
                  self.s.model.precision)
         if device.type == "cpu" and self.s.model.precision == "auto" and cpu_has_bf16():
             log.info("this CPU has bf16 instructions: FILIAL_PRECISION=bfloat16 trains and evaluates 1.3-1.4x "
