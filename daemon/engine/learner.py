@@ -27,6 +27,7 @@ they call (policy, drift, replay, training, inheritance) are in ``daemon/learn``
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import torch
@@ -45,11 +46,41 @@ from daemon.learn.inherit.spawn import compact_architecture, spawn_child
 from daemon.learn.merging.confirm import fresh_correctness
 from daemon.learn.models import infer_architecture, parameter_count
 from daemon.learn.policy import Observation, Verdict, decide, spawn_method
-from daemon.learn.training import (CrossEntropy, Hook, accuracy, embed, features_and_logits, fit, model_input,
+from daemon.learn.supersession import CONFIRMING_BATCHES, Contradiction, SliceProfile, contradicted, profile
+from daemon.learn.training import (CrossEntropy, Hook, accuracy, features_and_logits, fit, model_input,
                                    predict_logits)
 from zoo_store.models import utc_now
 
 log = logging.getLogger("filial.engine")
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What test-then-train measured on a batch, and the published version's view of it."""
+    accuracy: float                   # the learning root's (prequential)
+    kl: float                         # to the served reference, published version's features
+    features: torch.Tensor            # the published version's features of the batch
+    published_logits: torch.Tensor
+
+
+class _LazyProfiles(Mapping):
+    """Slice profiles as :func:`contradicted` reads them, each computed only when it is read (most
+    batches are judged on the batch alone and read none)."""
+
+    def __init__(self, learner: "Learner", state: EngineState, data_type: str) -> None:
+        self.learner, self.state, self.data_type = learner, state, data_type
+
+    def __getitem__(self, name: str) -> SliceProfile:
+        found = self.learner.profile(self.state, name, self.data_type)
+        if found is None:
+            raise KeyError(name)
+        return found
+
+    def __iter__(self):
+        return iter(sorted(self.state.buffers.heldout))
+
+    def __len__(self) -> int:
+        return len(self.state.buffers.heldout)
 
 
 @dataclass(frozen=True)
@@ -205,24 +236,25 @@ class Learner:
                        f"({seen} batches; served at {cap} at the latest)")
 
     # --- after bootstrap -------------------------------------------------------------------------------
-    def _observe(self, state: EngineState, rows: Rows) -> tuple[float, float]:
+    def _observe(self, state: EngineState, rows: Rows) -> Observed:
         """The learning root's accuracy on the batch (prequential, test-then-train) and the batch's KL
-        to the served reference in the published version's features (where the fingerprint was fit)."""
+        to the served reference in the published version's features (where the fingerprint was fit);
+        the published version's features and logits come from the same pass."""
         root = state.root
         published = state.published_model()
         pending = self._pending(state)
         if published is root.model:  # before a first version: one pass gives both
             features, logits = features_and_logits(root.model, rows.x)
-        elif pending is not None:  # the published version's logits too, from the same pass
+            published_logits = logits
+        else:
             logits = predict_logits(root.model, rows.x)
             features, published_logits = features_and_logits(published, rows.x)
-            self._confirm(state, pending, rows, published_logits)
-        else:
-            logits, features = predict_logits(root.model, rows.x), embed(published, rows.x)
+            if pending is not None:
+                self._confirm(state, pending, rows, published_logits)
         correct = float((logits.argmax(1) == rows.y).float().mean())
         c, n = state.prequential.setdefault(rows.slice, [0.0, 0])
         state.prequential[rows.slice] = [c + correct * rows.size, n + rows.size]
-        return correct, root.fingerprint.score(features)
+        return Observed(correct, root.fingerprint.score(features), features, published_logits)
 
     @staticmethod
     def _pending(state: EngineState) -> PendingCandidate | None:
@@ -262,7 +294,8 @@ class Learner:
     def _decide_and_train(self, state: EngineState, rows: Rows) -> BatchResult:
         expected = self._expected_accuracy(state, rows.slice)
         with self.clock(stages.OBSERVE):
-            acc, kl = self._observe(state, rows)
+            observed = self._observe(state, rows)
+        acc, kl = observed.accuracy, observed.kl
         if acc >= state.thresholds.accuracy:  # kept whatever the children would say: do not run them
             nearest, nearest_kl, nearest_acc = None, None, None
         else:
@@ -278,6 +311,10 @@ class Learner:
             verdict = self._within_max_children(state, verdict, nearest)
         if verdict.drift:
             state.counters.drift_events += 1
+        superseded = self._supersede(state, rows, observed)
+        if superseded is not None:
+            verdict = replace(verdict, reason=f"{verdict.reason}; {superseded.describe()}: {superseded.slice!r} "
+                                              f"superseded")
         child_id = None
         if verdict.action == "retrain":
             child = state.tree.nodes[verdict.child]
@@ -299,7 +336,48 @@ class Learner:
         if state.pending is not None and state.pending.confirmation.confirmed is not None:
             merge_due = True  # the held candidate is confirmed: the merge publishes it
         return BatchResult(rows.slice, rows.size, verdict.action, verdict.reason, kl, acc, verdict.drift,
-                           child=child_id, nearest_kl=nearest_kl, merge_due=merge_due)
+                           child=child_id, nearest_kl=nearest_kl, merge_due=merge_due,
+                           superseded_slice=superseded.slice if superseded else None)
+
+    def _supersede(self, state: EngineState, rows: Rows, observed: Observed) -> Contradiction | None:
+        """Supersede the older slice this batch relabels on the same inputs, once the slice's batches have
+        done so :data:`CONFIRMING_BATCHES` times in a row (:mod:`daemon.learn.supersession`): its buffers
+        and bookkeeping go, so neither the gate nor replay holds the models to its labels any more."""
+        found = None
+        if self.s.supersede and rows.size >= self.s.min_spawn_rows:
+            with self.clock(stages.SUPERSEDE):
+                found = contradicted(observed.published_logits.argmax(1), rows.y, observed.features,
+                                     _LazyProfiles(self, state, rows.data_type), self.model.num_classes,
+                                     state.thresholds.kl, state.thresholds.concept_alpha, self.s.min_spawn_rows)
+        previous = state.contradictions.pop(rows.slice, None)
+        if found is None:
+            return None
+        count = previous[1] + 1 if previous is not None and previous[0] == found.slice else 1
+        if count < CONFIRMING_BATCHES:
+            state.contradictions[rows.slice] = [found.slice, count]
+            log.info("a batch of %r %s: %r is superseded if %d more in a row do", rows.slice, found.describe(),
+                     found.slice, CONFIRMING_BATCHES - count)
+            return None
+        state.forget_slice(found.slice)
+        for other, (older, _) in list(state.contradictions.items()):
+            if older == found.slice:
+                del state.contradictions[other]
+        log.warning("slice %r %s on %d batches in a row: %r is superseded (its replay and held-out rows and its "
+                    "accuracy bookkeeping dropped; the gate no longer holds merges to its labels)", rows.slice,
+                    found.describe(), count, found.slice)
+        return found
+
+    def profile(self, state: EngineState, name: str, data_type: str) -> SliceProfile | None:
+        """``name``'s held-out rows under the published version, computed once per version."""
+        if state._profiles_of is not state.published_state:
+            state._profiles, state._profiles_of = {}, state.published_state
+        if name not in state._profiles:
+            held = state.buffers.heldout_sets().get(name)
+            if held is None:
+                return None
+            features, logits = features_and_logits(state.published_model(), model_input(held[0], data_type))
+            state._profiles[name] = profile(features, logits, held[1], self.model.num_classes)
+        return state._profiles[name]
 
     def _within_max_children(self, state: EngineState, verdict: Verdict, nearest: Node | None) -> Verdict:
         """At ``max_children`` a spawn becomes a retrain of the nearest child: nothing learned is

@@ -48,6 +48,7 @@ class BatchResult:
     merge_due: bool = False
     seconds: float = 0.0
     evicted_slice: str | None = None  # the least recently seen slice this batch's new slice displaced (max_slices)
+    superseded_slice: str | None = None  # the slice whose labels this batch's slice replaced (daemon.learn.supersession)
     stages: dict[str, float] = field(default_factory=dict)  # seconds per stage (daemon.engine.stages)
 
     def record(self) -> dict[str, Any]:

@@ -71,6 +71,10 @@ class LearnerSettings(BaseModel):
                                "and the gate. false: only children learn (the seed's behaviour)")
     min_spawn_rows: int = Field(32, ge=1, description="a batch with fewer rows never spawns a child (KL on tiny "
                                 "batches is noisy): it is evaluated and, with train_served, learned by the served model")
+    supersede: bool = Field(True, description="a slice whose batches relabel an older slice's inputs (or its own "
+                            "past), two batches in a row, supersedes it: the older slice's buffers and bookkeeping "
+                            "are dropped so the new labels can be served (README 'How the daemon decides'). "
+                            "false: the older labels stay guarded and rehearsed")
     reference_size: int = Field(512, ge=32, description="samples in each model's reference fingerprint")
     max_children: int = Field(32, ge=1, description="cap on active children, enforced at spawn: when full, a "
                               "batch that would spawn retrains the nearest child instead (nothing learned is "

@@ -18,11 +18,13 @@ SPLIT = "split"                  # train/held-out split and conversion to the mo
 BOOTSTRAP = "bootstrap"          # training the first served model
 OBSERVE = "observe"              # the served model's forward pass: prequential accuracy and KL
 ROUTE = "route"                  # the active children's forward passes: nearest child, its accuracy
+SUPERSEDE = "supersede"          # does the batch relabel an older slice (daemon.learn.supersession)
 TRAIN_CHILDREN = "train_children"  # spawning or retraining a child
 TRAIN_SERVED = "train_served"    # the served model learning the batch (train_served)
 FINGERPRINT = "fingerprint"      # refitting a model's reference statistics after it learned
 BUFFERS = "buffers"              # the slice's replay and held-out reservoirs
-ENGINE_STAGES = (SNAPSHOT, SPLIT, BOOTSTRAP, OBSERVE, ROUTE, TRAIN_CHILDREN, TRAIN_SERVED, FINGERPRINT, BUFFERS)
+ENGINE_STAGES = (SNAPSHOT, SPLIT, BOOTSTRAP, OBSERVE, ROUTE, SUPERSEDE, TRAIN_CHILDREN, TRAIN_SERVED, FINGERPRINT,
+                 BUFFERS)
 
 
 class StageClock:

@@ -17,6 +17,7 @@ from daemon.engine.tree import ModelTree, Node
 from daemon.learn.merging.confirm import Confirmation
 from daemon.learn.replay import SliceBuffers
 from daemon.learn.policy import Thresholds
+from daemon.learn.supersession import SliceProfile
 
 
 @dataclass
@@ -56,6 +57,12 @@ class EngineState:
     # a merge candidate held for confirmation on fresh rows (merge.confirm_alpha); never checkpointed:
     # after a restart the next merge builds a new candidate
     pending: PendingCandidate | None = field(default=None, repr=False)
+    # slice -> [the older slice its latest batches relabel, how many batches in a row]
+    # (daemon.learn.supersession: superseded at CONFIRMING_BATCHES)
+    contradictions: dict[str, list] = field(default_factory=dict)
+    # each slice's profile under the published version (derived, never checkpointed; rebuilt per version)
+    _profiles: dict[str, SliceProfile] = field(default_factory=dict, repr=False)
+    _profiles_of: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     # ``published_state`` in a model, and the dict it was loaded from (derived, never checkpointed)
     _published_model: torch.nn.Module | None = field(default=None, repr=False)
     _published_model_of: dict[str, torch.Tensor] | None = field(default=None, repr=False)
@@ -88,11 +95,11 @@ class EngineState:
                 | set(self.prequential))
 
     def forget_slice(self, name: str) -> None:
-        """Drop what is held per slice (``learner.max_slices``): its buffers, prequential and
-        continual bookkeeping, and its name in the served model's slice list. Node lineage
+        """Drop what is held per slice (evicted at ``learner.max_slices``, or superseded): its buffers,
+        prequential, continual and supersession bookkeeping, and its name in the served model's slice list. Node lineage
         (a child's ``slice``) stays: it is history, bounded by ``max_children``."""
         for per_slice in (self.buffers.replay, self.buffers.heldout, self.prequential, self.slice_last_batch,
-                          self.learned):
+                          self.learned, self._profiles, self.contradictions):
             per_slice.pop(name, None)
         if self.root is not None and name in self.root.slices:
             self.root.slices.remove(name)
@@ -122,6 +129,7 @@ def encode(state: EngineState) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
         "prequential": state.prequential, "kl_threshold": state.thresholds.kl,
         "kl_calibrated_rate": state.kl_calibrated_rate,
         "slice_last_batch": state.slice_last_batch, "learned": state.learned,
+        "contradictions": state.contradictions,
     }
     return meta, tensors
 
@@ -149,3 +157,5 @@ def decode(meta: dict[str, Any], tensors: dict[str, torch.Tensor], state: Engine
     state.prequential = {k: list(v) for k, v in meta["prequential"].items()}
     state.slice_last_batch = dict(meta.get("slice_last_batch", {}))  # absent before the CL metrics existed
     state.learned = {k: list(v) for k, v in meta.get("learned", {}).items()}
+    state.contradictions = {k: list(v) for k, v in meta.get("contradictions", {}).items()}
+    state._profiles, state._profiles_of = {}, None

@@ -93,7 +93,8 @@ class ServiceMetrics:
         self.served_bwt.set(nan if bwt is None else bwt)
 
     def forget_slice(self, name: str) -> None:
-        """The engine evicted a slice (``learner.max_slices``): its labels go too, so they stay bounded."""
+        """The engine evicted a slice (``learner.max_slices``) or a newer slice superseded it: its labels
+        go too, so they stay bounded."""
         for metric in (self.batches, self.samples, self.kl, self.prequential, self.served_accuracy,
                        self.served_forgetting):
             try:

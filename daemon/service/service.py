@@ -230,9 +230,11 @@ class Service:
 
     # --- after each batch, each publish, each checkpoint ----------------------------------------------
     def _after_batch(self, result: BatchResult) -> None:
-        if result.evicted_slice:
-            self.metrics.forget_slice(result.evicted_slice)
-        if result.action in ("spawn", "retrain") or result.evicted_slice:  # {p}:tree is fresh between publishes
+        for gone in (result.evicted_slice, result.superseded_slice):
+            if gone and gone != result.slice:  # a slice superseded by its own new labels goes on
+                self.metrics.forget_slice(gone)
+        if result.action in ("spawn", "retrain") or result.evicted_slice or result.superseded_slice:
+            # {p}:tree is fresh between publishes
             self._best_effort(self.telemetry.save_tree, self.engine.describe_tree())
         if result.publish_bootstrap:
             self._publish_bootstrap()
