@@ -71,7 +71,7 @@ class _LazyProfiles(Mapping):
         self.learner, self.state, self.data_type = learner, state, data_type
 
     def __getitem__(self, name: str) -> SliceProfile:
-        found = self.learner.profile(self.state, name, self.data_type)
+        found = self.learner._profile(self.state, name, self.data_type)
         if found is None:
             raise KeyError(name)
         return found
@@ -367,17 +367,16 @@ class Learner:
                     found.describe(), count, found.slice)
         return found
 
-    def profile(self, state: EngineState, name: str, data_type: str) -> SliceProfile | None:
+    def _profile(self, state: EngineState, name: str, data_type: str) -> SliceProfile | None:
         """``name``'s held-out rows under the published version, computed once per version."""
-        if state._profiles_of is not state.published_state:
-            state._profiles, state._profiles_of = {}, state.published_state
-        if name not in state._profiles:
+        cache = state.version_profiles()
+        if name not in cache:
             held = state.buffers.heldout_sets().get(name)
             if held is None:
                 return None
             features, logits = features_and_logits(state.published_model(), model_input(held[0], data_type))
-            state._profiles[name] = profile(features, logits, held[1], self.model.num_classes)
-        return state._profiles[name]
+            cache[name] = profile(features, logits, held[1], self.model.num_classes)
+        return cache[name]
 
     def _within_max_children(self, state: EngineState, verdict: Verdict, nearest: Node | None) -> Verdict:
         """At ``max_children`` a spawn becomes a retrain of the nearest child: nothing learned is

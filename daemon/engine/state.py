@@ -85,6 +85,13 @@ class EngineState:
             self._published_model_of = self.published_state
         return self._published_model
 
+    def version_profiles(self) -> dict[str, SliceProfile]:
+        """Slice profiles under the published version (:mod:`daemon.learn.supersession`), kept until another
+        version is adopted (``published_state`` is replaced then, never written in place)."""
+        if self._profiles_of is not self.published_state:
+            self._profiles, self._profiles_of = {}, self.published_state
+        return self._profiles
+
     def fresh_slices(self) -> set[str]:
         """Slices with batches that no published version has learned yet."""
         return {s for s, b in self.slice_last_batch.items() if s not in self.learned or b > self.learned[s][1]}
