@@ -91,7 +91,7 @@ def digits_tabular():
 
 @pytest.fixture
 def produce_tabular():
-    """``produce(bootstrap, topic, slice, n, id_prefix, rows=32, permute_seed=None, partition=None, start=0)``
-    sends ``n`` batches with ids ``{id_prefix}-{i}``; a permuted slice is a strong feature shift
-    (:func:`tests.helpers.produce_tabular`)."""
+    """``produce(bootstrap, topic, slice, n, id_prefix, rows=32, permute_seed=None, partition=None, start=0,
+    label_shift=0)`` sends ``n`` batches with ids ``{id_prefix}-{i}``; a permuted slice is a strong feature
+    shift, a label shift renames the classes (:func:`tests.helpers.produce_tabular`)."""
     return helpers.produce_tabular

@@ -23,9 +23,11 @@ def digits_tabular():
 
 
 def produce_tabular(bootstrap: str, topic: str, slice_name: str, n: int, id_prefix: str, rows: int = 32,
-                    permute_seed: int | None = None, partition: int | None = None, start: int = 0) -> list[str]:
+                    permute_seed: int | None = None, partition: int | None = None, start: int = 0,
+                    label_shift: int = 0) -> list[str]:
     """Send ``n`` batches of the digits with ids ``{id_prefix}-{i}`` (``i`` from ``start``) and return the
-    ids; a permuted slice (``permute_seed``) is a strong feature shift."""
+    ids; a permuted slice (``permute_seed``) is a strong feature shift, ``label_shift`` renames every class
+    ``c`` to ``c + label_shift`` (mod 10): the same inputs, other labels."""
     import torch
     from kafka import KafkaProducer
 
@@ -33,6 +35,7 @@ def produce_tabular(bootstrap: str, topic: str, slice_name: str, n: int, id_pref
 
     x_all, y_all = digits_tabular()
     x = x_all
+    y_all = (y_all + label_shift) % 10
     if permute_seed is not None:
         x = x[:, torch.randperm(x.shape[1], generator=torch.Generator().manual_seed(permute_seed))]
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
