@@ -343,12 +343,14 @@ class Learner:
         """Supersede the older slice this batch relabels on the same inputs, once the slice's batches have
         done so :data:`CONFIRMING_BATCHES` times in a row (:mod:`daemon.learn.supersession`): its buffers
         and bookkeeping go, so neither the gate nor replay holds the models to its labels any more."""
-        found = None
-        if self.s.supersede and rows.size >= self.s.min_spawn_rows:
-            with self.clock(stages.SUPERSEDE):
-                found = contradicted(observed.published_logits.argmax(1), rows.y, observed.features,
-                                     _LazyProfiles(self, state, rows.data_type), self.model.num_classes,
-                                     state.thresholds.kl, state.thresholds.concept_alpha, self.s.min_spawn_rows)
+        if not self.s.supersede:
+            return None
+        evidence = self._evidence(state, rows, observed)
+        if evidence is None:  # small batches still adding up: no judgement, the count stands
+            return None
+        with self.clock(stages.SUPERSEDE):
+            found = contradicted(*evidence, _LazyProfiles(self, state, rows.data_type), self.model.num_classes,
+                                 state.thresholds.kl, state.thresholds.concept_alpha, self.s.min_spawn_rows)
         previous = state.contradictions.pop(rows.slice, None)
         if found is None:
             return None
@@ -367,9 +369,26 @@ class Learner:
                     found.describe(), count, found.slice)
         return found
 
+    def _evidence(self, state: EngineState, rows: Rows,
+                  observed: Observed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The published version's predictions, the labels and its features to judge: this batch's, or a
+        batch under ``min_spawn_rows`` together with the slice's consecutive small batches before it, once
+        they add up to that many rows (a renaming fitted to a few rows explains anything); None meanwhile."""
+        evidence = (observed.published_logits.argmax(1), rows.y, observed.features)
+        small = state.per_version().small_batches
+        earlier = small.pop(rows.slice, None)
+        if rows.size >= self.s.min_spawn_rows:
+            return evidence
+        if earlier is not None:
+            evidence = tuple(torch.cat([a, b]) for a, b in zip(earlier, evidence))
+        if len(evidence[1]) >= self.s.min_spawn_rows:
+            return evidence
+        small[rows.slice] = evidence
+        return None
+
     def _profile(self, state: EngineState, name: str, data_type: str) -> SliceProfile | None:
         """``name``'s held-out rows under the published version, computed once per version."""
-        cache = state.version_profiles()
+        cache = state.per_version().profiles
         if name not in cache:
             held = state.buffers.heldout_sets().get(name)
             if held is None:

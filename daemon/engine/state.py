@@ -32,6 +32,15 @@ class PendingCandidate:
 
 
 @dataclass
+class PerVersion:
+    """Supersession's measurements in the published version's terms (:mod:`daemon.learn.supersession`)."""
+    profiles: dict[str, SliceProfile] = field(default_factory=dict)  # slice -> its held-out rows' profile
+    # slice -> its latest consecutive batches under ``min_spawn_rows``: (predicted, labels, features), judged
+    # together once they add up to that many rows
+    small_batches: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass
 class EngineState:
     tree: ModelTree
     buffers: SliceBuffers
@@ -60,9 +69,9 @@ class EngineState:
     # slice -> [the older slice its latest batches relabel, how many batches in a row]
     # (daemon.learn.supersession: superseded at CONFIRMING_BATCHES)
     contradictions: dict[str, list] = field(default_factory=dict)
-    # each slice's profile under the published version (derived, never checkpointed; rebuilt per version)
-    _profiles: dict[str, SliceProfile] = field(default_factory=dict, repr=False)
-    _profiles_of: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    # what supersession keeps per published version (derived, never checkpointed; dropped when another is adopted)
+    _per_version: PerVersion = field(default_factory=lambda: PerVersion(), repr=False)
+    _per_version_of: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     # ``published_state`` in a model, and the dict it was loaded from (derived, never checkpointed)
     _published_model: torch.nn.Module | None = field(default=None, repr=False)
     _published_model_of: dict[str, torch.Tensor] | None = field(default=None, repr=False)
@@ -85,12 +94,12 @@ class EngineState:
             self._published_model_of = self.published_state
         return self._published_model
 
-    def version_profiles(self) -> dict[str, SliceProfile]:
-        """Slice profiles under the published version (:mod:`daemon.learn.supersession`), kept until another
-        version is adopted (``published_state`` is replaced then, never written in place)."""
-        if self._profiles_of is not self.published_state:
-            self._profiles, self._profiles_of = {}, self.published_state
-        return self._profiles
+    def per_version(self) -> PerVersion:
+        """What supersession measured under the published version, kept until another version is adopted
+        (``published_state`` is replaced then, never written in place)."""
+        if self._per_version_of is not self.published_state:
+            self._per_version, self._per_version_of = PerVersion(), self.published_state
+        return self._per_version
 
     def fresh_slices(self) -> set[str]:
         """Slices with batches that no published version has learned yet."""
@@ -106,7 +115,8 @@ class EngineState:
         prequential, continual and supersession bookkeeping, and its name in the served model's slice list. Node lineage
         (a child's ``slice``) stays: it is history, bounded by ``max_children``."""
         for per_slice in (self.buffers.replay, self.buffers.heldout, self.prequential, self.slice_last_batch,
-                          self.learned, self._profiles, self.contradictions):
+                          self.learned, self.contradictions, self._per_version.profiles,
+                          self._per_version.small_batches):
             per_slice.pop(name, None)
         if self.root is not None and name in self.root.slices:
             self.root.slices.remove(name)
@@ -165,4 +175,4 @@ def decode(meta: dict[str, Any], tensors: dict[str, torch.Tensor], state: Engine
     state.slice_last_batch = dict(meta.get("slice_last_batch", {}))  # absent before the CL metrics existed
     state.learned = {k: list(v) for k, v in meta.get("learned", {}).items()}
     state.contradictions = {k: list(v) for k, v in meta.get("contradictions", {}).items()}
-    state._profiles, state._profiles_of = {}, None
+    state._per_version, state._per_version_of = PerVersion(), None

@@ -37,10 +37,10 @@ class Driver:
     def __init__(self, engine: Engine) -> None:
         self.engine, self.version, self.n = engine, 0, 0
 
-    def batches(self, name: str, seed: int, count: int, **kind):
+    def batches(self, name: str, seed: int, count: int, rows: int = 50, **kind):
         results = []
         for i in range(count):
-            x, y = _rows(50, seed * 1000 + i, **kind)
+            x, y = _rows(rows, seed * 1000 + i, **kind)
             result = self.engine.process(Batch(x, y, name, "tabular", f"b{self.n}", BatchSource("t", 0, self.n)))
             self.n += 1
             results.append(result)
@@ -102,6 +102,14 @@ def test_one_relabelled_batch_supersedes_nothing_and_the_count_survives_a_restar
     drive.engine = restored
     [second] = drive.batches("new", 5, 1, swap=True)
     assert second.superseded_slice == "old"
+
+
+def test_batches_under_min_spawn_rows_are_judged_together():
+    drive = Driver(_engine())
+    drive.batches("old", 1, 16)
+    results = drive.batches("new", 2, 8, rows=12, swap=True)  # min_spawn_rows 32: judged every third batch
+    superseded = [i for i, r in enumerate(results) if r.superseded_slice]
+    assert superseded == [5], [r.reason for r in results]  # rows 36 and 72: two judgements, the second supersedes
 
 
 def test_a_covariate_shift_supersedes_nothing():
