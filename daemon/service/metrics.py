@@ -28,6 +28,9 @@ class ServiceMetrics:
                                  "per slice (cumulative)", ["slice"], registry=r)
         self.decisions = Counter("filial_drift_decisions", "Per-batch decisions by action", ["action"], registry=r)
         self.children = Gauge("filial_children", "Children in the model tree by status", ["status"], registry=r)
+        self.slices_dropped = Counter("filial_slices_dropped", "Slices whose buffers and labels were dropped: "
+                                      "evicted (max_slices) or superseded (a newer slice relabelled its inputs)",
+                                      ["reason"], registry=r)
         self.merges = Counter("filial_merges", "Merges planned, by result", ["result"], registry=r)
         self.publish_seconds = Histogram("filial_publish_seconds", "Time from publish request to the version "
                                          "being written (includes retries through outages)", ["reason"],

@@ -34,6 +34,7 @@ def test_a_relabelling_slice_supersedes_the_old_one_in_records_and_metrics(kafka
         assert not service.engine.knows_slice("plain") and service.engine.knows_slice("shifted")
         exposition = service.metrics.exposition().decode()
         assert 'slice="plain"' not in exposition and 'slice="shifted"' in exposition, exposition
+        assert 'filial_slices_dropped_total{reason="superseded"} 1.0' in exposition
     finally:
         service.stop()
         thread.join(timeout=60)

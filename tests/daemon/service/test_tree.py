@@ -41,6 +41,7 @@ def test_the_tree_in_redis_follows_spawns_and_retrains_without_a_publish(kafka, 
             return 'slice="plain"' not in exposition and 'slice="perm2"' in exposition
 
         assert wait_until(evicted_from_metrics, timeout=20), service.metrics.exposition().decode()
+        assert 'filial_slices_dropped_total{reason="evicted"} 1.0' in service.metrics.exposition().decode()
     finally:
         service.stop()
         thread.join(timeout=60)
