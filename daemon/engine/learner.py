@@ -76,11 +76,14 @@ class _LazyProfiles(Mapping):
             raise KeyError(name)
         return found
 
+    def _names(self) -> list[str]:  # a slice whose batches were all single rows has no held-out rows
+        return sorted(name for name, held in self.state.buffers.heldout.items() if len(held))
+
     def __iter__(self):
-        return iter(sorted(self.state.buffers.heldout))
+        return iter(self._names())
 
     def __len__(self) -> int:
-        return len(self.state.buffers.heldout)
+        return len(self._names())
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,14 @@ def test_one_relabelled_batch_supersedes_nothing_and_the_count_survives_a_restar
     assert second.superseded_slice == "old"
 
 
+def test_a_slice_without_held_out_rows_is_passed_over():
+    drive = Driver(_engine())
+    drive.batches("old", 1, 16)
+    drive.batches("single", 7, 2, rows=1)  # one-row batches keep no held-out row
+    results = drive.batches("new", 2, 3, swap=True)
+    assert [r.superseded_slice for r in results] == [None, "old", None]
+
+
 def test_batches_under_min_spawn_rows_are_judged_together():
     drive = Driver(_engine())
     drive.batches("old", 1, 16)
