@@ -20,14 +20,14 @@ held-out rows, after twice as many at the latest, or as soon as a batch of anoth
 The batch is converted to the model's input form once (:class:`Rows`) and passed down. The
 caller (the engine facade) holds the lock; nothing here does I/O or starts threads.
 
-Over 300 lines because the steps above share one state and one converted batch; the algorithms
-they call (policy, drift, replay, training, inheritance) are in ``daemon/learn``.
+Over 400 lines because the steps above share one state and one converted batch; the algorithms
+they call (policy, drift, replay, training, inheritance) are in ``daemon/learn``, and supersession's
+bookkeeping in :mod:`daemon.engine.superseding`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import torch
@@ -39,6 +39,7 @@ from daemon.engine.settings import LearnerSettings, MergeSettings, ModelSettings
 from daemon.engine import stages
 from daemon.engine.stages import StageClock
 from daemon.engine.state import EngineState, PendingCandidate
+from daemon.engine.superseding import Superseding
 from daemon.engine.tree import ROOT, Node
 from daemon.learn.inherit.child_tuning import child_tuning_hook
 from daemon.learn.inherit.hkt import HKTLoss
@@ -46,7 +47,6 @@ from daemon.learn.inherit.spawn import compact_architecture, spawn_child
 from daemon.learn.merging.confirm import fresh_correctness
 from daemon.learn.models import infer_architecture, parameter_count
 from daemon.learn.policy import Observation, Verdict, decide, spawn_method
-from daemon.learn.supersession import CONFIRMING_BATCHES, Contradiction, SliceProfile, contradicted, profile
 from daemon.learn.training import (CrossEntropy, Hook, accuracy, features_and_logits, fit, model_input,
                                    predict_logits)
 from zoo_store.models import utc_now
@@ -61,29 +61,6 @@ class Observed:
     kl: float                         # to the served reference, published version's features
     features: torch.Tensor            # the published version's features of the batch
     published_logits: torch.Tensor
-
-
-class _LazyProfiles(Mapping):
-    """Slice profiles as :func:`contradicted` reads them, each computed only when it is read (most
-    batches are judged on the batch alone and read none)."""
-
-    def __init__(self, learner: "Learner", state: EngineState, data_type: str) -> None:
-        self.learner, self.state, self.data_type = learner, state, data_type
-
-    def __getitem__(self, name: str) -> SliceProfile:
-        found = self.learner._profile(self.state, name, self.data_type)
-        if found is None:
-            raise KeyError(name)
-        return found
-
-    def _names(self) -> list[str]:  # a slice whose batches were all single rows has no held-out rows
-        return sorted(name for name, held in self.state.buffers.heldout.items() if len(held))
-
-    def __iter__(self):
-        return iter(self._names())
-
-    def __len__(self) -> int:
-        return len(self._names())
 
 
 @dataclass(frozen=True)
@@ -113,6 +90,7 @@ class Learner:
         self.merge_after = merge.after_child_updates
         self.device = device
         self.clock = StageClock()  # this batch's seconds per stage (one batch at a time: the engine's lock)
+        self.superseding = Superseding(learner.min_spawn_rows, model.num_classes)
 
     # --- one batch ------------------------------------------------------------------------------
     def split(self, state: EngineState, batch: Batch) -> Rows:
@@ -314,7 +292,11 @@ class Learner:
             verdict = self._within_max_children(state, verdict, nearest)
         if verdict.drift:
             state.counters.drift_events += 1
-        superseded = self._supersede(state, rows, observed)
+        superseded = None
+        if self.s.supersede:
+            with self.clock(stages.SUPERSEDE):
+                superseded = self.superseding.apply(state, rows.slice, rows.data_type, rows.y,
+                                                    observed.published_logits.argmax(1), observed.features)
         if superseded is not None:
             verdict = replace(verdict, reason=f"{verdict.reason}; {superseded.describe()}: {superseded.slice!r} "
                                               f"superseded")
@@ -341,64 +323,6 @@ class Learner:
         return BatchResult(rows.slice, rows.size, verdict.action, verdict.reason, kl, acc, verdict.drift,
                            child=child_id, nearest_kl=nearest_kl, merge_due=merge_due,
                            superseded_slice=superseded.slice if superseded else None)
-
-    def _supersede(self, state: EngineState, rows: Rows, observed: Observed) -> Contradiction | None:
-        """Supersede the older slice this batch relabels on the same inputs, once the slice's batches have
-        done so :data:`CONFIRMING_BATCHES` times in a row (:mod:`daemon.learn.supersession`): its buffers
-        and bookkeeping go, so neither the gate nor replay holds the models to its labels any more."""
-        if not self.s.supersede:
-            return None
-        evidence = self._evidence(state, rows, observed)
-        if evidence is None:  # small batches still adding up: no judgement, the count stands
-            return None
-        with self.clock(stages.SUPERSEDE):
-            found = contradicted(*evidence, _LazyProfiles(self, state, rows.data_type), self.model.num_classes,
-                                 state.thresholds.kl, state.thresholds.concept_alpha, self.s.min_spawn_rows)
-        previous = state.contradictions.pop(rows.slice, None)
-        if found is None:
-            return None
-        count = previous[1] + 1 if previous is not None and previous[0] == found.slice else 1
-        if count < CONFIRMING_BATCHES:
-            state.contradictions[rows.slice] = [found.slice, count]
-            log.info("a batch of %r %s: %r is superseded if %d more in a row do", rows.slice, found.describe(),
-                     found.slice, CONFIRMING_BATCHES - count)
-            return None
-        state.forget_slice(found.slice)
-        for other, (older, _) in list(state.contradictions.items()):
-            if older == found.slice:
-                del state.contradictions[other]
-        log.warning("slice %r %s on %d batches in a row: %r is superseded (its replay and held-out rows and its "
-                    "accuracy bookkeeping dropped; the gate no longer holds merges to its labels)", rows.slice,
-                    found.describe(), count, found.slice)
-        return found
-
-    def _evidence(self, state: EngineState, rows: Rows,
-                  observed: Observed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """The published version's predictions, the labels and its features to judge: this batch's, or a
-        batch under ``min_spawn_rows`` together with the slice's consecutive small batches before it, once
-        they add up to that many rows (a renaming fitted to a few rows explains anything); None meanwhile."""
-        evidence = (observed.published_logits.argmax(1), rows.y, observed.features)
-        small = state.per_version().small_batches
-        earlier = small.pop(rows.slice, None)
-        if rows.size >= self.s.min_spawn_rows:
-            return evidence
-        if earlier is not None:
-            evidence = tuple(torch.cat([a, b]) for a, b in zip(earlier, evidence))
-        if len(evidence[1]) >= self.s.min_spawn_rows:
-            return evidence
-        small[rows.slice] = evidence
-        return None
-
-    def _profile(self, state: EngineState, name: str, data_type: str) -> SliceProfile | None:
-        """``name``'s held-out rows under the published version, computed once per version."""
-        cache = state.per_version().profiles
-        if name not in cache:
-            held = state.buffers.heldout_sets().get(name)
-            if held is None:
-                return None
-            features, logits = features_and_logits(state.published_model(), model_input(held[0], data_type))
-            cache[name] = profile(features, logits, held[1], self.model.num_classes)
-        return cache[name]
 
     def _within_max_children(self, state: EngineState, verdict: Verdict, nearest: Node | None) -> Verdict:
         """At ``max_children`` a spawn becomes a retrain of the nearest child: nothing learned is
