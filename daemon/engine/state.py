@@ -112,8 +112,8 @@ class EngineState:
 
     def forget_slice(self, name: str) -> None:
         """Drop what is held per slice (evicted at ``learner.max_slices``, or superseded): its buffers,
-        prequential, continual and supersession bookkeeping, and its name in the served model's slice list. Node lineage
-        (a child's ``slice``) stays: it is history, bounded by ``max_children``."""
+        prequential, continual and supersession bookkeeping, and its name in the served model's slice
+        list. Node lineage (a child's ``slice``) stays: it is history, bounded by ``max_children``."""
         for per_slice in (self.buffers.replay, self.buffers.heldout, self.prequential, self.slice_last_batch,
                           self.learned, self.contradictions, self._per_version.profiles,
                           self._per_version.small_batches):

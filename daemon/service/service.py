@@ -231,9 +231,10 @@ class Service:
     # --- after each batch, each publish, each checkpoint ----------------------------------------------
     def _after_batch(self, result: BatchResult) -> None:
         for reason, gone in (("evicted", result.evicted_slice), ("superseded", result.superseded_slice)):
-            if gone:
-                self.metrics.slices_dropped.labels(reason).inc()
-            if gone and gone != result.slice:  # a slice superseded by its own new labels goes on
+            if not gone:
+                continue
+            self.metrics.slices_dropped.labels(reason).inc()
+            if gone != result.slice:  # a slice superseded by its own new labels goes on
                 self.metrics.forget_slice(gone)
         if result.action in ("spawn", "retrain") or result.evicted_slice or result.superseded_slice:
             # {p}:tree is fresh between publishes
