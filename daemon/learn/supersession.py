@@ -21,13 +21,14 @@ version is adopted):
    30-120 degrees, 0.41 for permuted pixels, 0 for covariate shift);
 2. **on the same inputs**: KL(batch || ``A``'s held-out rows) in the version's features is below
    the drift threshold. Relabelling explains the batch against every slice that has its labels;
-   the inputs say which slice it relabels (label swaps measured 0.10-0.39, the rotations
-   that pass 1. never, base-vs-moved blobs 2-12);
+   the inputs say which slice it relabels (label swaps measured 0.10-0.39, blobs moved away
+   2-12; no rotation passed 1.);
 3. **persistently**: the same ``A`` on two consecutive batches of ``B`` (:data:`CONFIRMING_BATCHES`),
    so one mislabelled batch supersedes nothing.
 
-The detector is pure: :func:`profile` summarises a slice's held-out rows once per published
-version, :func:`contradicted` judges a batch against those summaries.
+The detector is pure: :func:`profile` summarises a slice's held-out rows, :func:`contradicted`
+judges a batch against those summaries; the engine keeps the count, the profiles per published
+version and small batches until they add up (:mod:`daemon.engine.superseding`).
 """
 
 from __future__ import annotations
