@@ -98,3 +98,19 @@ def test_of_two_slices_with_the_labels_the_one_with_the_same_inputs_is_named():
 def test_too_few_rows_of_the_slice_s_labels_decide_nothing():
     f, y = _blobs(20, 3)
     assert _judge(f, _swap(y), _profiles(old=_blobs(200, 1))) is None
+
+
+def test_a_new_class_taken_for_an_old_one_is_a_mistake_not_a_renaming():
+    # a slice of classes 2-4 on a class-incremental stream; the version, right on its held-out rows,
+    # takes some of the batch's class-4 rows for class 0, which the slice never had
+    held_f, held_y = _blobs(300, 1)
+    profiles = _profiles(new=(held_f[held_y >= 2], held_y[held_y >= 2]))
+    f, y = _blobs(150, 3)
+    f, y = f[y >= 2], y[y >= 2]
+    predicted = _predict(f)
+    predicted[torch.nonzero(y == 4).flatten()[:8]] = 0
+    anything = relabelling(predicted, y, CLASSES)                  # renaming 0 -> 4 would explain every error
+    assert anything.accuracy < 0.95 and anything.explained(1.0) >= MIN_EXPLAINED and may_relabel(anything)
+    own = relabelling(predicted, y, CLASSES, renamable=profiles["new"].classes)
+    assert own.remapped == own.accuracy
+    assert contradicted(predicted, y, f, profiles, CLASSES, kl_threshold=0.5, alpha=ALPHA, min_rows=32) is None
