@@ -103,6 +103,7 @@ class Follower:
         last_id = event_id(max(first - 1, 0))  # XREAD returns entries after last_id; "0-0" = all
         for fields in read_stream(self.client, self.keys.line(self.line).events, last_id, block_ms, stop):
             yield VersionEvent.model_validate_json(fields[b"event"])
+            self.store.ready_next_buffer()   # the caller is done with that event: wait with a buffer ready
 
     def verify(self, manifest: Manifest, weights: bytes) -> None:
         """Raise :class:`VerificationError` unless ``weights`` are exactly what ``manifest`` describes

@@ -257,3 +257,25 @@ def test_a_read_buffer_is_reused_only_once_nothing_holds_it(redis_client, unique
     assert intact
     third, _ = store.read_weights("main", 1, len(weights))
     assert _address(third) == address and third.tobytes() == weights   # nothing held it: read into again
+
+
+
+def test_a_follower_waits_with_a_touched_buffer_ready_for_the_next_version(redis_client, unique):
+    store = _stored(redis_client, unique, _weights(0))
+    follower = Follower(redis_client, prefix=unique)
+    follower.store.ready_next_buffer()                    # nothing read yet: nothing to size a buffer by
+    assert follower.store._buffers == []
+    events = follower.events(from_version=1, block_ms=50)
+    assert next(events).version == 1
+    _, state = follower.load(1)                           # its tensors hold the buffer it was read into
+    assert len(follower.store._buffers) == 1
+    store.publish("main", _weights(1), publish_id="second", reason="test", architecture=ARCH)
+    assert next(events).version == 2                      # resuming after version 1 readied a spare
+    first, spare = follower.store._buffers
+    assert spare.size == first.size and not spare.any()   # the size of the last read, touched (zeroed)
+    spare_address, spare_size = spare.ctypes.data, spare.size
+    del first, spare
+    _, second = follower.load(2)
+    assert all(0 <= t.data_ptr() - spare_address < spare_size for t in second.values())   # read into it
+    assert all(t.data_ptr() - spare_address >= spare_size or t.data_ptr() < spare_address
+               for t in state.values())                   # version 1's tensors were left alone
