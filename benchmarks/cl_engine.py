@@ -8,7 +8,8 @@ model's average (the served model as it has learned, published or not).
 
     python -m benchmarks.cl_engine permuted --seed 1 --set merge_recency_half_life=0
 
-Settings are filial's defaults with ``bench cl``'s merge trigger (count, every 4 updates) and
+Settings are filial's defaults with ``bench cl``'s merge trigger (count, every 4 updates, which
+``--set merge_after_child_updates=N`` changes) and
 ``--set flat_name=value`` overrides. Not the benchmark: ``filial bench cl`` measures the real path.
 """
 
@@ -100,8 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
     from tools.datasets import load_dataset
 
     stream = build_stream(args.stream, None if args.stream == "tabular" else load_dataset(args.dataset), None, args.seed)
-    s = load_settings(num_classes=stream.num_classes, merge_after_child_updates=4, merge_trigger="count",
-                      seed=args.seed, **overrides)
+    overrides.setdefault("merge_after_child_updates", 4)   # the bench's trigger, unless --set says otherwise
+    s = load_settings(num_classes=stream.num_classes, merge_trigger="count", seed=args.seed, **overrides)
     engine = Engine(s.model, s.learner, s.merge, torch.device("cpu"))
     served, candidates, first = [], [], {}
 
