@@ -7,7 +7,9 @@ seconds, so the merge job's share of a busy daemon's CPU stays at most ``cpu_sha
 merge costs (a larger zoo merges less often, not slower ingest). The budget protects learning, so it
 holds only while there is some: once ingest has had nothing to do for ``IDLE_SECONDS`` (the end of a
 stream, a pause of the producers) a tick merges at once, and followers get what was learned without
-waiting out a rest. Explicit ``merge_now()`` calls (operators, benchmarks, the count trigger) are not
+waiting out a rest. Nor do they wait for the tick: an idle watch (every ``IDLE_WATCH_SECONDS``) nudges
+the job once per idle period that follows new batches, so the end of a burst is merged about
+``IDLE_SECONDS`` after its last batch. Explicit ``merge_now()`` calls (operators, benchmarks, the count trigger) are not
 held back; their cost still sets the rest.
 
 A merge is planned and gated by the engine (on a snapshot, outside the engine's lock); an
@@ -46,6 +48,7 @@ log = logging.getLogger("filial.service")
 # ingest with nothing to do for this long is idle: the merge job then does not rest (merge.cpu_share).
 # Four times the consume loop's poll timeout, so a stream with short gaps between batches still counts as busy
 IDLE_SECONDS = 2.0
+IDLE_WATCH_SECONDS = 0.5  # how often the idle watch looks (in memory: no Redis; the engine only once idle)
 
 
 class MergeJob:
@@ -71,6 +74,7 @@ class MergeJob:
         self._lock = threading.Lock()
         self._scheduler: BackgroundScheduler | None = None
         self._rest_until = 0.0   # time.monotonic() before which scheduled runs and nudges wait (cpu_share)
+        self._batches_merged_idle = 0   # the engine's batch count when the idle watch last nudged
 
     def start(self) -> None:
         if self.s.trigger == "count":
@@ -80,6 +84,8 @@ class MergeJob:
                    else IntervalTrigger(seconds=self.s.interval_seconds))
         self._scheduler.add_job(self._scheduled, trigger, id="merge", max_instances=1, coalesce=True,
                                 misfire_grace_time=None)
+        self._scheduler.add_job(self._watch_idle, IntervalTrigger(seconds=IDLE_WATCH_SECONDS), id="idle-watch",
+                                max_instances=1, coalesce=True)
         self._scheduler.start()
 
     def stop(self) -> None:
@@ -91,6 +97,18 @@ class MergeJob:
         not nudged: a later nudge or tick takes these updates."""
         if self._scheduler is not None and not self._lock.locked() and not self._must_rest():
             self._scheduler.modify_job("merge", next_run_time=datetime.now(timezone.utc))
+
+    def _watch_idle(self) -> None:
+        """Nudge the merge once ingest has been idle for ``IDLE_SECONDS`` after new batches: what the
+        end of a stream (or a pause of the producers) taught reaches followers without waiting for the
+        next tick. Once per idle period; a merge with nothing new to merge returns at once."""
+        if self.ingest_idle_seconds() < IDLE_SECONDS:
+            return
+        batches = self.engine.counters.batches   # the engine's lock, which an idle consume loop does not hold
+        if batches != self._batches_merged_idle:
+            self._batches_merged_idle = batches
+            log.info("ingest idle for %.0fs after batch %d: merging now", self.ingest_idle_seconds(), batches)
+            self.nudge()
 
     def resting(self) -> bool:
         return self.rest_seconds() > 0

@@ -83,3 +83,20 @@ def test_a_candidate_confirmed_on_fresh_rows_is_published_though_the_job_rests(k
         assert confirmed and confirmed[0]["accepted"], [m["reason"] for m in merges]
         assert confirmed[0]["plan"]["confirmation"]["rejected_as"] == held.reason
         assert service.metrics.registry.get_sample_value("filial_merges_total", {"result": "confirmed"}) == 1
+
+
+def test_the_end_of_a_burst_is_merged_without_waiting_for_a_tick(kafka, redis_server, unique, produce_tabular):
+    # no tick for an hour and no nudge by count: only the idle watch can start this merge
+    with _serving_a_then_learning_b(kafka, redis_server, unique, produce_tabular, merge_interval_seconds=3600,
+                                    merge_after_child_updates=1000) as (service, settings):
+        def attempts() -> int:
+            c = service.engine.counters
+            return c.merges_accepted + c.merges_rejected
+
+        assert wait_until(lambda: attempts() >= 1, timeout=30)   # once ingest idled IDLE_SECONDS after batch 7
+        assert service.health.idle_seconds() >= IDLE_SECONDS
+        first = attempts()
+        assert wait_until(lambda: service.health.idle_seconds() >= IDLE_SECONDS + 2, timeout=30)
+        assert attempts() == first                              # once per idle period, not every look
+        produce_tabular(kafka.address, settings.kafka.topic, "b", 2, "b2", permute_seed=1)
+        assert wait_until(lambda: attempts() == first + 1, timeout=30)   # the next burst's end: one more
