@@ -121,15 +121,22 @@ class VersionStore:
         and on a virtual machine the kernel's share of them alone took 40-250 ms (README "Throughput").
         Once the caller drops what it read, at most :data:`READ_BUFFERS` buffers stay allocated."""
         with self._buffers_lock:   # the check and the view that marks it taken, as one step
-            for i in range(len(self._buffers)):
-                # held only by this list and getrefcount's argument: no view, no tensor (no loop name or
-                # enumerate tuple either, which would hold it too)
-                if self._buffers[i].size == size and sys.getrefcount(self._buffers[i]) == 2:
-                    self._buffers.insert(0, self._buffers.pop(i))
-                    return memoryview(self._buffers[0])
+            free = self._free(size)
+            if free is not None:
+                self._buffers.insert(0, self._buffers.pop(free))
+                return memoryview(self._buffers[0])
             array = numpy.empty(size, dtype=numpy.uint8)
             self._buffers = [array, *self._buffers][:READ_BUFFERS]
             return memoryview(array)
+
+    def _free(self, size: int) -> int | None:
+        """The index of a kept buffer of ``size`` bytes that nothing holds (called under the lock)."""
+        for i in range(len(self._buffers)):
+            # held only by this list and getrefcount's argument: no view, no tensor (no loop name or
+            # enumerate tuple either, which would hold it too)
+            if self._buffers[i].size == size and sys.getrefcount(self._buffers[i]) == 2:
+                return i
+        return None
 
     def ready_next_buffer(self) -> None:
         """Have a free read buffer of the last read's size, its memory touched, for the next version:
@@ -141,9 +148,7 @@ class VersionStore:
         if size is None:
             return
         with self._buffers_lock:
-            # indexed, as in _buffer: a loop name would hold a reference of its own
-            if any(self._buffers[i].size == size and sys.getrefcount(self._buffers[i]) == 2
-                   for i in range(len(self._buffers))):
+            if self._free(size) is not None:
                 return
         spare = numpy.empty(size, dtype=numpy.uint8)
         spare.fill(0)   # outside the lock: a read may take a free buffer meanwhile
