@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     # found significant on the held-out rows (short streams end with a few such merges pending)
     summary = {"avg_acc": round(sum(final) / len(final), 4), "final": final, "time_to_serve": tts,
                "time_to_serve_candidates": tts_candidates, "versions": version,
-               "working_avg_acc": round(sum(working) / len(working), 4)}
+               "working_avg_acc": round(sum(working) / len(working), 4),
+               "children_spawned": engine.counters.children_spawned}
     print("FINAL", json.dumps(summary))
     return summary
 

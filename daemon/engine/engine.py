@@ -146,6 +146,12 @@ class Engine:
                 raise
         return replace(result, seconds=time.perf_counter() - started)
 
+    def finish_bootstrap_idle(self, idle_seconds: float) -> bool:
+        """Ingest paused while the first model was still waiting for batches: finish it now if it is
+        good enough on the held-out rows so far (True: the service publishes it)."""
+        with self._lock:
+            return self._learner.finish_bootstrap_idle(self._state, idle_seconds)
+
     def count_duplicate(self) -> None:
         """A replayed batch the ledger recognised: counted, not applied."""
         with self._lock:

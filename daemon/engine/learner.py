@@ -180,6 +180,7 @@ class Learner:
             root.samples += len(rows.y_train)
             self.grow_reference(state, root, rows.x_train_wire)
             state.bootstrap_batches_seen += 1
+            state.bootstrap_rows_seen += rows.size
             done, why = self._bootstrap_done(state, rows)
         if done:
             self._finish_bootstrap(state, why)
@@ -192,29 +193,54 @@ class Learner:
         log.info("bootstrap done: %s; publishing the first served model", why)
 
     def _bootstrap_done(self, state: EngineState, rows: Rows) -> tuple[bool, str]:
-        """Enough batches, and good enough on its own held-out rows to be worth serving (a weak
-        first model would call its own slice drift); at twice the batches it is served anyway.
+        """Enough batches or rows, and good enough on its own held-out rows to be worth serving (a weak
+        first model would call its own slice drift); at twice either it is served anyway. Rows count as
+        well as batches so that a stream of large batches is served after a few of them.
         Returns the verdict and why, which the service logs with the batch."""
         seen, wanted = state.bootstrap_batches_seen, self.s.bootstrap_batches
+        rows_seen, rows_wanted = state.bootstrap_rows_seen, self.s.bootstrap_rows
         cap = 2 * wanted
-        if seen < wanted:
-            return False, f"training the first served model ({seen}/{wanted} batches)"
-        root = state.root
+        if seen < wanted and rows_seen < rows_wanted:
+            return False, f"training the first served model ({seen}/{wanted} batches, {rows_seen}/{rows_wanted} rows)"
         sets = state.buffers.heldout_sets()
         if len(rows.y_held):  # this batch's held-out rows count too (they enter the buffer after the batch)
             x, y = sets.get(rows.slice, (rows.x_held_wire[:0], rows.y_held[:0]))
             sets[rows.slice] = (torch.cat([x, rows.x_held_wire]), torch.cat([y, rows.y_held]))
-        accs = {name: accuracy(root.model, model_input(x, root.data_type), y) for name, (x, y) in sets.items()}
-        worst = min(accs, key=accs.get) if accs else None
+        worst, accs = self._worst_heldout(state.root, sets)
         if worst is not None and accs[worst] >= self.s.bootstrap_accuracy:
             return True, f"held-out accuracy {accs[worst]:.3f} >= {self.s.bootstrap_accuracy} after {seen} batches"
-        if seen >= cap:
-            log.warning("bootstrap: held-out accuracy %s still below %.2f after %d batches; serving anyway",
-                        {k: round(v, 3) for k, v in accs.items()}, self.s.bootstrap_accuracy, seen)
-            return True, f"served after {seen} batches (the cap) below bootstrap_accuracy"
+        if seen >= cap or rows_seen >= 2 * rows_wanted:
+            log.warning("bootstrap: held-out accuracy %s still below %.2f after %d batches (%d rows); serving anyway",
+                        {k: round(v, 3) for k, v in accs.items()}, self.s.bootstrap_accuracy, seen, rows_seen)
+            return True, f"served after {seen} batches, {rows_seen} rows (the cap) below bootstrap_accuracy"
         figure = f"{accs[worst]:.3f} on {worst}" if worst is not None else "not measured yet"
         return False, (f"waiting: held-out accuracy {figure} < {self.s.bootstrap_accuracy} "
-                       f"({seen} batches; served at {cap} at the latest)")
+                       f"({seen} batches, {rows_seen} rows; served at {cap} batches or {2 * rows_wanted} rows "
+                       f"at the latest)")
+
+    def finish_bootstrap_idle(self, state: EngineState, idle_seconds: float) -> bool:
+        """The stream paused during bootstrap: no rows are coming for now, so the batch and row minimums
+        are waived and the first model is finished if it is good enough on the held-out rows so far."""
+        if state.bootstrapped or state.root is None or not state.bootstrap_batches_seen:
+            return False
+        self.clock = StageClock()
+        worst, accs = self._worst_heldout(state.root, state.buffers.heldout_sets())
+        seen = f"{state.bootstrap_batches_seen} batches ({state.bootstrap_rows_seen} rows)"
+        if worst is None or accs[worst] < self.s.bootstrap_accuracy:
+            figure = f"{accs[worst]:.3f} on {worst}" if worst is not None else "not measured yet"
+            log.info("bootstrap: ingest idle for %.0fs after %s, but held-out accuracy %s < %s: waiting for "
+                     "more batches", idle_seconds, seen, figure, self.s.bootstrap_accuracy)
+            return False
+        self._finish_bootstrap(state, f"ingest idle for {idle_seconds:.0f}s after {seen}, held-out accuracy "
+                                      f"{accs[worst]:.3f} >= {self.s.bootstrap_accuracy}")
+        return True
+
+    @staticmethod
+    def _worst_heldout(root: Node, sets: dict[str, tuple[torch.Tensor, torch.Tensor]]
+                       ) -> tuple[str | None, dict[str, float]]:
+        """The model's held-out accuracy on each slice, and the slice where it is lowest (None: no rows)."""
+        accs = {name: accuracy(root.model, model_input(x, root.data_type), y) for name, (x, y) in sets.items()}
+        return (min(accs, key=accs.get) if accs else None), accs
 
     # --- after bootstrap -------------------------------------------------------------------------------
     def _observe(self, state: EngineState, rows: Rows) -> Observed:

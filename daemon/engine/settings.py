@@ -49,11 +49,15 @@ class LearnerSettings(BaseModel):
                                        "model's prequential accuracy so far (exact binomial tail; daemon/learn/drift.py)")
     accuracy_threshold: float = Field(0.70, gt=0, le=1, description="served model must reach this accuracy")
     bootstrap_batches: int = Field(8, ge=1, description="batches that train the first served model; it is "
-                                   "published after them once its held-out accuracy reaches bootstrap_accuracy, "
-                                   "after 2x them at the latest, or as soon as a batch of another slice arrives")
+                                   "published after them (or after bootstrap_rows rows, whichever comes first) once "
+                                   "its held-out accuracy reaches bootstrap_accuracy, after twice as many at the "
+                                   "latest, or as soon as a batch of another slice arrives")
+    bootstrap_rows: int = Field(400, ge=1, description="rows after which the first served model is published "
+                                "even before bootstrap_batches batches (large batches: a first version as soon as "
+                                "there are rows enough to learn from), on the same terms")
     bootstrap_epochs: int = Field(5, ge=1, description="epochs per bootstrap batch")
     bootstrap_accuracy: float = Field(0.8, gt=0, le=1, description="held-out accuracy the first served model "
-                                      "must reach (bootstrap stops trying after 2x bootstrap_batches)")
+                                      "must reach (bootstrap stops trying after 2x bootstrap_batches or 2x bootstrap_rows)")
     child_epochs: int = Field(2, ge=1, description="epochs per child update (seed: 2)")
     learning_rate: float = Field(1e-3, gt=0, le=1, description="Adam learning rate (seed: 1e-3)")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="cross-entropy targets smoothed by this share "

@@ -54,6 +54,7 @@ class EngineState:
     # the weights of the served version followers hold; the root model keeps learning past them
     published_state: dict[str, torch.Tensor] | None = None
     bootstrap_batches_seen: int = 0
+    bootstrap_rows_seen: int = 0
     bootstrapped: bool = False  # the first model is complete (published, or being published)
     prequential: dict[str, list[float]] = field(default_factory=dict)  # slice -> [correct, seen]
     last_merge_signature: tuple = ()  # (child id, updates) of the last merge attempt
@@ -142,7 +143,8 @@ def encode(state: EngineState) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
     meta = {
         "tree": tree_meta, "buffers": buf_meta, "counters": asdict(state.counters),
         "served_version": state.served_version, "base_version": state.base_version,
-        "bootstrap_batches_seen": state.bootstrap_batches_seen, "bootstrapped": state.bootstrapped,
+        "bootstrap_batches_seen": state.bootstrap_batches_seen,
+        "bootstrap_rows_seen": state.bootstrap_rows_seen, "bootstrapped": state.bootstrapped,
         "prequential": state.prequential, "kl_threshold": state.thresholds.kl,
         "kl_calibrated_rate": state.kl_calibrated_rate,
         "slice_last_batch": state.slice_last_batch, "learned": state.learned,
@@ -170,6 +172,7 @@ def decode(meta: dict[str, Any], tensors: dict[str, torch.Tensor], state: Engine
     state.served_version = meta["served_version"]
     state.base_version = meta["base_version"]
     state.bootstrap_batches_seen = meta["bootstrap_batches_seen"]
+    state.bootstrap_rows_seen = meta.get("bootstrap_rows_seen", 0)  # checkpoints before bootstrap_rows
     state.bootstrapped = meta.get("bootstrapped", meta["served_version"] is not None)
     state.prequential = {k: list(v) for k, v in meta["prequential"].items()}
     state.slice_last_batch = dict(meta.get("slice_last_batch", {}))  # absent before the CL metrics existed

@@ -49,6 +49,7 @@ class ConsumeLoop:
                  stop_event: threading.Event, record: Callable[[dict[str, Any]], None],
                  after_batch: Callable[[BatchResult], None], inflight: InFlightMarker | None = None,
                  before_batch: Callable[[Batch], None] | None = None,
+                 on_idle: Callable[[], None] | None = None,
                  crash_loop_after: int = 2, dead_letter_log: DeadLetterLog | None = None) -> None:
         self.engine = engine
         self.ledger = ledger
@@ -62,6 +63,7 @@ class ConsumeLoop:
         self.record = record            # telemetry of each decision
         self.after_batch = after_batch  # the service: bootstrap publish, merge nudge, user callback
         self.before_batch = before_batch  # the service: a slice taken over from another learner
+        self.on_idle = on_idle            # the service, after a poll with nothing to do: a waiting bootstrap
         self.idle = threading.Event()   # set while the consumer has nothing to do
         self.dead_lettered = 0
         self.inflight = inflight            # None: no crash-loop protection (tests of other parts)
@@ -99,6 +101,8 @@ class ConsumeLoop:
                 self.idle.clear()
             else:
                 self.idle.set()
+                if self.on_idle is not None:
+                    self.on_idle()
             started = time.perf_counter()
             if self.checkpointer.maybe_save(force=False):
                 self.metrics.stage_seconds.labels("checkpoint").observe(time.perf_counter() - started)

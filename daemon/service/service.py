@@ -42,7 +42,7 @@ from daemon.service.failpoints import Failpoints
 from daemon.service.health import DependencyProber, HealthServer, HealthState
 from daemon.service.lifecycle import Hooks, Lifecycle
 from daemon.service.leadership import Leadership
-from daemon.service.merge_job import MergeJob
+from daemon.service.merge_job import IDLE_SECONDS, MergeJob
 from daemon.service.metrics import ServiceMetrics
 from daemon.service.publisher import PublishAbandoned, Publisher, release_job
 from daemon.service.recovery import adopt_unrecorded_versions, ledger_from, load_checkpoint
@@ -106,12 +106,14 @@ class Service:
                                 backoff_cap=settings.ops.backoff_max_seconds, stop_event=self.stop_event,
                                 record=lambda record: self._best_effort(self.telemetry.decision, record),
                                 after_batch=self._after_batch, before_batch=self._before_batch,
+                                on_idle=self._on_idle,
                                 inflight=InFlightMarker(self.redis, keys),
                                 crash_loop_after=settings.ops.crash_loop_after,
                                 dead_letter_log=DeadLetterLog(self.redis, keys))
         self.health_server: HealthServer | None = None
         self._consumer: BatchConsumer | None = None
         self._bootstrap_publish: Future | None = None
+        self._idle_checked_at_batch = 0  # the engine's batch count when an idle bootstrap was last considered
         self.published: list[int] = []
 
     # --- what callers and tests look at ------------------------------------------------------------------
@@ -251,6 +253,20 @@ class Service:
                 self.merge_job.nudge()
         if self.on_result:
             self.on_result(result)
+
+    def _on_idle(self) -> None:
+        """Ingest idle for ``IDLE_SECONDS`` after new batches while the first model still waits for
+        batches (a short stream, or a pause after a first slice smaller than ``bootstrap_rows``): publish
+        it if it is good enough on its held-out rows. Clock triggers only: under the count trigger nothing
+        may depend on time (a stream and seed give the same versions)."""
+        if self.s.merge.trigger == "count" or self.health.idle_seconds() < IDLE_SECONDS:
+            return
+        batches = self.engine.counters.batches
+        if batches == self._idle_checked_at_batch:
+            return  # once per idle period
+        self._idle_checked_at_batch = batches
+        if self.engine.served_version is None and self.engine.finish_bootstrap_idle(self.health.idle_seconds()):
+            self._publish_bootstrap()
 
     def _publish_bootstrap(self) -> None:
         """Publish the first served model; wait for it at most ``publish.block_seconds``.

@@ -322,6 +322,34 @@ def test_bootstrap_ends_when_another_slice_arrives(phases):
     assert nxt.publish_bootstrap and nxt.action == "spawn" and nxt.drift   # judged, not absorbed
 
 
+def test_bootstrap_counts_rows_as_well_as_batches(phases):
+    """Large batches: the first version is served once it has bootstrap_rows rows, before
+    bootstrap_batches batches."""
+    (up, xu, yu), _ = phases
+    engine = _engine(bootstrap_batches=8, bootstrap_rows=500, bootstrap_accuracy=0.01)
+    results = [engine.process(b) for b in _batches(up, xu[:600], yu[:600], size=200)]
+    assert [r.publish_bootstrap for r in results] == [False, False, True]
+    assert "1/8 batches, 200/500 rows" in results[0].reason
+    capped = _engine(bootstrap_batches=8, bootstrap_rows=200, bootstrap_accuracy=1.0)  # never good enough
+    results = [capped.process(b) for b in _batches(up, xu[:500], yu[:500], size=100)]
+    assert [r.publish_bootstrap for r in results] == [False, False, False, True, False]
+    assert "400 rows (the cap)" in results[3].reason and "served at 16 batches or 400 rows" in results[2].reason
+
+
+def test_a_pause_finishes_a_bootstrap_only_once_it_is_good_enough(phases):
+    (up, xu, yu), _ = phases
+    never = _engine(bootstrap_batches=8, bootstrap_accuracy=1.0)
+    assert not never.finish_bootstrap_idle(2.0)                   # no batch yet: nothing to serve
+    never.process(next(_batches(up, xu, yu)))
+    assert not never.finish_bootstrap_idle(2.0)                   # not good enough: waits for batches
+    engine = _engine(bootstrap_batches=8, bootstrap_accuracy=0.01)
+    engine.process(next(_batches(up, xu, yu)))
+    assert engine.finish_bootstrap_idle(2.0)
+    assert not engine.finish_bootstrap_idle(2.0)                  # finished once
+    nxt = engine.process(list(_batches(up, xu, yu))[1])
+    assert nxt.action != "bootstrap" and not nxt.publish_bootstrap   # the next batch is judged, not bootstrapped
+
+
 def test_a_small_batch_never_spawns(phases):
     (up, xu, yu), (rot, xr, yr) = phases
     engine = _engine(bootstrap_batches=2, bootstrap_accuracy=0.01, min_spawn_rows=32)
