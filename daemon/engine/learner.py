@@ -13,8 +13,9 @@ Per batch (after bootstrap):
    merge job and its gate, never directly;
 5. the train rows enter the slice's replay buffer.
 
-Bootstrap publishes the first model after ``bootstrap_batches`` once it is good enough on its
-held-out rows, after twice as many at the latest, or as soon as a batch of another slice arrives
+Bootstrap publishes the first model when :class:`daemon.learn.bootstrap.BootstrapRule` says so
+(``bootstrap_batches`` or ``bootstrap_rows``, then good enough on its held-out rows; or a pause of
+the stream, :meth:`Learner.finish_bootstrap_idle`), or as soon as a batch of another slice arrives
 (that batch then goes through the decision above): a later slice is never absorbed silently.
 
 The batch is converted to the model's input form once (:class:`Rows`) and passed down. The
@@ -41,6 +42,7 @@ from daemon.engine.stages import StageClock
 from daemon.engine.state import EngineState, PendingCandidate
 from daemon.engine.superseding import Superseding
 from daemon.engine.tree import ROOT, Node
+from daemon.learn.bootstrap import BootstrapRule
 from daemon.learn.inherit.child_tuning import child_tuning_hook
 from daemon.learn.inherit.hkt import HKTLoss
 from daemon.learn.inherit.spawn import compact_architecture, spawn_child
@@ -91,6 +93,8 @@ class Learner:
         self.device = device
         self.clock = StageClock()  # this batch's seconds per stage (one batch at a time: the engine's lock)
         self.superseding = Superseding(learner.min_spawn_rows, model.num_classes)
+        self._bootstrap_rule = BootstrapRule(learner.bootstrap_batches, learner.bootstrap_rows,
+                                             learner.bootstrap_accuracy)
 
     # --- one batch ------------------------------------------------------------------------------
     def split(self, state: EngineState, batch: Batch) -> Rows:
@@ -181,10 +185,14 @@ class Learner:
             self.grow_reference(state, root, rows.x_train_wire)
             state.bootstrap_batches_seen += 1
             state.bootstrap_rows_seen += rows.size
-            done, why = self._bootstrap_done(state, rows)
-        if done:
-            self._finish_bootstrap(state, why)
-        return BatchResult(rows.slice, rows.size, "bootstrap", why, None, acc, False, publish_bootstrap=done)
+            verdict = self._bootstrap_rule.verdict(state.bootstrap_batches_seen, state.bootstrap_rows_seen,
+                                                   lambda: self._heldout_accuracy(state, rows))
+        if verdict.capped:
+            log.warning("bootstrap: %s; serving anyway", verdict.reason)
+        if verdict.done:
+            self._finish_bootstrap(state, verdict.reason)
+        return BatchResult(rows.slice, rows.size, "bootstrap", verdict.reason, None, acc, False,
+                           publish_bootstrap=verdict.done)
 
     def _finish_bootstrap(self, state: EngineState, why: str) -> None:
         state.bootstrapped = True
@@ -192,31 +200,15 @@ class Learner:
             state.root.refresh_fingerprint()
         log.info("bootstrap done: %s; publishing the first served model", why)
 
-    def _bootstrap_done(self, state: EngineState, rows: Rows) -> tuple[bool, str]:
-        """Enough batches or rows, and good enough on its own held-out rows to be worth serving (a weak
-        first model would call its own slice drift); at twice either it is served anyway. Rows count as
-        well as batches so that a stream of large batches is served after a few of them.
-        Returns the verdict and why, which the service logs with the batch."""
-        seen, wanted = state.bootstrap_batches_seen, self.s.bootstrap_batches
-        rows_seen, rows_wanted = state.bootstrap_rows_seen, self.s.bootstrap_rows
-        cap = 2 * wanted
-        if seen < wanted and rows_seen < rows_wanted:
-            return False, f"training the first served model ({seen}/{wanted} batches, {rows_seen}/{rows_wanted} rows)"
+    def _heldout_accuracy(self, state: EngineState, rows: Rows | None = None) -> dict[str, float]:
+        """The learning root's accuracy on each slice's held-out rows, this batch's included (they
+        enter the buffer after the batch)."""
         sets = state.buffers.heldout_sets()
-        if len(rows.y_held):  # this batch's held-out rows count too (they enter the buffer after the batch)
+        if rows is not None and len(rows.y_held):
             x, y = sets.get(rows.slice, (rows.x_held_wire[:0], rows.y_held[:0]))
             sets[rows.slice] = (torch.cat([x, rows.x_held_wire]), torch.cat([y, rows.y_held]))
-        worst, accs = self._worst_heldout(state.root, sets)
-        if worst is not None and accs[worst] >= self.s.bootstrap_accuracy:
-            return True, f"held-out accuracy {accs[worst]:.3f} >= {self.s.bootstrap_accuracy} after {seen} batches"
-        if seen >= cap or rows_seen >= 2 * rows_wanted:
-            log.warning("bootstrap: held-out accuracy %s still below %.2f after %d batches (%d rows); serving anyway",
-                        {k: round(v, 3) for k, v in accs.items()}, self.s.bootstrap_accuracy, seen, rows_seen)
-            return True, f"served after {seen} batches, {rows_seen} rows (the cap) below bootstrap_accuracy"
-        figure = f"{accs[worst]:.3f} on {worst}" if worst is not None else "not measured yet"
-        return False, (f"waiting: held-out accuracy {figure} < {self.s.bootstrap_accuracy} "
-                       f"({seen} batches, {rows_seen} rows; served at {cap} batches or {2 * rows_wanted} rows "
-                       f"at the latest)")
+        root = state.root
+        return {name: accuracy(root.model, model_input(x, root.data_type), y) for name, (x, y) in sets.items()}
 
     def finish_bootstrap_idle(self, state: EngineState, idle_seconds: float) -> bool:
         """The stream paused during bootstrap: no rows are coming for now, so the batch and row minimums
@@ -224,23 +216,13 @@ class Learner:
         if state.bootstrapped or state.root is None or not state.bootstrap_batches_seen:
             return False
         self.clock = StageClock()
-        worst, accs = self._worst_heldout(state.root, state.buffers.heldout_sets())
-        seen = f"{state.bootstrap_batches_seen} batches ({state.bootstrap_rows_seen} rows)"
-        if worst is None or accs[worst] < self.s.bootstrap_accuracy:
-            figure = f"{accs[worst]:.3f} on {worst}" if worst is not None else "not measured yet"
-            log.info("bootstrap: ingest idle for %.0fs after %s, but held-out accuracy %s < %s: waiting for "
-                     "more batches", idle_seconds, seen, figure, self.s.bootstrap_accuracy)
+        verdict = self._bootstrap_rule.verdict(state.bootstrap_batches_seen, state.bootstrap_rows_seen,
+                                               lambda: self._heldout_accuracy(state), idle=True)
+        if not verdict.done:
+            log.info("bootstrap: ingest idle for %.0fs, %s", idle_seconds, verdict.reason)
             return False
-        self._finish_bootstrap(state, f"ingest idle for {idle_seconds:.0f}s after {seen}, held-out accuracy "
-                                      f"{accs[worst]:.3f} >= {self.s.bootstrap_accuracy}")
+        self._finish_bootstrap(state, f"ingest idle for {idle_seconds:.0f}s; {verdict.reason}")
         return True
-
-    @staticmethod
-    def _worst_heldout(root: Node, sets: dict[str, tuple[torch.Tensor, torch.Tensor]]
-                       ) -> tuple[str | None, dict[str, float]]:
-        """The model's held-out accuracy on each slice, and the slice where it is lowest (None: no rows)."""
-        accs = {name: accuracy(root.model, model_input(x, root.data_type), y) for name, (x, y) in sets.items()}
-        return (min(accs, key=accs.get) if accs else None), accs
 
     # --- after bootstrap -------------------------------------------------------------------------------
     def _observe(self, state: EngineState, rows: Rows) -> Observed:
