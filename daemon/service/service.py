@@ -15,7 +15,8 @@ keep being applied in memory, checkpoints and publishes retry with capped backof
 stay uncommitted until a checkpoint lands. On stop: the batch in hand finishes, a running merge
 finishes, queued publishes get ``publish.drain_seconds``, a last checkpoint is saved and its
 offsets committed. The invariants and threads: docs/architecture.md.
-(Over 300 lines: this is the wiring of every part and the callbacks between them; logic lives in the parts.)
+(Over 400 lines: this is the wiring of every part and the callbacks between them, the bootstrap publish
+after a batch or a pause among them; the logic lives in the parts.)
 """
 
 from __future__ import annotations
