@@ -125,9 +125,11 @@ class MergeSettings(BaseModel):
     guard_alpha: float = Field(0.10, gt=0, lt=1, description="confidence of the per-slice guard's drop bound")
     recency_half_life: float = Field(48, ge=0, description="the gate's overall gain weighs each slice by "
                                      "2^-(batches since it was last seen / this); 0: every slice the same")
-    consolidate_epochs: int = Field(16, ge=0, description="most epochs the merge candidate trains on slice-balanced "
+    consolidate_epochs: int = Field(48, ge=0, description="most epochs the merge candidate trains on slice-balanced "
                                     "replay before the gate (rehearsal consolidation: every slice seen weighs the "
-                                    "same, as in GDumb); 0: off")
+                                    "same, as in GDumb); a bound, not the usual stop: consolidate_patience stops it "
+                                    "(small buffers are few optimizer steps an epoch and need more of them; README "
+                                    "'Learning quality'); 0: off")
     consolidate_patience: int = Field(4, ge=0, description="stop consolidating once the selection rows' mean "
                                       "accuracy has not improved for this many epochs, keeping the best (0: always "
                                       "run every epoch). The selection rows are few (half of each slice's held-out "

@@ -57,6 +57,29 @@ def test_consolidation_restores_the_slice_new_classes_pushed_out():
     assert consolidated.working_takes_candidate and not plain.working_takes_candidate
 
 
+def test_patience_not_the_epoch_bound_ends_a_small_buffers_consolidation():
+    """A buffer of a few rows is one optimizer step an epoch: 16 epochs stopped it while it was still
+    learning. With the defaults it runs until the selection rows stop improving, and serves both
+    slices better for it."""
+    (xa, ya), (xb, yb) = _blobs([0, 1, 2, 3, 4], 140, 1), _blobs([5, 6, 7, 8, 9], 140, 2)
+    arch = infer_architecture("tabular", xa, 10, None)
+    torch.manual_seed(0)
+    untrained = cpu_state(arch.build())
+    snap = MergeSnapshot(base=untrained, served=untrained, working=untrained, working_weight=1.0, children=[],
+                         weights=[], ids=[], distill={}, replay={"a": (xa[:16], ya[:16]), "b": (xb[:16], yb[:16])},
+                         heldout={"a": (xa[16:], ya[16:]), "b": (xb[16:], yb[16:])}, served_version=1,
+                         base_version=1, architecture=arch, data_type="tabular", seed=0)
+    defaults = MergeSettings()
+    bounded = merge(snap, MergeSettings(consolidate_epochs=16), LearnerSettings(), torch.device("cpu"))
+    free = merge(snap, defaults, LearnerSettings(), torch.device("cpu"))
+    assert bounded.plan["consolidate"]["best_epoch"] == 16          # still improving when the bound stopped it
+    report = free.plan["consolidate"]
+    assert 16 < report["epochs"] < defaults.consolidate_epochs
+    assert report["epochs"] - report["best_epoch"] == defaults.consolidate_patience
+    for name in ("a", "b"):
+        assert free.candidate_metrics[name] > bounded.candidate_metrics[name]
+
+
 def test_consolidation_is_a_function_of_the_snapshot():
     snap = _snapshot()
     first, again = _merge(snap, 2), _merge(snap, 2)
