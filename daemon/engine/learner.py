@@ -15,7 +15,8 @@ Per batch (after bootstrap):
 
 Bootstrap publishes the first model when :class:`daemon.learn.bootstrap.BootstrapRule` says so
 (``bootstrap_batches`` or ``bootstrap_rows``, then good enough on its held-out rows; or a pause of
-the stream, :meth:`Learner.finish_bootstrap_idle`), or as soon as a batch of another slice arrives
+the stream, :meth:`Learner.finish_bootstrap_idle`, which trains a model not yet good enough on its
+rows first), or as soon as a batch of another slice arrives
 (that batch then goes through the decision above): a later slice is never absorbed silently.
 
 The batch is converted to the model's input form once (:class:`Rows`) and passed down. The
@@ -34,6 +35,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from consumers.wire import Batch
+from daemon.engine.merger import heldout_accuracy, mean_accuracy, split_heldout
 from daemon.engine.records import BatchResult
 from daemon.engine.seeding import node_seed, seeded
 from daemon.engine.settings import LearnerSettings, MergeSettings, ModelSettings
@@ -49,7 +51,8 @@ from daemon.learn.inherit.spawn import compact_architecture, spawn_child
 from daemon.learn.merging.confirm import fresh_correctness
 from daemon.learn.models import infer_architecture, parameter_count
 from daemon.learn.policy import Observation, Verdict, decide, spawn_method
-from daemon.learn.training import (CrossEntropy, Hook, accuracy, features_and_logits, fit, model_input,
+from daemon.learn.replay import balanced_rows
+from daemon.learn.training import (CrossEntropy, EarlyStopping, Hook, accuracy, features_and_logits, fit, model_input,
                                    predict_logits)
 from zoo_store.models import utc_now
 
@@ -90,6 +93,7 @@ class Learner:
         self.model = model
         self.s = learner
         self.merge_after = merge.after_child_updates
+        self.consolidation = merge   # its consolidate_* settings also train a first model through a pause
         self.device = device
         self.clock = StageClock()  # this batch's seconds per stage (one batch at a time: the engine's lock)
         self.superseding = Superseding(learner.min_spawn_rows, model.num_classes)
@@ -218,11 +222,43 @@ class Learner:
         self.clock = StageClock()
         verdict = self._bootstrap_rule.verdict(state.bootstrap_batches_seen, state.bootstrap_rows_seen,
                                                lambda: self._heldout_accuracy(state), idle=True)
+        trained = ""
+        if not verdict.done and self.consolidation.consolidate_epochs:
+            judged, trained = self._train_while_idle(state)
+            verdict = self._bootstrap_rule.verdict(state.bootstrap_batches_seen, state.bootstrap_rows_seen,
+                                                   lambda: judged, idle=True)
+            trained = f"; {trained}"
         if not verdict.done:
-            log.info("bootstrap: ingest idle for %.0fs, %s", idle_seconds, verdict.reason)
+            log.info("bootstrap: ingest idle for %.0fs%s, %s", idle_seconds, trained, verdict.reason)
             return False
-        self._finish_bootstrap(state, f"ingest idle for {idle_seconds:.0f}s; {verdict.reason}")
+        self._finish_bootstrap(state, f"ingest idle for {idle_seconds:.0f}s{trained}; {verdict.reason}")
         return True
+
+    def _train_while_idle(self, state: EngineState) -> tuple[dict[str, float], str]:
+        """The stream paused before the first model was good enough. A burst of a few hundred rows gave
+        it only a few optimizer steps, and the pause leaves the CPU free, so it trains on its slice's
+        replay rows as a merge consolidates (the even held-out rows choose the epoch: at most
+        ``merge_consolidate_epochs``, stopped after ``merge_consolidate_patience`` without gain). Returns
+        its accuracy on the odd held-out rows, which chose nothing, and what was done (for the log)."""
+        root, c = state.root, self.consolidation
+        select, judge = split_heldout(state.buffers.heldout_sets())
+        replay = state.buffers.replay_sets()
+        if not replay or not select:
+            return {}, "nothing to train on yet"
+        per_slice = min(c.consolidate_rows_per_slice, max(len(y) for _, y in replay.values()))
+        x, y = balanced_rows(replay, per_slice, state.generator)
+        stopper = None
+        if c.consolidate_patience:
+            stopper = EarlyStopping(lambda m: mean_accuracy(heldout_accuracy(m, root.data_type, select)),
+                                    c.consolidate_patience).start(root.model)
+        with self.clock(stages.BOOTSTRAP):
+            self._train(state, root.model, model_input(x, root.data_type), y, c.consolidate_epochs,
+                        hooks=(stopper,) if stopper else ())
+        if stopper is not None:
+            stopper.restore_best(root.model)
+        epochs = f"{len(stopper.scores) - 1} epochs (best {stopper.best_epoch})" if stopper else \
+            f"{c.consolidate_epochs} epochs"
+        return heldout_accuracy(root.model, root.data_type, judge), f"trained while idle: {epochs} on {len(y)} rows"
 
     # --- after bootstrap -------------------------------------------------------------------------------
     def _observe(self, state: EngineState, rows: Rows) -> Observed:

@@ -350,6 +350,24 @@ def test_a_pause_finishes_a_bootstrap_only_once_it_is_good_enough(phases):
     assert nxt.action != "bootstrap" and not nxt.publish_bootstrap   # the next batch is judged, not bootstrapped
 
 
+def test_a_pause_trains_a_first_model_a_burst_left_weak(phases):
+    """Three batches leave the first model under bootstrap_accuracy. The pause trains it on its rows as a
+    merge consolidates, and it is served once good enough on held-out rows that chose no epoch; without
+    that training (consolidation off) it waits for more batches."""
+    (up, xu, yu), _ = phases
+    burst = list(_batches(up, xu, yu))[:3]
+    untrained = _engine(bootstrap_batches=8, bootstrap_accuracy=0.65, merge={"consolidate_epochs": 0})
+    trained = _engine(bootstrap_batches=8, bootstrap_accuracy=0.65)
+    for engine in (untrained, trained):
+        for b in burst:
+            assert not engine.process(b).publish_bootstrap
+    before = trained._learner._heldout_accuracy(trained._state)["upright"]
+    assert before < 0.65
+    assert not untrained.finish_bootstrap_idle(2.0)
+    assert trained.finish_bootstrap_idle(2.0)
+    assert trained._learner._heldout_accuracy(trained._state)["upright"] > before + 0.1
+
+
 def test_a_small_batch_never_spawns(phases):
     (up, xu, yu), (rot, xr, yr) = phases
     engine = _engine(bootstrap_batches=2, bootstrap_accuracy=0.01, min_spawn_rows=32)
