@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from consumers.wire import Batch
-from daemon.engine.merger import heldout_accuracy, mean_accuracy, split_heldout
+from daemon.engine.merger import heldout_accuracy, rehearse, split_heldout
 from daemon.engine.records import BatchResult
 from daemon.engine.seeding import node_seed, seeded
 from daemon.engine.settings import LearnerSettings, MergeSettings, ModelSettings
@@ -51,8 +51,7 @@ from daemon.learn.inherit.spawn import compact_architecture, spawn_child
 from daemon.learn.merging.confirm import fresh_correctness
 from daemon.learn.models import infer_architecture, parameter_count
 from daemon.learn.policy import Observation, Verdict, decide, spawn_method
-from daemon.learn.replay import balanced_rows
-from daemon.learn.training import (CrossEntropy, EarlyStopping, Hook, accuracy, features_and_logits, fit, model_input,
+from daemon.learn.training import (CrossEntropy, Hook, accuracy, features_and_logits, fit, model_input,
                                    predict_logits)
 from zoo_store.models import utc_now
 
@@ -236,29 +235,21 @@ class Learner:
 
     def _train_while_idle(self, state: EngineState) -> tuple[dict[str, float], str]:
         """The stream paused before the first model was good enough. A burst of a few hundred rows gave
-        it only a few optimizer steps, and the pause leaves the CPU free, so it trains on its slice's
-        replay rows as a merge consolidates (the even held-out rows choose the epoch: at most
-        ``merge_consolidate_epochs``, stopped after ``merge_consolidate_patience`` without gain). Returns
-        its accuracy on the odd held-out rows, which chose nothing, and what was done (for the log)."""
-        root, c = state.root, self.consolidation
+        it only a few dozen optimizer steps, and the pause leaves the CPU free, so it trains on its
+        slice's replay rows as a merge consolidates (:func:`daemon.engine.merger.rehearse`: the even
+        held-out rows choose the epoch). Returns its accuracy on the odd held-out rows, which chose
+        nothing, and what was done (for the log)."""
+        root = state.root
         select, judge = split_heldout(state.buffers.heldout_sets())
         replay = state.buffers.replay_sets()
-        if not replay or not select:
+        if not replay or not judge:
             return {}, "nothing to train on yet"
-        per_slice = min(c.consolidate_rows_per_slice, max(len(y) for _, y in replay.values()))
-        x, y = balanced_rows(replay, per_slice, state.generator)
-        stopper = None
-        if c.consolidate_patience:
-            stopper = EarlyStopping(lambda m: mean_accuracy(heldout_accuracy(m, root.data_type, select)),
-                                    c.consolidate_patience).start(root.model)
         with self.clock(stages.BOOTSTRAP):
-            self._train(state, root.model, model_input(x, root.data_type), y, c.consolidate_epochs,
-                        hooks=(stopper,) if stopper else ())
-        if stopper is not None:
-            stopper.restore_best(root.model)
-        epochs = f"{len(stopper.scores) - 1} epochs (best {stopper.best_epoch})" if stopper else \
-            f"{c.consolidate_epochs} epochs"
-        return heldout_accuracy(root.model, root.data_type, judge), f"trained while idle: {epochs} on {len(y)} rows"
+            report = rehearse(root.model, replay, select, root.data_type, self.consolidation, self.s,
+                              state.generator)
+        best = f" (best {report['best_epoch']})" if "best_epoch" in report else ""
+        return (heldout_accuracy(root.model, root.data_type, judge),
+                f"trained while idle: {report['epochs']} epochs{best} on {report['rows_per_slice']} rows of its slice")
 
     # --- after bootstrap -------------------------------------------------------------------------------
     def _observe(self, state: EngineState, rows: Rows) -> Observed:

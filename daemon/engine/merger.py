@@ -264,7 +264,20 @@ def _distill(snap: MergeSnapshot, state: StateDict, learner: LearnerSettings, de
 def _consolidate(snap: MergeSnapshot, state: StateDict, select: Sets, recency: dict[str, float] | None,
                  settings: MergeSettings, learner: LearnerSettings,
                  device: torch.device) -> tuple[StateDict, dict[str, Any]]:
-    """Rehearsal consolidation: the candidate trains on an equal share of every slice's replay rows.
+    """Rehearsal consolidation (:func:`rehearse`) of the candidate ``state``, seeded by the snapshot."""
+    with seeded(0):  # weights are loaded over these: only keep the global RNG untouched
+        model = snap.architecture.build().to(device)
+    model.load_state_dict(state)
+    teacher = (snap.architecture.build_with(snap.served, device) if settings.consolidate_congruence else None)
+    report = rehearse(model, snap.replay, select, snap.data_type, settings, learner,
+                      torch.Generator().manual_seed(snap.seed), recency=recency, teacher=teacher)
+    return cpu_state(model), report
+
+
+def rehearse(model: torch.nn.Module, replay: Sets, select: Sets, data_type: str, settings: MergeSettings,
+             learner: LearnerSettings, generator: torch.Generator, *, recency: dict[str, float] | None = None,
+             teacher: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Rehearsal consolidation: ``model`` trains, in place, on an equal share of every slice's replay rows.
 
     Children and the served model learn each batch with the new slice in the majority; weight-space
     merging then adds what they learned without re-balancing it. Epochs over slice-balanced replay
@@ -273,34 +286,32 @@ def _consolidate(snap: MergeSnapshot, state: StateDict, select: Sets, recency: d
     then checks on held-out rows no training step has seen. With ``consolidate_patience`` the
     epochs stop once the mean accuracy on the selection rows has not improved for that many, and
     the best epoch's weights are kept: a stream that needs many passes gets them, one that does
-    not stops early (the gate's rows are the other half, so this choice does not flatter it).
+    not stops early (the gate's rows are the other half, so this choice does not flatter it). The
+    first model a paused bootstrap trains (:meth:`daemon.engine.learner.Learner.finish_bootstrap_idle`)
+    goes through the same steps. ``teacher``: the published version, for positive-congruent
+    consolidation (``consolidate_congruence``). Returns the report a merge's plan records.
     """
     started = time.perf_counter()
-    generator = torch.Generator().manual_seed(snap.seed)
-    with seeded(0):  # weights are loaded over these: only keep the global RNG untouched
-        model = snap.architecture.build().to(device)
-    model.load_state_dict(state)
-    per_slice = min(settings.consolidate_rows_per_slice, max(len(y) for _, y in snap.replay.values()),
-                    max(1, settings.consolidate_max_rows // len(snap.replay)))
-    x, y = balanced_rows(snap.replay, per_slice, generator)
+    per_slice = min(settings.consolidate_rows_per_slice, max(len(y) for _, y in replay.values()),
+                    max(1, settings.consolidate_max_rows // len(replay)))
+    x, y = balanced_rows(replay, per_slice, generator)
     hooks: tuple[Hook, ...] = ()
     stopper = None
     if settings.consolidate_patience and select:
-        stopper = EarlyStopping(lambda m: mean_accuracy(heldout_accuracy(m, snap.data_type, select), recency),
+        stopper = EarlyStopping(lambda m: mean_accuracy(heldout_accuracy(m, data_type, select), recency),
                                 settings.consolidate_patience).start(model)
         hooks = (stopper,)
     loss: Loss = CrossEntropy(learner.label_smoothing)
-    if settings.consolidate_congruence:
-        loss = CongruentDistillation(snap.architecture.build_with(snap.served, device),
-                                     settings.consolidate_congruence, label_smoothing=learner.label_smoothing)
-    history = fit(model, model_input(x, snap.data_type), y, epochs=settings.consolidate_epochs,
+    if teacher is not None:
+        loss = CongruentDistillation(teacher, settings.consolidate_congruence, label_smoothing=learner.label_smoothing)
+    history = fit(model, model_input(x, data_type), y, epochs=settings.consolidate_epochs,
                   lr=learner.learning_rate, batch_size=learner.train_batch_size,
                   loss=loss, hooks=hooks, generator=generator)
-    report: dict[str, Any] = {"epochs": len(history), "rows_per_slice": per_slice, "slices": len(snap.replay),
+    report: dict[str, Any] = {"epochs": len(history), "rows_per_slice": per_slice, "slices": len(replay),
                               "loss": round(history[-1]["total"], 4) if history else None,
                               "congruence": settings.consolidate_congruence}
     if stopper is not None:
         stopper.restore_best(model)
         report.update(best_epoch=stopper.best_epoch, selection=[round(v, 4) for v in stopper.scores])
     report["seconds"] = round(time.perf_counter() - started, 3)
-    return cpu_state(model), report
+    return report
