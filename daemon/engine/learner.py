@@ -91,8 +91,7 @@ class Learner:
                  device: torch.device) -> None:
         self.model = model
         self.s = learner
-        self.merge_after = merge.after_child_updates
-        self.consolidation = merge   # its consolidate_* settings also train a first model through a pause
+        self.merge = merge   # when a merge is due; its consolidate_* settings also train a first model through a pause
         self.device = device
         self.clock = StageClock()  # this batch's seconds per stage (one batch at a time: the engine's lock)
         self.superseding = Superseding(learner.min_spawn_rows, model.num_classes)
@@ -222,7 +221,7 @@ class Learner:
         verdict = self._bootstrap_rule.verdict(state.bootstrap_batches_seen, state.bootstrap_rows_seen,
                                                lambda: self._heldout_accuracy(state), idle=True)
         trained = ""
-        if not verdict.done and self.consolidation.consolidate_epochs:
+        if not verdict.done and self.merge.consolidate_epochs:
             judged, trained = self._train_while_idle(state)
             verdict = self._bootstrap_rule.verdict(state.bootstrap_batches_seen, state.bootstrap_rows_seen,
                                                    lambda: judged, idle=True)
@@ -245,7 +244,7 @@ class Learner:
         if not replay or not judge:
             return {}, "nothing to train on yet"
         with self.clock(stages.BOOTSTRAP):
-            report = rehearse(root.model, replay, select, root.data_type, self.consolidation, self.s,
+            report = rehearse(root.model, replay, select, root.data_type, self.merge, self.s,
                               state.generator)
         best = f" (best {report['best_epoch']})" if "best_epoch" in report else ""
         return (heldout_accuracy(root.model, root.data_type, judge),
@@ -352,7 +351,7 @@ class Learner:
         merge_due = False
         if trained:
             state.counters.child_updates_since_merge += 1
-            merge_due = state.counters.child_updates_since_merge >= self.merge_after
+            merge_due = state.counters.child_updates_since_merge >= self.merge.after_child_updates
         if state.pending is not None and state.pending.confirmation.confirmed is not None:
             merge_due = True  # the held candidate is confirmed: the merge publishes it
         return BatchResult(rows.slice, rows.size, verdict.action, verdict.reason, kl, acc, verdict.drift,
