@@ -57,6 +57,13 @@ from zoo_store.models import utc_now
 
 log = logging.getLogger("filial.engine")
 
+# A paused bootstrap trains its first model nearly from scratch on a few hundred rows: at 64 rows a
+# step, an epoch of them is 4 steps, and patience (4 epochs) gave up after 16 steps while the model
+# was still learning (0.45-0.59 held-out on digits, unserved). Epochs of at least this many rows (10
+# steps) let it reach 0.79-0.86 on the same rows (README "Bootstrap"). A merge's consolidation fine-
+# tunes trained weights and keeps its epochs as they are (measured: no gain there).
+FIRST_MODEL_EPOCH_ROWS = 640
+
 
 @dataclass(frozen=True)
 class Observed:
@@ -236,7 +243,7 @@ class Learner:
         """The stream paused before the first model was good enough. A burst of a few hundred rows gave
         it only a few dozen optimizer steps, and the pause leaves the CPU free, so it trains on its
         slice's replay rows as a merge consolidates (:func:`daemon.engine.merger.rehearse`: the even
-        held-out rows choose the epoch). Returns its accuracy on the odd held-out rows, which chose
+        held-out rows choose the epoch), in epochs of at least ``FIRST_MODEL_EPOCH_ROWS``. Returns its accuracy on the odd held-out rows, which chose
         nothing, and what was done (for the log)."""
         root = state.root
         select, judge = split_heldout(state.buffers.heldout_sets())
@@ -245,10 +252,12 @@ class Learner:
             return {}, "nothing to train on yet"
         with self.clock(stages.BOOTSTRAP):
             report = rehearse(root.model, replay, select, root.data_type, self.merge, self.s,
-                              state.generator)
+                              state.generator, min_epoch_rows=FIRST_MODEL_EPOCH_ROWS)
         best = f" (best {report['best_epoch']})" if "best_epoch" in report else ""
+        stored = sum(len(y) for _, y in replay.values())
         return (heldout_accuracy(root.model, root.data_type, judge),
-                f"trained while idle: {report['epochs']} epochs{best} on {report['rows_per_slice']} rows of its slice")
+                f"trained while idle: {report['epochs']} epochs{best} of {report['rows_per_slice'] * report['slices']} "
+                f"rows from its {stored} replay rows")
 
     # --- after bootstrap -------------------------------------------------------------------------------
     def _observe(self, state: EngineState, rows: Rows) -> Observed:

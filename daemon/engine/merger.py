@@ -15,6 +15,7 @@ on the odd held-out rows, so it does not inherit the selection's optimism.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -276,7 +277,7 @@ def _consolidate(snap: MergeSnapshot, state: StateDict, select: Sets, recency: d
 
 def rehearse(model: torch.nn.Module, replay: Sets, select: Sets, data_type: str, settings: MergeSettings,
              learner: LearnerSettings, generator: torch.Generator, *, recency: dict[str, float] | None = None,
-             teacher: torch.nn.Module | None = None) -> dict[str, Any]:
+             teacher: torch.nn.Module | None = None, min_epoch_rows: int = 0) -> dict[str, Any]:
     """Rehearsal consolidation: ``model`` trains, in place, on an equal share of every slice's replay rows.
 
     Children and the served model learn each batch with the new slice in the majority; weight-space
@@ -289,11 +290,14 @@ def rehearse(model: torch.nn.Module, replay: Sets, select: Sets, data_type: str,
     not stops early (the gate's rows are the other half, so this choice does not flatter it). The
     first model a paused bootstrap trains (:meth:`daemon.engine.learner.Learner.finish_bootstrap_idle`)
     goes through the same steps. ``teacher``: the published version, for positive-congruent
-    consolidation (``consolidate_congruence``). Returns the report a merge's plan records.
+    consolidation (``consolidate_congruence``). ``min_epoch_rows``: an epoch of fewer rows takes more
+    of each slice (repeated), so that patience, counted in epochs, spans that many rows of optimizer
+    steps. Returns the report a merge's plan records.
     """
     started = time.perf_counter()
     per_slice = min(settings.consolidate_rows_per_slice, max(len(y) for _, y in replay.values()),
                     max(1, settings.consolidate_max_rows // len(replay)))
+    per_slice = max(per_slice, math.ceil(min_epoch_rows / len(replay)))
     x, y = balanced_rows(replay, per_slice, generator)
     hooks: tuple[Hook, ...] = ()
     stopper = None

@@ -9,11 +9,11 @@ import dataclasses
 import pytest
 import torch
 
-from daemon.engine.merger import MergeSnapshot, merge
+from daemon.engine.merger import MergeSnapshot, merge, rehearse
 from daemon.engine.settings import LearnerSettings, MergeSettings
 from daemon.engine.state import cpu_state
 from daemon.learn.models import infer_architecture
-from daemon.learn.training import fit
+from daemon.learn.training import accuracy, fit
 
 
 def _blobs(classes: list[int], rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,6 +78,25 @@ def test_patience_not_the_epoch_bound_ends_a_small_buffers_consolidation():
     assert report["epochs"] - report["best_epoch"] == defaults.consolidate_patience
     for name in ("a", "b"):
         assert free.candidate_metrics[name] > bounded.candidate_metrics[name]
+
+
+def test_epochs_of_a_few_rows_are_lengthened_to_min_epoch_rows():
+    """An untrained model on a slice of 24 rows: an epoch is one optimizer step, and patience counted in
+    epochs gives up after a few steps. With ``min_epoch_rows`` each epoch repeats the rows to that many
+    (what a paused bootstrap's first model trains with), so the same patience trains it much further."""
+    x, y = _blobs([0, 1, 2, 3, 4], 224, 3)
+    arch = infer_architecture("tabular", x, 10, None)
+    replay, select, judge = {"a": (x[:24], y[:24])}, {"a": (x[24:124], y[24:124])}, (x[124:], y[124:])
+    settings = MergeSettings(consolidate_patience=2)
+    scores = {}
+    for rows in (0, 640):
+        torch.manual_seed(0)
+        model = arch.build()
+        report = rehearse(model, replay, select, "tabular", settings, LearnerSettings(),
+                          torch.Generator().manual_seed(0), min_epoch_rows=rows)
+        assert report["rows_per_slice"] == max(24, rows)
+        scores[rows] = accuracy(model, *judge)
+    assert scores[640] > scores[0] + 0.2
 
 
 def test_consolidation_is_a_function_of_the_snapshot():
