@@ -30,6 +30,7 @@ bookkeeping in :mod:`daemon.engine.superseding`.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -57,10 +58,11 @@ from zoo_store.models import utc_now
 
 log = logging.getLogger("filial.engine")
 
-# A paused bootstrap trains its first model nearly from scratch on a few hundred rows: at 64 rows a
-# step, an epoch of them is 4 steps, and patience (4 epochs) gave up after 16 steps while the model
-# was still learning (0.45-0.59 held-out on digits, unserved). Epochs of at least this many rows (10
-# steps) let it reach 0.79-0.86 on the same rows (README "Bootstrap"). A merge's consolidation fine-
+# The first model trains from its initial weights, and a stream of small batches gave it few
+# optimizer steps: 5 epochs of a 50-row batch (and as many replayed rows) are 10 steps, and a paused
+# bootstrap's patience (4 epochs of 230 rows, 4 steps each) gave up after 16 steps while it was still
+# learning. Its epochs, a bootstrap batch's and a pause's, are at least this many rows (10 steps), the
+# rows repeated: the first slice is served sooner (README "Bootstrap"). A merge's consolidation fine-
 # tunes trained weights and keeps its epochs as they are (measured: no gain there).
 FIRST_MODEL_EPOCH_ROWS = 640
 
@@ -189,7 +191,9 @@ class Learner:
             root = state.root or self._new_root(state, batch)
             acc = float(accuracy(root.model, rows.x, rows.y)) if state.bootstrap_batches_seen else float("nan")
             x_fit, y_fit = self._training_set(state, rows)
-            self._train(state, root.model, x_fit, y_fit, self.s.bootstrap_epochs)
+            repeats = math.ceil(FIRST_MODEL_EPOCH_ROWS / max(len(y_fit), 1))   # 1 for a batch that large
+            self._train(state, root.model, x_fit.repeat(repeats, *[1] * (x_fit.dim() - 1)), y_fit.repeat(repeats),
+                        self.s.bootstrap_epochs)
             root.samples += len(rows.y_train)
             self.grow_reference(state, root, rows.x_train_wire)
             state.bootstrap_batches_seen += 1
@@ -243,8 +247,8 @@ class Learner:
         """The stream paused before the first model was good enough. A burst of a few hundred rows gave
         it only a few dozen optimizer steps, and the pause leaves the CPU free, so it trains on its
         slice's replay rows as a merge consolidates (:func:`daemon.engine.merger.rehearse`: the even
-        held-out rows choose the epoch), in epochs of at least ``FIRST_MODEL_EPOCH_ROWS``. Returns its accuracy on the odd held-out rows, which chose
-        nothing, and what was done (for the log)."""
+        held-out rows choose the epoch), in epochs of at least ``FIRST_MODEL_EPOCH_ROWS``. Returns its
+        accuracy on the odd held-out rows, which chose nothing, and what was done (for the log)."""
         root = state.root
         select, judge = split_heldout(state.buffers.heldout_sets())
         replay = state.buffers.replay_sets()

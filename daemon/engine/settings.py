@@ -55,7 +55,8 @@ class LearnerSettings(BaseModel):
     bootstrap_rows: int = Field(400, ge=1, description="rows after which the first served model is published "
                                 "even before bootstrap_batches batches (large batches: a first version as soon as "
                                 "there are rows enough to learn from), on the same terms")
-    bootstrap_epochs: int = Field(5, ge=1, description="epochs per bootstrap batch")
+    bootstrap_epochs: int = Field(5, ge=1, description="epochs per bootstrap batch, each of at least 640 "
+                                  "rows (a small batch's rows repeated: a new model needs the optimizer steps)")
     bootstrap_accuracy: float = Field(0.8, gt=0, le=1, description="held-out accuracy the first served model "
                                       "must reach (bootstrap stops trying after 2x bootstrap_batches or 2x bootstrap_rows)")
     child_epochs: int = Field(2, ge=1, description="epochs per child update (seed: 2)")

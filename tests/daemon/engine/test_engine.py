@@ -58,11 +58,14 @@ def _copy(served, **overrides):
 
 
 def test_bootstrap_trains_until_the_served_model_is_good_enough(served):
+    """Bootstrap batches until the rows minimum (400: four batches of 100), then until the held-out
+    accuracy reaches bootstrap_accuracy (not the cap); the first version is published once."""
     engine, results = _copy(served), served[1]
     actions = [r.action for r in results]
-    assert actions[:6] == ["bootstrap"] * 6
     ends = [i for i, r in enumerate(results) if r.publish_bootstrap]
-    assert len(ends) == 1 and ends[0] >= 5
+    assert len(ends) == 1 and ends[0] >= 3
+    assert actions[:ends[0] + 1] == ["bootstrap"] * (ends[0] + 1)
+    assert ">= 0.8 after" in results[ends[0]].reason
     assert set(actions[ends[0] + 1:]) <= {"keep"}
     assert engine.served_version == 1
     assert min(engine.metrics().values()) >= 0.7
@@ -241,12 +244,13 @@ def test_compact_children_inherit_publish_on_their_own_line_and_merge_by_distill
     permuted = x[:, torch.randperm(64, generator=torch.Generator().manual_seed(3))]
     engine = _engine(model={"family": "tabular_mlp"}, child_size_ratio=0.5, bootstrap_batches=4, bootstrap_accuracy=0.85,
                      train_served=False)   # the compact child line alone: only children learn
-    _bootstrap(engine, _tabular_batches("plain", x[:1000], y[:1000]))
+    _bootstrap(engine, _tabular_batches("plain", x[:512], y[:512]))
     assert engine.served_version == 1 and engine.counters.children_spawned == 0
-    results = [engine.process(b) for b in _tabular_batches("perm", permuted[1000:], y[1000:], offset=100)]
+    results = [engine.process(b) for b in _tabular_batches("perm", permuted[512:], y[512:], offset=100)]
     spawned = [r for r in results if r.action == "spawn"]
     assert spawned, [r.action for r in results]
-    child = engine._state.tree.nodes[spawned[0].child]
+    # the child that learned most of the slice (a compact child from a trained parent needs several updates)
+    child = max((engine._state.tree.nodes[r.child] for r in spawned), key=lambda node: node.updates)
     assert parameter_count(child.model) < parameter_count(engine._state.root.model) / 2
     assert child.architecture != engine.architecture
 
@@ -351,18 +355,18 @@ def test_a_pause_finishes_a_bootstrap_only_once_it_is_good_enough(phases):
 
 
 def test_a_pause_trains_a_first_model_a_burst_left_weak(phases):
-    """Three batches leave the first model under bootstrap_accuracy. The pause trains it on its rows as a
+    """One batch leaves the first model under bootstrap_accuracy. The pause trains it on its rows as a
     merge consolidates, and it is served once good enough on held-out rows that chose no epoch; without
     that training (consolidation off) it waits for more batches."""
     (up, xu, yu), _ = phases
-    burst = list(_batches(up, xu, yu))[:3]
-    untrained = _engine(bootstrap_batches=8, bootstrap_accuracy=0.65, merge={"consolidate_epochs": 0})
-    trained = _engine(bootstrap_batches=8, bootstrap_accuracy=0.65)
+    burst = list(_batches(up, xu, yu))[:1]
+    untrained = _engine(bootstrap_batches=8, bootstrap_accuracy=0.75, merge={"consolidate_epochs": 0})
+    trained = _engine(bootstrap_batches=8, bootstrap_accuracy=0.75)
     for engine in (untrained, trained):
         for b in burst:
             assert not engine.process(b).publish_bootstrap
     before = trained._learner._heldout_accuracy(trained._state)["upright"]
-    assert before < 0.65
+    assert before < 0.75
     assert not untrained.finish_bootstrap_idle(2.0)
     assert trained.finish_bootstrap_idle(2.0)
     assert trained._learner._heldout_accuracy(trained._state)["upright"] > before + 0.1
