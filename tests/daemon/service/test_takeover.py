@@ -22,9 +22,11 @@ from zoo_store.zoo import ZooFollower, ZooStore
 CENTRES = torch.randn(4, 8, generator=torch.Generator().manual_seed(0)) * 3
 
 
-def _batch(name: str, i: int, shift: float = 0.0, gen=torch.Generator().manual_seed(1)) -> Batch:
+def _batch(name: str, i: int, mirrored: bool = False, gen=torch.Generator().manual_seed(1)) -> Batch:
+    """Rows of the four blobs; ``mirrored``: the blobs at minus their centres, a domain the served model
+    cannot cope with (a shifted one it learned to, once its first model trained enough)."""
     y = torch.randint(4, (64,), generator=gen)
-    x = CENTRES[y] + torch.randn(64, 8, generator=gen) + shift
+    x = (-1.0 if mirrored else 1.0) * CENTRES[y] + torch.randn(64, 8, generator=gen)
     return Batch(x, y, name, "tabular", f"{name}{i}", BatchSource("t", 0, i))
 
 
@@ -39,7 +41,7 @@ def test_a_moved_slice_brings_its_rows_and_its_child(redis_client, unique):
     assert [a.process(_batch("base", i)) for i in range(2)][-1].publish_bootstrap
     a.adopt_bootstrap(1)
     at_v1 = copy.deepcopy(a.checkpoint())   # the live state goes on changing
-    moved = [a.process(_batch("moved", i, shift=6.0)) for i in range(2, 6)]
+    moved = [a.process(_batch("moved", i, mirrored=True)) for i in range(2, 6)]
     assert moved[0].action == "spawn", moved[0].reason
     child_id = moved[0].child
 
@@ -68,7 +70,7 @@ def test_a_moved_slice_brings_its_rows_and_its_child(redis_client, unique):
     assert all(torch.equal(node.model.state_dict()[k], v) for k, v in original.model.state_dict().items())
     assert b.knows_slice("moved")
     # the next batch of the slice retrains the child it took over: no second specialist is spawned
-    result = b.process(_batch("moved", 6, shift=6.0))
+    result = b.process(_batch("moved", 6, mirrored=True))
     assert result.action == "retrain" and result.child == taken[0], result.reason
     assert b.counters.children_spawned == 0
     # taken once: the slice is known now, so a second call takes nothing
@@ -80,7 +82,7 @@ def test_a_copy_child_on_another_base_is_not_taken_over():
     a = _engine()
     [a.process(_batch("base", i)) for i in range(2)]
     a.adopt_bootstrap(1)
-    a.process(_batch("moved", 2, shift=6.0))
+    a.process(_batch("moved", 2, mirrored=True))
     child = a._state.tree.active_children()[0]
     b = _engine()
     b.restore(*a.checkpoint())
