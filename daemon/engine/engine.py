@@ -31,6 +31,7 @@ import torch
 from consumers.wire import Batch
 from daemon.engine import atomic, merger, stages
 from daemon.engine.learner import Learner
+from daemon.engine.overlap import Overlap
 from daemon.engine.records import (BatchResult, ChildRelease, Contribution, Counters, EngineStatus, MergeOutcome,
                                    Release)
 from daemon.engine.settings import LearnerSettings, MergeSettings, ModelSettings
@@ -57,7 +58,8 @@ class Engine:
         self.merge_settings = merge or MergeSettings()
         self.device = device or torch.device("cpu")
         set_precision(self.model_settings.precision)
-        self._learner = Learner(self.model_settings, self.learner_settings, self.merge_settings, self.device)
+        self._learner = Learner(self.model_settings, self.learner_settings, self.merge_settings, self.device,
+                                Overlap(self.device))
         self._lock = threading.RLock()
         s = self.learner_settings
         self._state = EngineState(tree=ModelTree(), buffers=SliceBuffers(s.replay_per_slice, s.heldout_per_slice),

@@ -37,6 +37,7 @@ import torch
 
 from consumers.wire import Batch
 from daemon.engine.merger import heldout_accuracy, rehearse, split_heldout
+from daemon.engine.overlap import Overlap
 from daemon.engine.records import BatchResult
 from daemon.engine.seeding import node_seed, seeded
 from daemon.engine.settings import LearnerSettings, MergeSettings, ModelSettings
@@ -97,11 +98,12 @@ class Rows:
 
 class Learner:
     def __init__(self, model: ModelSettings, learner: LearnerSettings, merge: MergeSettings,
-                 device: torch.device) -> None:
+                 device: torch.device, overlap: Overlap) -> None:
         self.model = model
         self.s = learner
         self.merge = merge   # when a merge is due; its consolidate_* settings also train a first model through a pause
         self.device = device
+        self.overlap = overlap  # the observation's two forward passes at once, where a core is free
         self.clock = StageClock()  # this batch's seconds per stage (one batch at a time: the engine's lock)
         self.superseding = Superseding(learner.min_spawn_rows, model.num_classes)
         self._bootstrap_rule = BootstrapRule(learner.bootstrap_batches, learner.bootstrap_rows,
@@ -267,7 +269,8 @@ class Learner:
     def _observe(self, state: EngineState, rows: Rows) -> Observed:
         """The learning root's accuracy on the batch (prequential, test-then-train) and the batch's KL
         to the served reference in the published version's features (where the fingerprint was fit);
-        the published version's features and logits come from the same pass."""
+        the published version's features and logits come from the same pass, which runs beside the
+        root's (:class:`daemon.engine.overlap.Overlap`) once a version is published."""
         root = state.root
         published = state.published_model()
         pending = self._pending(state)
@@ -275,10 +278,14 @@ class Learner:
             features, logits = features_and_logits(root.model, rows.x)
             published_logits = logits
         else:
-            logits = predict_logits(root.model, rows.x)
-            features, published_logits = features_and_logits(published, rows.x)
+            def learning_passes() -> tuple[torch.Tensor, torch.Tensor | None]:
+                return (predict_logits(root.model, rows.x),
+                        predict_logits(self._candidate_model(state, pending), rows.x) if pending else None)
+
+            (logits, candidate_logits), (features, published_logits) = self.overlap.both(
+                learning_passes, lambda: features_and_logits(published, rows.x))
             if pending is not None:
-                self._confirm(state, pending, rows, published_logits)
+                self._confirm(pending, rows, published_logits, candidate_logits)
         correct = float((logits.argmax(1) == rows.y).float().mean())
         c, n = state.prequential.setdefault(rows.slice, [0.0, 0])
         state.prequential[rows.slice] = [c + correct * rows.size, n + rows.size]
@@ -293,14 +300,18 @@ class Learner:
             state.pending = pending = None
         return pending if pending is not None and pending.confirmation.confirmed is None else None
 
-    def _confirm(self, state: EngineState, pending: PendingCandidate, rows: Rows,
-                 published_logits: torch.Tensor) -> None:
-        """Judge the held candidate again with this batch's rows, which neither model has trained on
-        (:mod:`daemon.learn.merging.confirm`); once confirmed, a merge is due and publishes it."""
+    @staticmethod
+    def _candidate_model(state: EngineState, pending: PendingCandidate) -> torch.nn.Module:
         if pending.model is None:
             device = next(state.root.model.parameters()).device
             pending.model = state.root.architecture.build_with(pending.outcome.state, device)
-        candidate_logits = predict_logits(pending.model, rows.x)
+        return pending.model
+
+    @staticmethod
+    def _confirm(pending: PendingCandidate, rows: Rows, published_logits: torch.Tensor,
+                 candidate_logits: torch.Tensor) -> None:
+        """Judge the held candidate again with this batch's rows, which neither model has trained on
+        (:mod:`daemon.learn.merging.confirm`); once confirmed, a merge is due and publishes it."""
         verdict = pending.confirmation.update(rows.slice, fresh_correctness(published_logits, rows.y),
                                               fresh_correctness(candidate_logits, rows.y))
         if verdict.accepted:

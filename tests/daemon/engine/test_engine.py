@@ -558,3 +558,36 @@ def test_precision_bfloat16_trains_in_bf16_reproducibly_and_keeps_float32_weight
     finally:
         _engine()   # default settings: the process back to "auto"
     assert compute_dtype(torch.device("cpu")) == torch.float32
+
+
+def test_the_observations_passes_side_by_side_give_what_one_after_the_other_gives(served, phases):
+    """With a core free (one torch thread on two cores) the published version's forward pass runs beside
+    the learning model's and the held candidate's (daemon.engine.overlap): every figure and every weight
+    is what the same batches give with the passes one after the other."""
+    from daemon.engine.overlap import usable_cores
+
+    if usable_cores() < 2:
+        pytest.skip("overlap needs a core torch does not use")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runs = []
+        for side_by_side in (True, False):
+            engine = _copy(served, merge={"alpha": 1e-12, "confirm_alpha": 0.05})
+            overlap = engine._learner.overlap
+            if not side_by_side:
+                overlap.available = lambda: False
+            assert overlap.available() is side_by_side
+            _, (rot, xr, yr) = phases
+            batches = list(_batches(rot, xr, yr, offset=10))
+            results = [engine.process(b) for b in batches[:3]]
+            assert engine.merge().held   # a candidate waits: the next batch runs three passes
+            results += [engine.process(b) for b in batches[3:6]]
+            assert engine.candidate_confirmed()
+            runs.append(([(r.action, r.kl, r.accuracy, r.drift, r.child) for r in results], engine.working_state()))
+            assert (overlap._pool is not None) is side_by_side
+        (figures, state), (figures_in_order, state_in_order) = runs
+        assert figures == figures_in_order
+        assert all(torch.equal(state[k], state_in_order[k]) for k in state)
+    finally:
+        torch.set_num_threads(threads)
