@@ -11,15 +11,21 @@ wire limit), or one the broker refuses as too large, is sent as a *reference*: a
 the headers ``filial-payload: omitted``, ``filial-size`` (bytes) and ``filial-sha256`` (hex) of the
 original, which stays readable at ``filial-source`` for as long as the source topic retains it.
 Otherwise the send could never succeed and the loop would retry that message forever.
+
+A process that dies during a send cannot know whether the broker appended the letter. The consume
+loop notes each send before it begins (``zoo_store.checkpoints.DeadLetterLog``); a restart asks
+:meth:`DeadLetterProducer.delivered`, which reads the topic from the earliest such note's time on for
+the letters' ``filial-source`` headers, so a letter is neither lost nor sent twice.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import time
 
-from kafka import KafkaProducer
-from kafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError
 
 from consumers.connection import KafkaConnection
 
@@ -27,6 +33,9 @@ log = logging.getLogger("filial.dead_letter")
 
 # what the producer may send beyond the payload: headers (each ≤ max_header_bytes) and framing
 HEADROOM_BYTES = 64 * 1024
+# a letter's broker timestamp is its producer's clock at the send, after the note: read from a minute
+# before the earliest note, for a clock that stepped back between the two
+CLOCK_SLACK_MS = 60_000
 
 
 class DeadLetterProducer:
@@ -34,6 +43,7 @@ class DeadLetterProducer:
                  timeout: float = 10.0) -> None:
         self.topic = topic
         self.timeout = timeout
+        self.connection = connection
         self.max_payload_bytes = max_message_bytes
         # max_block_ms bounds the wait for metadata/buffer space, which is forever-ish by default
         self._producer = KafkaProducer(acks="all", retries=5, max_request_size=max_message_bytes + HEADROOM_BYTES,
@@ -60,6 +70,42 @@ class DeadLetterProducer:
 
     def _send(self, value: bytes, headers: list[tuple[str, bytes]], timeout: float | None) -> None:
         self._producer.send(self.topic, value=value, headers=headers).get(timeout=timeout or self.timeout + 2)
+
+    def delivered(self, sending: dict[str, int]) -> set[str]:
+        """Which of the sources in ``sending`` (source -> when its send began, ms since the epoch) the
+        topic holds a letter of. Reads every partition from that time on to its end; raises
+        ``KafkaError`` when the topic cannot be read to its end within ``timeout``."""
+        if not sending:
+            return set()
+        consumer = KafkaConsumer(group_id=None, enable_auto_commit=False, **self.connection.client_kwargs())
+        try:
+            partitions = consumer.partitions_for_topic(self.topic) or set()
+            tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+            consumer.assign(tps)
+            since = max(min(sending.values()) - CLOCK_SLACK_MS, 0)
+            starts = consumer.offsets_for_times({tp: since for tp in tps})
+            ends = consumer.end_offsets(tps)
+            remaining = {}
+            for tp in tps:
+                start = starts.get(tp)  # none after ``since``: None, or (some brokers) a timestamp of -1
+                if start is not None and start.timestamp >= 0 and 0 <= start.offset < ends[tp]:
+                    consumer.seek(tp, start.offset)
+                    remaining[tp] = ends[tp]
+            found: set[str] = set()
+            deadline = time.monotonic() + self.timeout
+            while remaining:
+                if time.monotonic() > deadline:
+                    raise KafkaError(f"{self.topic} not read to its end in {self.timeout:.0f}s")
+                for tp, records in consumer.poll(timeout_ms=200).items():
+                    for record in records:
+                        source = dict(record.headers or []).get("filial-source", b"").decode(errors="replace")
+                        if source in sending:
+                            found.add(source)
+                        if record.offset + 1 >= remaining.get(tp, 0):
+                            remaining.pop(tp, None)
+            return found
+        finally:
+            consumer.close()
 
     def close(self) -> None:
         self._producer.close(timeout=5)

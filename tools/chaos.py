@@ -23,7 +23,12 @@ share of the batches), messages no engine may apply: ``oversize`` (over the daem
 limit, set to 64 KiB here), ``incompatible`` (20 features to a model of 64), ``non_finite``
 (NaN) and ``garbage`` (not safetensors), each with a ``batch_id`` ``poison-<kind>-<n>``. The
 audit also reads the dead-letter topic: every poison message dead-lettered exactly once, no
-valid batch dead-lettered, none applied. A thread polls each life's ``/healthz`` every second
+valid batch dead-lettered, none applied. No kill lands while the batch that was in flight at the kill
+before it is in flight again (the driver waits until the new life has moved past it): the daemon's
+crash-loop protection rightly dead-letters a batch in flight at ``crash_loop_after`` consecutive deaths
+(README, "What happens when something fails"), and kills drawn at random had built that pattern out of
+restarts, which re-apply first the batch the last life died on (one valid batch dead-lettered as
+``crash_loop`` in one run of two on 2026-12-07). A thread polls each life's ``/healthz`` every second
 (``health_stall_seconds`` fixed at 60): a 503 is a stall (no message applied or dead-lettered for
 60 s while one waits). A life that dies without being killed is a crash loop.
 
@@ -250,6 +255,17 @@ def _wait_for_marker(trace: Path, since: int, target: str, timeout: float, alive
     return False
 
 
+def _wait_moved_on(marker, previous: str, timeout: float, alive) -> bool:
+    """Poll the daemon's in-flight marker (20 ms) until the batch ``previous`` is no longer in flight."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive():
+        now = marker.read()
+        if now is None or now.source != previous:
+            return True
+        time.sleep(0.02)
+    return False
+
+
 def _wait_ready(daemon: Daemon, since_log: int, timeout: float = 60.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and daemon.running():
@@ -424,6 +440,7 @@ def audit(redis_url: str, prefix: str, produced: list[str]) -> dict:
 # --- the run ------------------------------------------------------------------------------------------
 def main(args: argparse.Namespace) -> dict:
     from daemon.service.embedded import EmbeddedKafka, EmbeddedRedis
+    from zoo_store.checkpoints import InFlightMarker
     from zoo_store.connection import connect
     from zoo_store.keys import Keys
 
@@ -447,6 +464,8 @@ def main(args: argparse.Namespace) -> dict:
         health = HealthWatch(daemon)
         health.start()
         kills, crash_loops = [], []
+        marker = InFlightMarker(connect(redis_server.address), Keys(name))
+        last_in_flight: str | None = None  # the batch in flight at the last kill
 
         def start_life() -> int:
             log_size = daemon_log.stat().st_size
@@ -469,6 +488,8 @@ def main(args: argparse.Namespace) -> dict:
             if rng.random() < 0.15:
                 target = "any"
             since = start_life()
+            if last_in_flight is not None and not _wait_moved_on(marker, last_in_flight, 60.0, daemon.running):
+                log.warning("life %d still on %s after 60 s", daemon.life, last_in_flight)
             time.sleep(rng.uniform(0.5, 3.0))  # somewhere into its life, not always at the first chance
             if target == "any":
                 time.sleep(rng.uniform(0.0, 2.0))
@@ -481,8 +502,10 @@ def main(args: argparse.Namespace) -> dict:
                 continue
             health.unwatch()
             daemon.kill()
+            in_flight = marker.read()
+            last_in_flight = in_flight.source if in_flight is not None else None
             moment = _interrupted(_trace_lines(trace, since))
-            kills.append({"kill": i + 1, "target": target, "interrupted": moment,
+            kills.append({"kill": i + 1, "target": target, "interrupted": moment, "in_flight": last_in_flight,
                           "at_s": round(time.monotonic() - started, 1), "produced_so_far": len(producer.ids)})
             log.info("kill %d: target %s, interrupted %s (%d batches produced so far)", i + 1, target, moment,
                      len(producer.ids))

@@ -104,24 +104,41 @@ class InFlightMarker:
 
 class DeadLetterLog:
     """Sources dead-lettered (the broker acknowledged) that no checkpoint covers yet: after a crash
-    they are re-read from the checkpoint's offsets, and this says they were already sent."""
+    they are re-read from the checkpoint's offsets, and this says they were already sent. A send
+    is noted before it starts (:meth:`sending`): a crash between the broker's append and
+    :meth:`record` leaves the note, and the restart reads the dead-letter topic to learn whether the
+    letter arrived (``DeadLetterProducer.delivered``) instead of sending it twice."""
 
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self.client = client
         self.key = keys.checkpoint_dead_letters
+        self.sending_key = keys.checkpoint_dead_letters_sending
+
+    def sending(self, source: str, at_ms: int) -> None:
+        self.client.hset(self.sending_key, source, str(at_ms))
 
     def record(self, source: str, reason: str) -> None:
-        self.client.hset(self.key, source, reason)
+        with self.client.pipeline(transaction=True) as tx:
+            tx.hset(self.key, source, reason)
+            tx.hdel(self.sending_key, source)
+            tx.execute()
 
     def sources(self) -> set[str]:
         return {raw.decode() if isinstance(raw, bytes) else raw for raw in self.client.hkeys(self.key)}
 
+    def unsure(self) -> dict[str, int]:
+        """Sends begun and never recorded (source -> when each began, ms)."""
+        raw = self.client.hgetall(self.sending_key)
+        return {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in raw.items()}
+
     def trim(self, applied_offsets: dict[str, int]) -> None:
         """Forget the sources a checkpoint now covers (below its applied offset of their partition)."""
-        covered = []
-        for source in self.sources():
-            partition, _, offset = source.rpartition(":")
-            if partition in applied_offsets and offset.isdigit() and int(offset) < applied_offsets[partition]:
-                covered.append(source)
-        if covered:
-            self.client.hdel(self.key, *covered)
+        for key, sources in ((self.key, self.sources()), (self.sending_key, set(self.unsure()))):
+            covered = [source for source in sources if _covered(source, applied_offsets)]
+            if covered:
+                self.client.hdel(key, *covered)
+
+
+def _covered(source: str, applied_offsets: dict[str, int]) -> bool:
+    partition, _, offset = source.rpartition(":")
+    return partition in applied_offsets and offset.isdigit() and int(offset) < applied_offsets[partition]

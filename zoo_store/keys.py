@@ -39,6 +39,9 @@ key                                type    content
                                            consecutive crashes it was in flight (crash loops)
 {p}:checkpoint:dead_letters        HASH    source (topic:partition:offset) -> reason: dead letters
                                            the broker acknowledged that no checkpoint covers yet
+{p}:checkpoint:dead_letters:sending HASH   source -> when its send began (ms since the epoch): a
+                                           dead letter in flight, whose fate a restart reads back
+                                           from the dead-letter topic
 =================================  ======  =================================================
 """
 
@@ -117,6 +120,10 @@ class Keys:
     @property
     def checkpoint_dead_letters(self) -> str:
         return f"{self._own}:checkpoint:dead_letters"
+
+    @property
+    def checkpoint_dead_letters_sending(self) -> str:
+        return f"{self._own}:checkpoint:dead_letters:sending"
 
     @property
     def checkpoint_inflight(self) -> str:

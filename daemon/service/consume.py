@@ -77,7 +77,7 @@ class ConsumeLoop:
 
     def run(self, consumer: BatchConsumer, dead_letters: DeadLetterProducer) -> None:
         self._read_crash_marker()
-        self._sent_before = self._redis(lambda log_: log_.sources(), default=set())
+        self._sent_before = self._sent_by_earlier_lives(dead_letters)
         while not self.stop_event.is_set():
             self.health.tick()
             handled = 0
@@ -220,10 +220,31 @@ class ConsumeLoop:
                       declared.row_shape, data_type, row_shape)
         return Expected(data_type, row_shape)
 
+    def _sent_by_earlier_lives(self, dead_letters: DeadLetterProducer) -> set[str]:
+        """The dead letters earlier lives sent that no checkpoint covers: those they recorded, and those
+        whose send a crash interrupted that the dead-letter topic holds (the others are sent again)."""
+        sent = self._redis(lambda log_: log_.sources(), default=set())
+        unsure = {source: at for source, at in self._redis(lambda log_: log_.unsure(), default={}).items()
+                  if source not in sent}
+        if not unsure:
+            return sent
+        try:
+            delivered = dead_letters.delivered(unsure)
+        except KafkaError as exc:
+            log.warning("could not read the dead-letter topic back (%s): %d dead letter(s) a crash interrupted "
+                        "will be sent again, perhaps twice", exc, len(unsure))
+            return sent
+        for source in delivered:
+            self._redis(lambda log_: log_.record(source, "delivered before a crash"), default=None)
+        log.info("dead letters whose send a crash interrupted: %d delivered then (not sent again), %d not (sent "
+                 "again)", len(delivered), len(unsure) - len(delivered))
+        return sent | delivered
+
     def _dead_letter(self, record, exc: DecodeError, dead_letters: DeadLetterProducer, source: BatchSource) -> None:
         where = f"{record.topic}:{record.partition}:{record.offset}"
         log.warning("dead-letter %s: %s", where, exc)
         self.health.holding(where, f"dead-lettering ({exc.reason})")
+        self._redis(lambda log_: log_.sending(where, int(time.time() * 1000)), default=None)
         if not self._send_dead_letter(record, exc, dead_letters, where):
             return  # stopping, not acknowledged: the offset stays, it is re-read after restart
         self._redis(lambda log_: log_.record(where, exc.reason), default=None)

@@ -27,3 +27,19 @@ def test_in_flight_marker_round_trip_clear_and_unreadable(redis_client, unique):
     assert marker.read() is None
     redis_client.set(Keys(unique).checkpoint_inflight, b"{not json")
     assert marker.read() is None  # treated as absent: at worst one more crash before the loop is seen
+
+
+def test_dead_letter_log_notes_sends_records_them_and_a_checkpoint_trims_both(redis_client, unique):
+    from zoo_store.checkpoints import DeadLetterLog
+
+    log = DeadLetterLog(redis_client, Keys(unique))
+    log.sending("t:0:3", 1000)
+    log.sending("t:0:8", 2000)
+    assert log.unsure() == {"t:0:3": 1000, "t:0:8": 2000} and log.sources() == set()
+    log.record("t:0:3", "bad_bytes")   # acknowledged: no longer unsure
+    assert log.sources() == {"t:0:3"} and log.unsure() == {"t:0:8": 2000}
+    log.trim({"t:0": 9})   # a checkpoint past both
+    assert log.sources() == set() and log.unsure() == {}
+    log.sending("t:0:12", 3000)
+    log.trim({"t:0": 12, "t:1": 99})   # not past it
+    assert log.unsure() == {"t:0:12": 3000}

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -130,6 +131,47 @@ def test_a_restart_after_a_dead_letter_with_a_batch_id_resumes_without_a_log_res
     # a reset would re-read the partition: the two batches skipped by id, the garbage dead-lettered again
     assert second.engine.counters.duplicates_skipped == 0 and second.dead_lettered == 0
     assert len(_dead_letters(kafka.address, settings.kafka.dead_letter_topic, 1)) == 1
+
+
+def test_a_restart_reads_back_the_dead_letters_a_crash_interrupted_and_sends_only_the_missing(
+        kafka, redis_server, unique):
+    """A process that dies during a dead letter's send cannot know whether the broker appended it. Here the
+    earlier life noted two sends and died before recording either: the broker had one of them. The
+    restart reads the dead-letter topic back, passes the delivered one over and sends the other: each
+    poison message is in the dead-letter topic exactly once."""
+    from consumers.connection import KafkaConnection
+    from consumers.dead_letter import DeadLetterProducer
+    from zoo_store.checkpoints import DeadLetterLog
+
+    settings = service_settings(kafka.address, redis_server.address, unique)
+    topic, dlq = settings.kafka.topic, settings.kafka.dead_letter_topic
+    kafka.create_topics({topic: 1, dlq: 1})
+    produce_tabular(kafka.address, topic, "a", 2, "a")
+    producer = KafkaProducer(bootstrap_servers=kafka.address)
+    for n in (1, 2):
+        _send(producer, topic, b"\x00garbage", [("slice", b"a"), ("data_type", b"tabular"), ("schema", b"1"),
+                                                ("batch_id", f"junk-{n}".encode())])
+    producer.close()
+    produce_tabular(kafka.address, topic, "a", 1, "a", start=2)
+    delivered, lost_in_flight = f"{topic}:0:2", f"{topic}:0:3"
+    notes = DeadLetterLog(connect(redis_server.address), Keys(settings.redis.prefix))
+    now = int(time.time() * 1000)
+    notes.sending(delivered, now)
+    notes.sending(lost_in_flight, now)
+    letters = DeadLetterProducer(KafkaConnection(bootstrap=kafka.address), dlq)
+    letters.send(b"\x00garbage", [], "bad_bytes", "the earlier life's send", delivered)   # acknowledged, never recorded
+    letters.close()
+    service = Service(settings)
+    thread = run_in_thread(service)
+    try:
+        assert wait_until(lambda: service.engine.counters.batches == 3, timeout=120)
+    finally:
+        service.stop()
+        thread.join(60)
+    assert service.dead_lettered == 1   # only the one the broker never had
+    sources = [_headers(r)["filial-source"] for r in _dead_letters(kafka.address, dlq, 2)]
+    assert sorted(sources) == [delivered, lost_in_flight]
+    assert notes.unsure() == {}
 
 
 class _HangOn(Failpoints):
