@@ -128,13 +128,14 @@ class MergeSettings(BaseModel):
                                      "2^-(batches since it was last seen / this); 0: every slice the same")
     consolidate_epochs: int = Field(48, ge=0, description="most epochs the merge candidate trains on slice-balanced "
                                     "replay before the gate (rehearsal consolidation: every slice seen weighs the "
-                                    "same, as in GDumb); a bound, not the usual stop: consolidate_patience stops it "
-                                    "(small buffers are few optimizer steps an epoch and need more of them; README "
-                                    "'Learning quality'); 0: off")
+                                    "same, as in GDumb); a bound on the cost, not the usual stop: consolidate_patience "
+                                    "stops it (small buffers are few optimizer steps an epoch and need more of them; "
+                                    "README 'Learning quality'); 0: off")
     consolidate_patience: int = Field(4, ge=0, description="stop consolidating once the selection rows' mean "
-                                      "accuracy has not improved for this many epochs, keeping the best (0: always "
+                                      "cross-entropy has not fallen for this many epochs, keeping the best (0: always "
                                       "run every epoch). The selection rows are few (half of each slice's held-out "
-                                      "rows), so their mean is noisy: 2 stopped too early (README 'Learning quality')")
+                                      "rows): their accuracy, the measure until session 22, moved by whole rows and "
+                                      "stopped too early (README 'Learning quality')")
     consolidate_congruence: float = Field(0.0, ge=0, description="weight of positive-congruent consolidation: the "
                                           "candidate also learns the published version's predictions on the rows "
                                           "that version gets right (focal distillation, Yan et al. 2021), so fewer "

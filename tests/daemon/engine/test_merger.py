@@ -57,10 +57,10 @@ def test_consolidation_restores_the_slice_new_classes_pushed_out():
     assert consolidated.working_takes_candidate and not plain.working_takes_candidate
 
 
-def test_patience_not_the_epoch_bound_ends_a_small_buffers_consolidation():
+def test_patience_on_the_selection_loss_ends_a_consolidation_a_bound_would_cut_short():
     """A buffer of a few rows is one optimizer step an epoch: 16 epochs stopped it while it was still
-    learning. With the defaults it runs until the selection rows stop improving, and serves both
-    slices better for it."""
+    learning. Given room, it runs until the selection rows' loss stops falling for ``patience`` epochs
+    (then keeps its best), and serves both slices better for it."""
     (xa, ya), (xb, yb) = _blobs([0, 1, 2, 3, 4], 140, 1), _blobs([5, 6, 7, 8, 9], 140, 2)
     arch = infer_architecture("tabular", xa, 10, None)
     torch.manual_seed(0)
@@ -69,34 +69,37 @@ def test_patience_not_the_epoch_bound_ends_a_small_buffers_consolidation():
                          weights=[], ids=[], distill={}, replay={"a": (xa[:16], ya[:16]), "b": (xb[:16], yb[:16])},
                          heldout={"a": (xa[16:], ya[16:]), "b": (xb[16:], yb[16:])}, served_version=1,
                          base_version=1, architecture=arch, data_type="tabular", seed=0)
-    defaults = MergeSettings()
+    room = MergeSettings(consolidate_epochs=200)
     bounded = merge(snap, MergeSettings(consolidate_epochs=16), LearnerSettings(), torch.device("cpu"))
-    free = merge(snap, defaults, LearnerSettings(), torch.device("cpu"))
+    free = merge(snap, room, LearnerSettings(), torch.device("cpu"))
     assert bounded.plan["consolidate"]["best_epoch"] == 16          # still improving when the bound stopped it
     report = free.plan["consolidate"]
-    assert 16 < report["epochs"] < defaults.consolidate_epochs
-    assert report["epochs"] - report["best_epoch"] == defaults.consolidate_patience
+    assert 16 < report["epochs"] < room.consolidate_epochs
+    assert report["epochs"] - report["best_epoch"] == room.consolidate_patience
+    losses = report["selection_loss"]
+    assert losses[report["best_epoch"]] == min(losses) and min(losses[-room.consolidate_patience:]) > min(losses)
     for name in ("a", "b"):
         assert free.candidate_metrics[name] > bounded.candidate_metrics[name]
 
 
 def test_epochs_of_a_few_rows_are_lengthened_to_min_epoch_rows():
-    """An untrained model on a slice of 24 rows: an epoch is one optimizer step, and patience counted in
-    epochs gives up after a few steps. With ``min_epoch_rows`` each epoch repeats the rows to that many
-    (what a paused bootstrap's first model trains with), so the same patience trains it much further."""
+    """An untrained model on a slice of 24 rows: an epoch is one optimizer step. With ``min_epoch_rows``
+    each epoch repeats the rows to that many (what a paused bootstrap's first model trains with), so
+    patience, counted in epochs, spans that many rows of steps: fewer epochs to the same model."""
     x, y = _blobs([0, 1, 2, 3, 4], 224, 3)
     arch = infer_architecture("tabular", x, 10, None)
     replay, select, judge = {"a": (x[:24], y[:24])}, {"a": (x[24:124], y[24:124])}, (x[124:], y[124:])
     settings = MergeSettings(consolidate_patience=2)
-    scores = {}
+    reports, scores = {}, {}
     for rows in (0, 640):
         torch.manual_seed(0)
         model = arch.build()
-        report = rehearse(model, replay, select, "tabular", settings, LearnerSettings(),
-                          torch.Generator().manual_seed(0), min_epoch_rows=rows)
-        assert report["rows_per_slice"] == max(24, rows)
+        reports[rows] = rehearse(model, replay, select, "tabular", settings, LearnerSettings(),
+                                 torch.Generator().manual_seed(0), min_epoch_rows=rows)
+        assert reports[rows]["rows_per_slice"] == max(24, rows)
         scores[rows] = accuracy(model, *judge)
-    assert scores[640] > scores[0] + 0.2
+    assert reports[640]["epochs"] * 3 < reports[0]["epochs"]
+    assert min(scores.values()) > 0.95
 
 
 def test_consolidation_is_a_function_of_the_snapshot():
