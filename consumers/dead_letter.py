@@ -96,13 +96,14 @@ class DeadLetterProducer:
             while remaining:
                 if time.monotonic() > deadline:
                     raise KafkaError(f"{self.topic} not read to its end in {self.timeout:.0f}s")
-                for tp, records in consumer.poll(timeout_ms=200).items():
+                for records in consumer.poll(timeout_ms=200).values():
                     for record in records:
                         source = dict(record.headers or []).get("filial-source", b"").decode(errors="replace")
                         if source in sending:
                             found.add(source)
-                        if record.offset + 1 >= remaining.get(tp, 0):
-                            remaining.pop(tp, None)
+                # by position, not by the last record's offset: a topic's offsets may have gaps (compaction,
+                # transaction markers)
+                remaining = {tp: end for tp, end in remaining.items() if consumer.position(tp) < end}
             return found
         finally:
             consumer.close()
